@@ -1,0 +1,5 @@
+"""`python -m allscore`."""
+
+from allscore.cli import main
+
+main()

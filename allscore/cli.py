@@ -1,0 +1,42 @@
+"""The command line: one Typer app composed of the commands each component exports."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from core.errors import AllscoreError
+from trainer.cli import data_app, evaluate_cmd, models_app, train_cmd
+
+app = typer.Typer(
+    name="allscore",
+    help="Score single-cell microscopy images for Acute Lymphoblastic Leukemia (ALL).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+app.command("train")(train_cmd)
+app.command("evaluate")(evaluate_cmd)
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="log at INFO level")) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main() -> None:
+    """Entry point: run the app; errors a user can meet print one clear line and exit 2."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        app()
+    except AllscoreError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)

@@ -1,0 +1,1 @@
+"""What trainer and worker share: settings, storage, imaging, the model artifact, statistics."""

@@ -1,0 +1,330 @@
+"""The model artifact: manifest, references, the versioned registry, and loading with integrity checks.
+
+Layout under a store root (a folder or s3://bucket/prefix):
+    {root}/{name}/{version}/model.keras
+    {root}/{name}/{version}/manifest.json
+    {root}/{name}/aliases/{alias}.json      -> {"version": "..."}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+
+from core.errors import AllscoreError
+from core.settings import Settings, get_settings
+from core.storage import AlreadyExists, ObjectNotFound, ObjectStore, join_uri, store_for
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.keras"
+MANIFEST_FILE = "manifest.json"
+POSITIVE_CLASS = "all"
+# Index i of the model's output space; the single sigmoid output is p(class_names[1]) = p(all).
+CLASS_NAMES = ("hem", "all")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ModelError(AllscoreError):
+    """A model reference that cannot be resolved, published or loaded."""
+
+
+class ModelNotFound(ModelError):
+    """No model, version or alias by that reference."""
+
+
+class VersionExists(ModelError):
+    """A version is immutable: publishing over an existing one is refused."""
+
+
+class ModelIntegrityError(ModelError):
+    """model.keras does not match the sha256 recorded in its manifest."""
+
+
+class ValidationMetrics(BaseModel):
+    """Metrics measured on the held-out (by subject) validation side, positive class `all`."""
+
+    weighted_f1: float
+    auc: float | None
+    sensitivity: float | None
+    specificity: float | None
+    accuracy: float
+    per_subject_accuracy: dict[str, float] = Field(default_factory=dict)
+    mean_subject_accuracy: float | None = None
+    confusion: dict[str, int] = Field(default_factory=dict)  # tp, fp, tn, fn
+    n_cells: int = 0
+    n_subjects: int = 0
+
+
+class ModelManifest(BaseModel):
+    """What a published version is, how it was made and how well it did on held-out subjects."""
+
+    name: str
+    version: str
+    created_at: str
+    architecture: str
+    input_size: int
+    input_dtype: str = "uint8"
+    class_names: list[str] = Field(default_factory=lambda: list(CLASS_NAMES))
+    positive_class: str = POSITIVE_CLASS
+    output: str = "sigmoid p(positive_class), shape (batch, 1)"
+    preprocessing: str = "core.imaging.decode_image (center-crop to square, resize); rescaling inside the model"
+    threshold: float
+    threshold_criterion: str = "maximises weighted F1 on the validation subjects"
+    validation: ValidationMetrics
+    train_subjects: list[str]
+    val_subjects: list[str]
+    split: str = ""
+    n_train_cells: int = 0
+    n_val_cells: int = 0
+    training: dict[str, Any] = Field(default_factory=dict)
+    sha256: str
+    tensorflow_version: str = ""
+    keras_version: str = ""
+    data: str = ""
+
+    @property
+    def ref(self) -> str:
+        """The reference `name:version`."""
+        return f"{self.name}:{self.version}"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed reference: `name:version`, `name@alias`, `name` (latest) or a URI of a version folder."""
+
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+    uri: str | None = None
+
+    def __str__(self) -> str:
+        if self.uri:
+            return self.uri
+        if self.version:
+            return f"{self.name}:{self.version}"
+        if self.alias:
+            return f"{self.name}@{self.alias}"
+        return str(self.name)
+
+
+def parse_ref(ref: str) -> ModelRef:
+    """Parse a model reference; raise ModelError naming it if it has no valid form."""
+    ref = ref.strip()
+    if "://" in ref or ref.startswith(("/", ".", "~")):
+        uri = ref.removesuffix("/")
+        for suffix in ("/" + MODEL_FILE, "/" + MANIFEST_FILE):
+            uri = uri.removesuffix(suffix)
+        return ModelRef(uri=str(Path(uri).expanduser()) if "://" not in uri else uri)
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        _check_name(name, ref)
+        _check_name(alias, ref, what="alias")
+        return ModelRef(name=name, alias=alias)
+    if ":" in ref:
+        name, version = ref.split(":", 1)
+        _check_name(name, ref)
+        if not _VERSION_RE.match(version):
+            raise ModelError(f"model reference {ref!r}: bad version {version!r}; use name:version")
+        return ModelRef(name=name, version=version)
+    _check_name(ref, ref)
+    return ModelRef(name=ref)
+
+
+def _check_name(name: str, ref: str, what: str = "name") -> None:
+    if not _NAME_RE.match(name):
+        raise ModelError(
+            f"model reference {ref!r}: bad {what} {name!r}; use letters, digits, '.', '_' or '-' "
+            "(forms: name:version, name@alias, name, or the URI of a version folder)"
+        )
+
+
+def new_version(now: datetime | None = None) -> str:
+    """A sortable, unique-enough version string: UTC timestamp to the second."""
+    now = now or datetime.now(UTC)
+    return now.strftime("%Y%m%d-%H%M%S")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Registry:
+    """Versioned models under one store root (local folder or s3:// prefix)."""
+
+    def __init__(self, root: str | None = None, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.root = (root or self.settings.model_store).rstrip("/")
+        self.store: ObjectStore = store_for(self.root, self.settings)
+
+    # -- publishing ---------------------------------------------------------------------------------
+    def publish(self, model_file: Path, manifest: ModelManifest) -> str:
+        """Upload model.keras and manifest.json as a new immutable version; return `name:version`."""
+        _check_name(manifest.name, manifest.ref)
+        digest = sha256_file(model_file)
+        if manifest.sha256 != digest:
+            raise ModelIntegrityError(
+                f"manifest sha256 {manifest.sha256[:12]}... does not match {model_file} ({digest[:12]}...)"
+            )
+        vdir = self.version_uri(manifest.name, manifest.version)
+        manifest_uri = join_uri(vdir, MANIFEST_FILE)
+        if self.store.exists(manifest_uri):
+            raise VersionExists(
+                f"{manifest.ref} already exists in {self.root}: versions are immutable; publish a new version"
+            )
+        try:
+            self.store.upload(model_file, join_uri(vdir, MODEL_FILE), overwrite=False)
+            # The manifest is written last: a version without one is incomplete and never resolves.
+            self.store.write_bytes(manifest_uri, manifest.model_dump_json(indent=2).encode(), overwrite=False)
+        except AlreadyExists as exc:
+            raise VersionExists(
+                f"{manifest.ref} already exists in {self.root}: versions are immutable; publish a new version"
+            ) from exc
+        log.info("published %s to %s", manifest.ref, vdir)
+        return manifest.ref
+
+    def promote(self, ref: str, alias: str) -> ModelManifest:
+        """Point `name@alias` at the version that `ref` resolves to."""
+        manifest = self.resolve(ref)
+        _check_name(alias, f"{manifest.name}@{alias}", what="alias")
+        body = json.dumps({"version": manifest.version, "promoted_at": datetime.now(UTC).isoformat()})
+        self.store.write_bytes(self.alias_uri(manifest.name, alias), body.encode(), overwrite=True)
+        return manifest
+
+    # -- reading ------------------------------------------------------------------------------------
+    def version_uri(self, name: str, version: str) -> str:
+        """The folder URI of one version."""
+        return join_uri(self.root, name, version)
+
+    def alias_uri(self, name: str, alias: str) -> str:
+        """The URI of an alias file."""
+        return join_uri(self.root, name, "aliases", f"{alias}.json")
+
+    def versions(self, name: str) -> list[str]:
+        """Complete versions of a model (those with a manifest), oldest first."""
+        prefix = join_uri(self.root, name) + "/"
+        found = set()
+        for uri in self.store.list(prefix, suffixes=("/" + MANIFEST_FILE,)):
+            rest = uri[len(prefix) :].split("/")
+            if len(rest) == 2 and rest[1] == MANIFEST_FILE and rest[0] != "aliases":
+                found.add(rest[0])
+        return sorted(found)
+
+    def aliases(self, name: str) -> dict[str, str]:
+        """alias -> version for one model."""
+        prefix = join_uri(self.root, name, "aliases") + "/"
+        out = {}
+        for uri in self.store.list(prefix, suffixes=(".json",)):
+            alias = uri[len(prefix) :].removesuffix(".json")
+            out[alias] = json.loads(self.store.read_bytes(uri))["version"]
+        return out
+
+    def list(self) -> list[ModelManifest]:
+        """Every complete version in the store, by name then version."""
+        out = []
+        for uri in self.store.list(self.root + "/", suffixes=("/" + MANIFEST_FILE,)):
+            rest = uri[len(self.root) + 1 :].split("/")
+            if len(rest) == 3 and rest[1] != "aliases":
+                out.append(self._read_manifest(uri))
+        return sorted(out, key=lambda m: (m.name, m.version))
+
+    def resolve(self, ref: str | ModelRef) -> ModelManifest:
+        """The manifest a reference points at (name alone means the newest version)."""
+        parsed = parse_ref(ref) if isinstance(ref, str) else ref
+        if parsed.uri:
+            return self._read_manifest(join_uri(parsed.uri, MANIFEST_FILE))
+        assert parsed.name is not None
+        version = parsed.version
+        if parsed.alias:
+            try:
+                body = self.store.read_bytes(self.alias_uri(parsed.name, parsed.alias))
+            except ObjectNotFound as exc:
+                raise ModelNotFound(
+                    f"no alias {parsed} in {self.root}; see `allscore models list` or "
+                    f"`allscore models promote {parsed.name}:VERSION {parsed.alias}`"
+                ) from exc
+            version = json.loads(body)["version"]
+        if version is None:
+            versions = self.versions(parsed.name)
+            if not versions:
+                raise ModelNotFound(f"no model named {parsed.name!r} in {self.root}; see `allscore models list`")
+            version = versions[-1]
+        return self._read_manifest(join_uri(self.version_uri(parsed.name, version), MANIFEST_FILE))
+
+    def model_uri(self, ref: str | ModelRef) -> tuple[str, ModelManifest]:
+        """The URI of model.keras and its manifest."""
+        parsed = parse_ref(ref) if isinstance(ref, str) else ref
+        manifest = self.resolve(parsed)
+        vdir = parsed.uri or self.version_uri(manifest.name, manifest.version)
+        return join_uri(vdir, MODEL_FILE), manifest
+
+    def fetch(self, ref: str | ModelRef, cache_dir: Path | None = None) -> tuple[Path, ModelManifest]:
+        """Download model.keras into the local cache (once) and check its sha256; return path and manifest."""
+        uri, manifest = self.model_uri(ref)
+        cache_dir = cache_dir or self.settings.cache_dir
+        local = cache_dir / manifest.name / manifest.version / MODEL_FILE
+        if not (local.exists() and sha256_file(local) == manifest.sha256):
+            local.parent.mkdir(parents=True, exist_ok=True)
+            self.store.download(uri, local)
+        digest = sha256_file(local)
+        if digest != manifest.sha256:
+            local.unlink(missing_ok=True)
+            raise ModelIntegrityError(
+                f"{uri}: sha256 {digest[:16]}... does not match the manifest ({manifest.sha256[:16]}...); "
+                "the file is corrupt or was swapped: republish the model as a new version"
+            )
+        return local, manifest
+
+    def _read_manifest(self, uri: str) -> ModelManifest:
+        try:
+            raw = self.store.read_bytes(uri)
+        except ObjectNotFound as exc:
+            raise ModelNotFound(f"no model manifest at {uri}; see `allscore models list`") from exc
+        try:
+            return ModelManifest.model_validate_json(raw)
+        except ValidationError as exc:
+            raise ModelError(f"{uri} is not a valid allscore manifest: {exc.errors()[0]['msg']}") from exc
+
+
+@dataclass
+class LoadedModel:
+    """A Keras model in memory with the manifest it was published with."""
+
+    model: Any
+    manifest: ModelManifest
+    path: Path
+
+
+def load_keras(path: Path) -> Any:
+    """Load a .keras file with Keras safe mode on (no arbitrary code from Lambda layers)."""
+    import keras  # imported here: TensorFlow is slow to import and not fork-safe
+
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except ValueError as exc:
+        raise ModelError(
+            f"{path}: Keras refused to load the model ({exc}); models with Lambda layers or custom code "
+            "are not accepted: retrain with the built-in architectures"
+        ) from exc
+
+
+def load_model(ref: str, *, store: str | None = None, settings: Settings | None = None) -> LoadedModel:
+    """Resolve a reference, fetch and verify model.keras, and load it in safe mode."""
+    registry = Registry(store, settings)
+    path, manifest = registry.fetch(ref)
+    return LoadedModel(model=load_keras(path), manifest=manifest, path=path)

@@ -1,0 +1,70 @@
+"""One settings object, read from the environment (prefix ALLSCORE_) and an optional .env file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """allscore configuration; every field is ALLSCORE_<NAME> in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="ALLSCORE_", env_file=".env", extra="ignore")
+
+    # Embedded defaults: everything under one folder, no server needed.
+    home: Path = Field(default=Path("~/.allscore"), description="folder for the embedded defaults")
+    database_url: str = Field(default="", description="SQLAlchemy URL; default sqlite file under home")
+    broker_url: str = Field(default="", description="Celery broker; default redis://127.0.0.1:6379/0")
+    model_store: str = Field(default="", description="model registry root: a folder or s3://bucket/prefix")
+    cache_dir: Path = Field(default=Path(""), description="local cache of downloaded models")
+
+    # S3 (any S3-compatible endpoint). Credentials come from the standard AWS_* variables.
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_max_attempts: int = 5
+    s3_connect_timeout: float = 5.0
+    s3_read_timeout: float = 60.0
+
+    # Scoring.
+    queue: str = "allscore"
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    precision: Literal["float32", "bfloat16"] = "float32"
+    tf_threads: int = Field(default=0, ge=0, description="TensorFlow threads per process; 0 = cores/concurrency")
+    worker_concurrency: int = Field(default=0, ge=0, description="worker processes; 0 = number of cores")
+    flag_thresholds: list[float] = Field(default_factory=lambda: [0.05, 0.20, 0.25])
+    allowed_roots: list[str] = Field(default_factory=list, description="local folders and s3:// prefixes")
+    task_soft_time_limit: int = 1800
+    task_time_limit: int = 2100
+    task_max_retries: int = 5
+
+    # Image decoding guard: refuse images whose declared size exceeds this many pixels.
+    max_image_pixels: int = 40_000_000
+
+    @model_validator(mode="after")
+    def _derive_defaults(self) -> Settings:
+        self.home = self.home.expanduser()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'allscore.db'}"
+        if not self.model_store:
+            self.model_store = str(self.home / "models")
+        if not self.broker_url:
+            self.broker_url = "redis://127.0.0.1:6379/0"
+        if not str(self.cache_dir) or str(self.cache_dir) == ".":
+            self.cache_dir = self.home / "cache"
+        self.cache_dir = self.cache_dir.expanduser()
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once on first use (never at import time)."""
+    return Settings()
+
+
+def reset_settings_cache() -> None:
+    """Forget the cached settings (tests and CLI overrides change the environment)."""
+    get_settings.cache_clear()

@@ -1,0 +1,99 @@
+"""Engines, session factories and the one way to run a transaction."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.settings import get_settings
+from db.errors import DatabaseUrlError
+
+log = logging.getLogger(__name__)
+
+# Several worker processes share one SQLite file; a writer waits this long for another before failing.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def parse_url(url: str) -> URL:
+    """Parse a database URL, mapping plain postgresql:// to the installed psycopg 3 driver."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise DatabaseUrlError(
+            "the database URL (ALLSCORE_DATABASE_URL) is not a valid SQLAlchemy URL; expected "
+            "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB"
+        ) from exc
+    # Compose files and hosted databases hand out postgres:// or postgresql://, which SQLAlchemy
+    # would map to psycopg2; only psycopg 3 is installed.
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def _sqlite_file(url: URL) -> Path | None:
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).expanduser()
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event below own BEGIN; pysqlite's implicit one is deferred and
+        # emitted late, which breaks transactional DDL and lets two writers deadlock on lock upgrade.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            # WAL lets readers (status, report) run while a worker writes.
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        # IMMEDIATE takes the write lock up front, so busy_timeout applies instead of an instant
+        # SQLITE_BUSY when a read-then-write transaction meets another writer.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str | None = None) -> Engine:
+    """An engine for `url` (default: settings' database_url), tuned for SQLite or PostgreSQL."""
+    parsed = parse_url(url if url is not None else get_settings().database_url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        path = _sqlite_file(parsed)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            parsed = parsed.set(database=str(path))
+        engine = create_engine(parsed)
+        _configure_sqlite(engine)
+    elif backend == "postgresql":
+        # Connections die across database restarts and idle timeouts; check before use.
+        engine = create_engine(parsed, pool_pre_ping=True)
+    else:
+        engine = create_engine(parsed)
+    log.debug("database engine for %s", parsed.render_as_string(hide_password=True))
+    return engine
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """A session factory bound to `engine`; objects stay readable after commit."""
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+@contextmanager
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session in one transaction: committed when the block ends, rolled back if it raises."""
+    with factory() as session, session.begin():
+        yield session

@@ -1,0 +1,41 @@
+"""Typed errors of the database layer; each message names the input and says what to do."""
+
+from __future__ import annotations
+
+from core.errors import AllscoreError
+
+
+class DatabaseError(AllscoreError):
+    """Base of the errors raised by db/."""
+
+
+class DatabaseUrlError(DatabaseError, ValueError):
+    """The database URL cannot be used."""
+
+
+class InvalidIdentifierError(DatabaseError, ValueError):
+    """A sample or job id is empty, too long or holds control characters."""
+
+
+class JobExistsError(DatabaseError):
+    """A job with this id exists already."""
+
+
+class JobNotFoundError(DatabaseError, LookupError):
+    """No job with this id."""
+
+
+class SampleNotFoundError(DatabaseError, LookupError):
+    """No sample row for this (sample_id, model_version)."""
+
+
+class ModelConflictError(DatabaseError):
+    """A model version is registered already with a different artifact."""
+
+
+class ResultMismatchError(DatabaseError, ValueError):
+    """A sample summary disagrees with its cell results."""
+
+
+class MigrationError(DatabaseError):
+    """The schema cannot be brought to the requested revision."""

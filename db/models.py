@@ -1,0 +1,132 @@
+"""The tables behind the analyst views. Their shape is private: analysts read the views (db/views.py).
+
+Every change here needs a migration in db/migrations/versions; a test compares the two.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import (
+    CheckConstraint,
+    Double,
+    Enum,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from db.coltypes import UtcDateTime
+
+SAMPLE_ID_MAX_LENGTH = 128
+JOB_ID_MAX_LENGTH = 128
+MODEL_VERSION_MAX_LENGTH = 256  # "name:version"
+
+
+class SampleStatus(enum.StrEnum):
+    """Where a sample is on its way: queued -> running -> done or failed."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the allscore tables."""
+
+
+class Model(Base):
+    """A model version that scored samples, with the validation figures the correction used."""
+
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_models_name_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(128))
+    uri: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    sensitivity: Mapped[float | None] = mapped_column(Double)
+    specificity: Mapped[float | None] = mapped_column(Double)
+    threshold: Mapped[float] = mapped_column(Double)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class Job(Base):
+    """One submission: a batch of samples under an id the submitter chose (a uuid by default)."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(JOB_ID_MAX_LENGTH), primary_key=True)
+    submitted_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    n_samples: Mapped[int] = mapped_column(Integer)
+
+
+class Sample(Base):
+    """One result set: a sample scored by one model version; the summary is null until done."""
+
+    __tablename__ = "samples"
+    __table_args__ = (
+        UniqueConstraint("sample_id", "model_version", name="uq_samples_sample_id_model_version"),
+        CheckConstraint("status IN ('queued', 'running', 'done', 'failed')", name="ck_samples_status"),
+        Index("ix_samples_job_id", "job_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sample_id: Mapped[str] = mapped_column(String(SAMPLE_ID_MAX_LENGTH))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", name="fk_samples_job_id_jobs"))
+    model_version: Mapped[str] = mapped_column(String(MODEL_VERSION_MAX_LENGTH))
+    # Stored as text with a CHECK, not a native enum: a new status then needs no ALTER TYPE,
+    # and SQLite has no enums.
+    status: Mapped[SampleStatus] = mapped_column(
+        Enum(
+            SampleStatus,
+            native_enum=False,
+            create_constraint=False,
+            length=16,
+            values_callable=lambda members: [m.value for m in members],
+        )
+    )
+    n_cells: Mapped[int | None] = mapped_column(Integer)
+    n_all: Mapped[int | None] = mapped_column(Integer)
+    n_failed: Mapped[int | None] = mapped_column(Integer)
+    all_fraction: Mapped[float | None] = mapped_column(Double)
+    ci_low: Mapped[float | None] = mapped_column(Double)
+    ci_high: Mapped[float | None] = mapped_column(Double)
+    corrected_fraction: Mapped[float | None] = mapped_column(Double)
+    mean_p_all: Mapped[float | None] = mapped_column(Double)
+    # Comma-separated flag names ("over_5pct,over_20pct"); '' once done with none, null before.
+    # Plain text reads the same in every SQL client: flags LIKE '%over_20pct%'.
+    flags: Mapped[str | None] = mapped_column(Text)
+    submitted_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    error: Mapped[str | None] = mapped_column(Text)
+    # Times a worker started on this sample since it was (re)submitted; >1 means redelivery or retry.
+    attempts: Mapped[int] = mapped_column(Integer)
+
+
+class Cell(Base):
+    """One image's result within a sample result set; keyed by image so a rewrite cannot duplicate it."""
+
+    __tablename__ = "cells"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["sample_pk"], ["samples.id"], name="fk_cells_sample_pk_samples", ondelete="CASCADE"
+        ),
+    )
+
+    # The primary key is the natural key, so no extra index or sequence slows bulk inserts.
+    sample_pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_uri: Mapped[str] = mapped_column(Text, primary_key=True)
+    p_all: Mapped[float | None] = mapped_column(Double)
+    is_all: Mapped[bool | None] = mapped_column()
+    error: Mapped[str | None] = mapped_column(Text)
+    scored_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -1,0 +1,42 @@
+"""Evaluate a published model on any labelled data set (C-NMC layout or the preliminary CSV)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from core.artifact import load_model
+from core.errors import AllscoreError
+from core.inference import configure_tensorflow, predict_proba
+from core.settings import get_settings
+from trainer.dataset import discover
+from trainer.loading import decode_cells
+from trainer.metrics import summarize
+
+
+class EvaluationError(AllscoreError):
+    """A data set that cannot be evaluated (no labelled cells)."""
+
+
+def evaluate(ref: str, data: Path, *, store: str | None = None) -> dict[str, Any]:
+    """Weighted F1, AUC, sensitivity and specificity (positive class `all`) at the manifest's threshold."""
+    settings = get_settings()
+    configure_tensorflow(settings.tf_threads, settings.precision)
+    loaded = load_model(ref, store=store, settings=settings)
+    manifest = loaded.manifest
+    dataset = discover(data)
+    labelled = [c for c in dataset.cells if c.label is not None]
+    if not labelled:
+        raise EvaluationError(f"{data}: no labelled cells found; point at a C-NMC fold tree or a folder with "
+                              "the preliminary test set's CSV")
+    arrays = decode_cells(labelled, manifest.input_size)
+    p = predict_proba(loaded.model, arrays.images, batch_size=settings.batch_size)
+    metrics = summarize(arrays.labels, p, manifest.threshold, arrays.subjects)
+    overlap = sorted(set(manifest.train_subjects) & {s for s in arrays.subjects if s})
+    return {
+        "model": manifest.ref,
+        "data": str(data),
+        **metrics,
+        "n_failed": len(arrays.failed),
+        "subjects_seen_in_training": overlap,
+    }

@@ -1,0 +1,215 @@
+"""Training: split by subject, decode, fit with augmentation and class weights, pick a threshold, publish."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from core.artifact import ModelManifest, Registry, ValidationMetrics, new_version, sha256_file
+from core.inference import configure_tensorflow, predict_proba
+from core.settings import Settings, get_settings
+from trainer.arch import DEFAULT_SIZES, build_model
+from trainer.dataset import Dataset, discover, split_by_subject
+from trainer.loading import CellArrays, decode_cells
+from trainer.metrics import choose_threshold, summarize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; recorded in the manifest."""
+
+    name: str = "allscore"
+    arch: str = "seed"
+    image_size: int | None = None
+    epochs: int = 30
+    batch_size: int = 32
+    val_fold: str | None = None
+    val_fraction: float | None = None
+    seed: int = 0
+    patience: int = 6
+    learning_rate: float = 1e-3
+    augment: bool = True
+    version: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        """The model's input size."""
+        return self.image_size or DEFAULT_SIZES[self.arch]
+
+
+@dataclass
+class TrainOutcome:
+    """A trained model and the manifest it will be published with."""
+
+    model: Any
+    manifest: ModelManifest
+    seconds: float
+
+
+def _class_weights(labels: np.ndarray) -> dict[int, float]:
+    # Balanced weights: each class contributes equally to the loss whatever its share of cells.
+    n = len(labels)
+    return {c: float(n / (2 * max(1, int(np.sum(labels == c))))) for c in (0, 1)}
+
+
+def _augmented(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, augment: bool) -> Any:
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y.astype("float32")))
+    ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    if augment:
+        # Cells have no orientation: flips and 90-degree rotations are label-preserving.
+        def aug(img: Any, label: Any) -> Any:
+            img = tf.image.random_flip_left_right(img, seed=seed)
+            img = tf.image.random_flip_up_down(img, seed=seed + 1)
+            k = tf.random.uniform([], 0, 4, dtype=tf.int32, seed=seed + 2)
+            return tf.image.rot90(img, k), label
+
+        ds = ds.map(aug, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _progress_callback(progress: Progress, epochs: int) -> Any:
+    import keras
+
+    class RichEpochs(keras.callbacks.Callback):
+        """One progress line, updated per epoch with the losses and validation AUC."""
+
+        def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
+            self.task = progress.add_task("training", total=epochs, info="")
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            logs = logs or {}
+            info = "  ".join(
+                f"{k}={logs[k]:.4f}" for k in ("loss", "val_loss", "val_auc") if k in logs
+            )
+            progress.update(self.task, advance=1, info=info)
+
+    return RichEpochs()
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+    )
+
+
+def _decode_with_progress(progress: Progress, ds: Dataset, size: int, label: str) -> CellArrays:
+    task = progress.add_task(f"decoding {label}", total=len(ds.cells), info="")
+    arrays = decode_cells(ds.cells, size, on_progress=lambda n: progress.update(task, completed=n))
+    return arrays
+
+
+def train_model(data: Path, config: TrainConfig, console: Console | None = None) -> TrainOutcome:
+    """Train on a C-NMC-layout data set, validating on held-out subjects; nothing is published here."""
+    import keras
+    import tensorflow as tf
+
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    settings = get_settings()
+    configure_tensorflow(settings.tf_threads, settings.precision)
+    keras.utils.set_random_seed(config.seed)
+
+    dataset = discover(data)
+    train_ds, val_ds = split_by_subject(
+        dataset, val_fold=config.val_fold, val_fraction=config.val_fraction, seed=config.seed
+    )
+    console.print(
+        f"data {data}: {len(train_ds.cells)} training cells from {len(train_ds.subjects)} subjects, "
+        f"{len(val_ds.cells)} validation cells from {len(val_ds.subjects)} held-out subjects"
+    )
+    with _progress(console) as progress:
+        train = _decode_with_progress(progress, train_ds, config.size, "training cells")
+        val = _decode_with_progress(progress, val_ds, config.size, "validation cells")
+
+        model = build_model(config.arch, config.size, seed=config.seed)
+        model.compile(
+            optimizer=keras.optimizers.Adam(config.learning_rate),
+            loss="binary_crossentropy",
+            metrics=[keras.metrics.AUC(name="auc")],
+        )
+        stop = keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=config.patience, restore_best_weights=True
+        )
+        history = model.fit(
+            _augmented(train.images, train.labels, config.batch_size, config.seed, config.augment),
+            validation_data=tf.data.Dataset.from_tensor_slices((val.images, val.labels.astype("float32")))
+            .batch(config.batch_size),
+            epochs=config.epochs,
+            class_weight=_class_weights(train.labels),
+            callbacks=[stop, _progress_callback(progress, config.epochs)],
+            verbose=0,
+        )
+
+    p_val = predict_proba(model, val.images, batch_size=settings.batch_size)
+    threshold = choose_threshold(val.labels, p_val)
+    metrics = summarize(val.labels, p_val, threshold, val.subjects)
+    seconds = time.perf_counter() - started
+    manifest = ModelManifest(
+        name=config.name,
+        version=config.version or new_version(),
+        created_at=datetime.now(UTC).isoformat(),
+        architecture=config.arch,
+        input_size=config.size,
+        threshold=threshold,
+        validation=ValidationMetrics.model_validate(metrics),
+        train_subjects=sorted(train_ds.subjects),
+        val_subjects=sorted(val_ds.subjects),
+        split=_describe_split(config, val_ds),
+        n_train_cells=len(train.labels),
+        n_val_cells=len(val.labels),
+        training={
+            **{k: v for k, v in asdict(config).items() if k not in ("extra", "version")},
+            "image_size": config.size,
+            "epochs_run": len(history.history.get("loss", [])),
+            "best_epoch": int(np.argmin(history.history["val_loss"])) + 1,
+            "class_weights": _class_weights(train.labels),
+            "seconds": round(seconds, 1),
+            "precision": settings.precision,
+            **config.extra,
+        },
+        sha256="",
+        tensorflow_version=tf.__version__,
+        keras_version=keras.__version__,
+        data=str(data),
+    )
+    return TrainOutcome(model=model, manifest=manifest, seconds=seconds)
+
+
+def _describe_split(config: TrainConfig, val_ds: Dataset) -> str:
+    if config.val_fold is not None:
+        return f"by subject: validation = fold {config.val_fold}"
+    if config.val_fraction is not None:
+        return f"by subject: validation = {config.val_fraction:.0%} of subjects (seed {config.seed})"
+    folds = sorted({c.fold for c in val_ds.cells if c.fold is not None})
+    if folds:
+        return f"by subject: validation = fold {', '.join(folds)} (default: last fold)"
+    return "by subject: validation = 20% of subjects (default)"
+
+
+def publish(outcome: TrainOutcome, store: str | None = None, settings: Settings | None = None) -> ModelManifest:
+    """Save the model to model.keras, record its sha256 and publish the version to the store."""
+    with tempfile.TemporaryDirectory(prefix="allscore-") as tmp:
+        path = Path(tmp) / "model.keras"
+        outcome.model.save(path)
+        manifest = outcome.manifest.model_copy(update={"sha256": sha256_file(path)})
+        Registry(store, settings).publish(path, manifest)
+    return manifest
