@@ -10,7 +10,9 @@ import typer
 from rich.console import Console
 
 from core.errors import AllscoreError
+from allscore.db_cli import db_app
 from trainer.cli import data_app, evaluate_cmd, models_app, train_cmd
+from worker.cli import report_cmd, status_cmd, submit_cmd, worker_cmd
 
 app = typer.Typer(
     name="allscore",
@@ -22,6 +24,11 @@ app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.command("train")(train_cmd)
 app.command("evaluate")(evaluate_cmd)
+app.add_typer(db_app, name="db")
+app.command("worker")(worker_cmd)
+app.command("submit")(submit_cmd)
+app.command("status")(status_cmd)
+app.command("report")(report_cmd)
 
 
 @app.callback()

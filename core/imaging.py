@@ -13,6 +13,9 @@ from PIL import Image, UnidentifiedImageError
 from core.errors import AllscoreError
 from core.settings import get_settings
 
+# The C-NMC framing: a 450x450 field around one cell. Larger images are cropped to it, not shrunk.
+NOMINAL_SIDE = 450
+
 # An image smaller than this on either side cannot hold a cell; resizing it up would invent one.
 MIN_SIDE = 8
 
@@ -47,8 +50,9 @@ def _to_rgb(im: Image.Image, source: str) -> Image.Image:
         # Mode I (32-bit) comes from 16-bit TIFFs and old PNG readers: read it on the 16-bit scale too.
         return Image.fromarray(_to_8bit(np.asarray(im)), mode="L").convert("RGB")
     if mode == "F":
-        raise DecodeError(source, "floating-point pixels have no fixed intensity scale",
-                          "save the image as 8-bit or 16-bit")
+        raise DecodeError(
+            source, "floating-point pixels have no fixed intensity scale", "save the image as 8-bit or 16-bit"
+        )
     if mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     elif mode == "PA":
@@ -68,12 +72,24 @@ def _to_rgb(im: Image.Image, source: str) -> Image.Image:
         raise DecodeError(source, f"unsupported pixel mode {mode!r} ({exc})") from exc
 
 
-def decode_image(data: bytes, size: int, *, source: str = "<bytes>", max_pixels: int | None = None) -> np.ndarray:
+def _crop_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """The centred square the model sees: the nominal 450x450 field, or the largest square if smaller."""
+    side = min(width, height, NOMINAL_SIDE)
+    left, top = (width - side) // 2, (height - side) // 2
+    return (left, top, left + side, top + side)
+
+
+def decode_image(
+    data: bytes, size: int, *, source: str = "<bytes>", max_pixels: int | None = None
+) -> np.ndarray:
     """Decode image bytes into an RGB uint8 array of shape (size, size, 3).
 
-    450x450 is the nominal C-NMC size; any other size is center-cropped to a square and resized with
-    one bilinear (antialiased) resample, never rejected. Grayscale, palette, 16-bit (scaled, not
-    clipped) and transparent images (composited onto black, the cells' background) become RGB.
+    The model sees the central 450x450 field (the C-NMC framing), scaled to size x size with one
+    antialiased bilinear resample. Larger images (600x600 in the C-NMC final test set) are
+    center-cropped to that field, which keeps a cell's scale; smaller or non-square ones are
+    center-cropped to their largest square and resized. Neither is rejected. Grayscale, palette,
+    16-bit (scaled, not clipped) and transparent images (composited onto black, the cells'
+    background) become RGB.
 
     Refused with DecodeError: empty or truncated data, formats outside ALLOWED_FORMATS, images whose
     header declares more than ``max_pixels`` pixels (default ``settings.max_image_pixels``; checked
@@ -104,11 +120,18 @@ def decode_image(data: bytes, size: int, *, source: str = "<bytes>", max_pixels:
                 "a cell image is about 450x450; raise ALLSCORE_MAX_IMAGE_PIXELS only for trusted input",
             )
         if min(width, height) < MIN_SIDE:
-            raise DecodeError(source, f"{width}x{height} is smaller than {MIN_SIDE}x{MIN_SIDE} and cannot show a cell")
-        side = min(width, height)
-        if im.format == "JPEG" and side > size:
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still leaves >= size pixels.
+            raise DecodeError(
+                source, f"{width}x{height} is smaller than {MIN_SIDE}x{MIN_SIDE} and cannot show a cell"
+            )
+        box: tuple[float, float, float, float] = _crop_box(width, height)
+        side = box[2] - box[0]
+        if im.format == "JPEG" and side >= 2 * size:
+            # libjpeg can decode at 1/2, 1/4 or 1/8 scale, leaving at least size pixels across the crop.
             im.draft(im.mode, (math.ceil(size * width / side), math.ceil(size * height / side)))
+            if im.size != (width, height):
+                # The reduction is 2, 4 or 8 with the size rounded up, so rounding recovers it exactly.
+                factor = round(width / im.size[0])
+                box = (box[0] / factor, box[1] / factor, box[2] / factor, box[3] / factor)
         try:
             im.load()
             rgb = _to_rgb(im, source)
@@ -116,21 +139,20 @@ def decode_image(data: bytes, size: int, *, source: str = "<bytes>", max_pixels:
             raise
         except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
             raise DecodeError(source, f"the pixel data is truncated or corrupt ({exc})") from exc
-    width, height = rgb.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    if side != size or width != height:
-        rgb = rgb.resize(
-            (size, size),
-            Image.Resampling.BILINEAR,
-            box=(left, top, left + side, top + side),
-            # Only shrinks of 3x or more use a box pre-reduction (450 -> 128 does not): the
-            # result is indistinguishable from a full bilinear pass and much cheaper on big inputs.
-            reducing_gap=3.0,
-        )
-    out = np.array(rgb, dtype=np.uint8)
-    if out.shape != (size, size, 3):  # pragma: no cover - a Pillow contract, checked because the model relies on it
-        raise DecodeError(source, f"decoded to shape {out.shape}, expected {(size, size, 3)}")
+    # Crop, then resize: pixels outside the field must not leak into its edges through the filter.
+    crop = (round(box[0]), round(box[1]), round(box[2]), round(box[3]))
+    if crop != (0, 0, *rgb.size):
+        rgb = rgb.crop(crop)
+    out_image = rgb
+    if rgb.size != (size, size):
+        # Shrinks of 3x or more start with a box reduction (450 -> 128 does not): indistinguishable
+        # from a full bilinear pass and much cheaper on large inputs.
+        out_image = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    out = np.array(out_image, dtype=np.uint8)
+    expected = (size, size, 3)
+    # Pillow's contract, but the model depends on it: fail here rather than deep inside a batch.
+    if out.shape != expected:
+        raise DecodeError(source, f"decoded to shape {out.shape}, expected {expected}")
     return out
 
 
@@ -139,5 +161,7 @@ def load_image(path: str | Path, size: int, *, max_pixels: int | None = None) ->
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise DecodeError(str(path), f"cannot read the file ({exc.strerror or exc})", "check the path") from exc
+        raise DecodeError(
+            str(path), f"cannot read the file ({exc.strerror or exc})", "check the path"
+        ) from exc
     return decode_image(data, size, source=str(path), max_pixels=max_pixels)

@@ -221,24 +221,19 @@ class LocalStore:
             raise StorageError(uri, f"{uri}: {exc.strerror or exc}; check the disk and the path") from exc
 
 
-def _temp_beside(path: Path) -> tuple[IO[bytes], Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = tempfile.NamedTemporaryFile(dir=path.parent, prefix=TMP_PREFIX + path.name + ".", delete=False)
-    return f, Path(f.name)
-
-
 def _fill_temp(path: Path, fill: Callable[[IO[bytes]], object]) -> Path:
-    """Write a complete, synced temp file beside path and return its name."""
-    f, tmp = _temp_beside(path)
-    try:
-        with f:
+    """Write a complete, synced temp file beside path (same filesystem, so renames are atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=TMP_PREFIX + path.name + ".", delete=False) as f:
+        tmp = Path(f.name)
+        try:
             fill(f)
             f.flush()
-            # Synced before the rename so that a crash leaves the old object or the new one, never half of one.
+            # Synced before the rename: a crash leaves the old object or the new one, never half of one.
             os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return tmp
 
 
@@ -304,7 +299,7 @@ class S3Store:
 
     @property
     def client(self) -> Any:
-        """The boto3 S3 client, built on first use and rebuilt in a forked child (sockets don't survive a fork)."""
+        """The boto3 S3 client, built on first use and again after a fork (sockets do not survive it)."""
         with self._lock:
             if self._client_obj is None or self._client_pid != os.getpid():
                 self._client_obj = self._build_client()
@@ -345,16 +340,18 @@ class S3Store:
                 return bytes(body.read())
 
     def write_bytes(self, uri: str, data: bytes, *, overwrite: bool = True) -> None:
-        """Put the object; overwrite=False is a conditional put (If-None-Match: *) that S3 decides atomically."""
+        """Put the object; overwrite=False is a conditional put (If-None-Match: *) that S3 decides."""
         self._put(uri, data, overwrite=overwrite)
 
     def exists(self, uri: str) -> bool:
         """Whether the key exists; BucketNotFound if the bucket itself is missing."""
         bucket, key = self._object(uri)
+        from botocore.exceptions import ClientError
+
         with self._errors(uri):
             try:
                 self.client.head_object(Bucket=bucket, Key=key)
-            except Exception as exc:  # noqa: BLE001 - narrowed to a missing key below, anything else re-raised
+            except ClientError as exc:
                 code, status = _client_error_code(exc)
                 if status == 404 or code in ("404", "NoSuchKey", "NotFound"):
                     self._check_bucket(bucket, uri)
@@ -384,7 +381,8 @@ class S3Store:
         """Stream the object (in parallel ranged parts when large) to a temp file, then rename it to dest."""
         bucket, key = self._object(uri)
         dest = Path(dest)
-        with self._errors(uri), LocalStore._errors(str(dest)):
+        # S3 errors are translated innermost: botocore's timeout errors are also OSErrors.
+        with LocalStore._errors(str(dest)), self._errors(uri):
             _atomic_replace(
                 dest,
                 lambda f: self.client.download_fileobj(bucket, key, f, Config=self._transfer_config()),
@@ -400,8 +398,9 @@ class S3Store:
                 size = os.fstat(fin.fileno()).st_size
                 if size > _MAX_SINGLE_PUT:
                     raise StorageError(
-                        uri, f"{src} is {size} bytes, over the 5 GiB a conditional upload to {uri} allows; "
-                        "upload with overwrite=True after checking that the key is free"
+                        uri,
+                        f"{src} is {size} bytes, over the 5 GiB a conditional upload to {uri} allows; "
+                        "upload with overwrite=True after checking that the key is free",
                     )
                 self._put(uri, fin, overwrite=False)
                 return
@@ -410,20 +409,26 @@ class S3Store:
 
     def _put(self, uri: str, body: bytes | IO[bytes], *, overwrite: bool) -> None:
         bucket, key = self._object(uri)
+        from botocore.exceptions import ClientError
+
         extra = {} if overwrite else {"IfNoneMatch": "*"}
         with self._errors(uri):
             try:
                 self.client.put_object(Bucket=bucket, Key=key, Body=body, **extra)
-            except Exception as exc:  # noqa: BLE001 - narrowed to an unsupported condition below, else re-raised
+            except ClientError as exc:
                 code, status = _client_error_code(exc)
                 if overwrite or not (status == 501 or code == "NotImplemented"):
                     raise
                 # Older S3-compatible servers lack conditional writes: check, then put (not atomic).
-                log.warning("%s does not support If-None-Match; falling back to check-then-put for %s",
-                            self.settings.s3_endpoint_url or "the S3 endpoint", uri)
+                log.warning(
+                    "%s does not support If-None-Match; falling back to check-then-put for %s",
+                    self.settings.s3_endpoint_url or "the S3 endpoint",
+                    uri,
+                )
                 if self.exists(uri):
-                    raise AlreadyExists(uri, f"{uri} already exists; choose a new name or pass overwrite=True"
-                                        ) from exc
+                    raise AlreadyExists(
+                        uri, f"{uri} already exists; choose a new name or pass overwrite=True"
+                    ) from exc
                 if not isinstance(body, bytes):
                     body.seek(0)
                 self.client.put_object(Bucket=bucket, Key=key, Body=body)
@@ -437,19 +442,22 @@ class S3Store:
 
     def _check_bucket(self, bucket: str, uri: str) -> None:
         """Tell a missing bucket from a missing key after a HEAD 404 (HEAD responses carry no error code)."""
+        from botocore.exceptions import ClientError
+
         try:
             self.client.head_bucket(Bucket=bucket)
-        except Exception as exc:  # noqa: BLE001 - only a 404 matters; 403 means the bucket exists but is private
+        except ClientError as exc:
             code, status = _client_error_code(exc)
             if status == 404 or code in ("404", "NoSuchBucket", "NotFound"):
                 raise BucketNotFound(uri, self._no_bucket(bucket)) from exc
-            if not code:
-                raise
+            # 403 and the like: the bucket exists (or we may not ask); the key is what is missing.
 
     def _no_bucket(self, bucket: str) -> str:
         where = self.settings.s3_endpoint_url or "AWS"
-        return (f"bucket {bucket!r} does not exist at {where}; create it or check ALLSCORE_S3_ENDPOINT_URL "
-                "and the bucket name")
+        return (
+            f"bucket {bucket!r} does not exist at {where}; create it or check ALLSCORE_S3_ENDPOINT_URL "
+            "and the bucket name"
+        )
 
     @contextlib.contextmanager
     def _errors(self, uri: str) -> Iterator[None]:
@@ -466,15 +474,20 @@ class S3Store:
             raise self._from_client_error(exc, uri) from exc
         except (bx.NoCredentialsError, bx.PartialCredentialsError, bx.CredentialRetrievalError) as exc:
             raise StorageError(
-                uri, f"{uri}: no usable AWS credentials ({exc}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+                uri,
+                f"{uri}: no usable AWS credentials ({exc}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
             ) from exc
         except bx.SSLError as exc:
-            raise StorageError(uri, f"{uri}: TLS failure talking to {where} ({exc}); check the endpoint's "
-                               "certificate or AWS_CA_BUNDLE") from exc
+            raise StorageError(
+                uri,
+                f"{uri}: TLS failure talking to {where} ({exc}); check the endpoint's "
+                "certificate or AWS_CA_BUNDLE",
+            ) from exc
         except (bx.ConnectionError, bx.HTTPClientError, bx.IncompleteReadError, RetriesExceededError) as exc:
             raise StorageUnavailable(
-                uri, f"{uri}: cannot reach {where} ({exc}); check that the S3 server is up and "
-                "ALLSCORE_S3_ENDPOINT_URL is right, then retry"
+                uri,
+                f"{uri}: cannot reach {where} ({exc}); check that the S3 server is up and "
+                "ALLSCORE_S3_ENDPOINT_URL is right, then retry",
             ) from exc
         except bx.ParamValidationError as exc:
             raise InvalidURI(uri, f"{uri}: invalid S3 request ({exc}); check the bucket and key") from exc
@@ -485,15 +498,19 @@ class S3Store:
         if code == "NoSuchBucket":
             return BucketNotFound(uri, self._no_bucket(bucket))
         if code in ("NoSuchKey", "404", "NotFound") or status == 404:
-            return ObjectNotFound(uri, f"{uri}: no such object; check the key (list the prefix to see what exists)")
+            return ObjectNotFound(
+                uri, f"{uri}: no such object; check the key (list the prefix to see what exists)"
+            )
         if code == "PreconditionFailed" or status == 412:
             return AlreadyExists(uri, f"{uri} already exists; choose a new name or pass overwrite=True")
         if code == "ConditionalRequestConflict":
             return StorageUnavailable(uri, f"{uri}: another writer is creating this object right now; retry")
         if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403") or status == 403:
-            return StorageError(uri, f"{uri}: access denied ({code}); check the AWS credentials and the "
-                                "bucket's policy")
+            return StorageError(
+                uri, f"{uri}: access denied ({code}); check the AWS credentials and the bucket's policy"
+            )
         if status >= 500 or code in ("SlowDown", "RequestTimeout", "ServiceUnavailable", "InternalError"):
-            return StorageUnavailable(uri, f"{uri}: the S3 server failed ({code or status}) after retries; "
-                                      "retry later")
+            return StorageUnavailable(
+                uri, f"{uri}: the S3 server failed ({code or status}) after retries; retry later"
+            )
         return StorageError(uri, f"{uri}: S3 refused the request ({code or status}: {exc}); check the URI")

@@ -13,7 +13,8 @@ from rich.table import Table
 from core.artifact import Registry
 
 StoreOpt = Annotated[
-    str | None, typer.Option("--store", help="model store root (folder or s3://); default ALLSCORE_MODEL_STORE")
+    str | None,
+    typer.Option("--store", help="model store root (folder or s3://); default ALLSCORE_MODEL_STORE"),
 ]
 
 data_app = typer.Typer(help="Data sets: synthetic C-NMC-layout cells.", no_args_is_help=True)
@@ -38,7 +39,9 @@ def synth_cmd(
 
 
 def train_cmd(
-    data: Annotated[Path, typer.Argument(metavar="DATA", help="C-NMC layout root (folds found by walking it)")],
+    data: Annotated[
+        Path, typer.Argument(metavar="DATA", help="C-NMC layout root (folds found by walking it)")
+    ],
     out_store: Annotated[
         str | None, typer.Option("--out", help="store to publish to; default ALLSCORE_MODEL_STORE")
     ] = None,
@@ -60,8 +63,17 @@ def train_cmd(
     if val_fold is not None and val_fraction is not None:
         raise typer.BadParameter("give --val-fold or --val-fraction, not both")
     config = TrainConfig(
-        name=name, arch=arch, image_size=image_size, epochs=epochs, batch_size=batch_size, val_fold=val_fold,
-        val_fraction=val_fraction, seed=seed, patience=patience, version=version, augment=not no_augment,
+        name=name,
+        arch=arch,
+        image_size=image_size,
+        epochs=epochs,
+        batch_size=batch_size,
+        val_fold=val_fold,
+        val_fraction=val_fraction,
+        seed=seed,
+        patience=patience,
+        version=version,
+        augment=not no_augment,
     )
     outcome = train_model(data, config, err)
     manifest = publish(outcome, out_store)
@@ -91,8 +103,18 @@ def evaluate_cmd(
     table = Table(title=f"{result['model']} on {data}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("weighted_f1", "auc", "sensitivity", "specificity", "accuracy", "threshold",
-                "mean_subject_accuracy", "n_cells", "n_subjects", "n_failed"):
+    for key in (
+        "weighted_f1",
+        "auc",
+        "sensitivity",
+        "specificity",
+        "accuracy",
+        "threshold",
+        "mean_subject_accuracy",
+        "n_cells",
+        "n_subjects",
+        "n_failed",
+    ):
         table.add_row(key, _fmt(result[key]))
     out.print(table)
 
@@ -110,8 +132,15 @@ def models_list(store: StoreOpt = None) -> None:
         if not by_version:
             for alias, version in registry.aliases(m.name).items():
                 by_version[version] = (by_version.get(version, "") + f" {alias}").strip()
-        table.add_row(m.ref, by_version.get(m.version, ""), m.architecture, str(m.input_size),
-                      _fmt(m.validation.weighted_f1), _fmt(m.validation.auc), m.created_at[:19])
+        table.add_row(
+            m.ref,
+            by_version.get(m.version, ""),
+            m.architecture,
+            str(m.input_size),
+            _fmt(m.validation.weighted_f1),
+            _fmt(m.validation.auc),
+            m.created_at[:19],
+        )
     out.print(table)
 
 

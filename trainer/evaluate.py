@@ -27,8 +27,10 @@ def evaluate(ref: str, data: Path, *, store: str | None = None) -> dict[str, Any
     dataset = discover(data)
     labelled = [c for c in dataset.cells if c.label is not None]
     if not labelled:
-        raise EvaluationError(f"{data}: no labelled cells found; point at a C-NMC fold tree or a folder with "
-                              "the preliminary test set's CSV")
+        raise EvaluationError(
+            f"{data}: no labelled cells found; point at a C-NMC fold tree or a folder with "
+            "the preliminary test set's CSV"
+        )
     arrays = decode_cells(labelled, manifest.input_size)
     p = predict_proba(loaded.model, arrays.images, batch_size=settings.batch_size)
     metrics = summarize(arrays.labels, p, manifest.threshold, arrays.subjects)

@@ -92,9 +92,7 @@ def _progress_callback(progress: Progress, epochs: int) -> Any:
 
         def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
             logs = logs or {}
-            info = "  ".join(
-                f"{k}={logs[k]:.4f}" for k in ("loss", "val_loss", "val_auc") if k in logs
-            )
+            info = "  ".join(f"{k}={logs[k]:.4f}" for k in ("loss", "val_loss", "val_auc") if k in logs)
             progress.update(self.task, advance=1, info=info)
 
     return RichEpochs()
@@ -151,8 +149,9 @@ def train_model(data: Path, config: TrainConfig, console: Console | None = None)
         )
         history = model.fit(
             _augmented(train.images, train.labels, config.batch_size, config.seed, config.augment),
-            validation_data=tf.data.Dataset.from_tensor_slices((val.images, val.labels.astype("float32")))
-            .batch(config.batch_size),
+            validation_data=tf.data.Dataset.from_tensor_slices(
+                (val.images, val.labels.astype("float32"))
+            ).batch(config.batch_size),
             epochs=config.epochs,
             class_weight=_class_weights(train.labels),
             callbacks=[stop, _progress_callback(progress, config.epochs)],
@@ -205,7 +204,9 @@ def _describe_split(config: TrainConfig, val_ds: Dataset) -> str:
     return "by subject: validation = 20% of subjects (default)"
 
 
-def publish(outcome: TrainOutcome, store: str | None = None, settings: Settings | None = None) -> ModelManifest:
+def publish(
+    outcome: TrainOutcome, store: str | None = None, settings: Settings | None = None
+) -> ModelManifest:
     """Save the model to model.keras, record its sha256 and publish the version to the store."""
     with tempfile.TemporaryDirectory(prefix="allscore-") as tmp:
         path = Path(tmp) / "model.keras"

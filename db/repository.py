@@ -1,0 +1,321 @@
+"""Reads and writes of scoring results. Every function takes a keyword-only session and never commits:
+the caller owns the transaction (db.engine.transaction)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db.coltypes import utcnow
+from db.errors import (
+    DatabaseUrlError,
+    InvalidIdentifierError,
+    JobExistsError,
+    JobNotFoundError,
+    ModelConflictError,
+    ResultMismatchError,
+    SampleNotFoundError,
+)
+from db.models import (
+    JOB_ID_MAX_LENGTH,
+    MODEL_VERSION_MAX_LENGTH,
+    SAMPLE_ID_MAX_LENGTH,
+    Cell,
+    Job,
+    Model,
+    Sample,
+    SampleStatus,
+)
+from db.records import FLAG_SEPARATOR, CellResult, SampleSummary
+from db.views import cell_results, sample_results
+
+# ORM updates here never need to refresh loaded objects: the functions load none.
+_NO_SYNC = {"synchronize_session": False}
+
+# The summary columns, cleared whenever a result set stops being current.
+_NO_SUMMARY: dict[str, Any] = {
+    "n_cells": None,
+    "n_all": None,
+    "n_failed": None,
+    "all_fraction": None,
+    "ci_low": None,
+    "ci_high": None,
+    "corrected_fraction": None,
+    "mean_p_all": None,
+    "flags": None,
+}
+
+
+def check_identifier(kind: str, value: str, max_length: int) -> str:
+    """Return `value` if it can serve as a `kind` id (non-empty, printable, short enough), else raise."""
+    if not isinstance(value, str) or not value:
+        raise InvalidIdentifierError(f"{kind} must be a non-empty string, got {value!r}")
+    if len(value) > max_length:
+        raise InvalidIdentifierError(
+            f"{kind} {value[:40]!r}... is {len(value)} characters long; use at most {max_length}"
+        )
+    if not value.isprintable() or value != value.strip():
+        raise InvalidIdentifierError(
+            f"{kind} {value!r} holds control characters or surrounding spaces; use printable text"
+        )
+    return value
+
+
+def _insert(session: Session, entity: type[Any]) -> postgresql.Insert | sqlite.Insert:
+    # Both dialects spell an upsert ON CONFLICT, which makes concurrent submitters safe without
+    # catching IntegrityError (that would abort the whole PostgreSQL transaction).
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(entity)
+    if dialect == "sqlite":
+        return sqlite.insert(entity)
+    raise DatabaseUrlError(f"database {dialect!r} is not supported; use PostgreSQL or SQLite")
+
+
+def ensure_model(
+    *,
+    session: Session,
+    name: str,
+    version: str,
+    uri: str,
+    sha256: str,
+    sensitivity: float | None,
+    specificity: float | None,
+    threshold: float,
+) -> int:
+    """Register model `name:version` unless it is already; return its id."""
+    stmt = (
+        _insert(session, Model)
+        .values(
+            name=name,
+            version=version,
+            uri=uri,
+            sha256=sha256,
+            sensitivity=sensitivity,
+            specificity=specificity,
+            threshold=threshold,
+            created_at=utcnow(),
+        )
+        .on_conflict_do_nothing(index_elements=["name", "version"])
+        .returning(Model.id)
+    )
+    new_id = session.execute(stmt).scalar_one_or_none()
+    if new_id is not None:
+        return int(new_id)
+    existing = session.execute(
+        select(Model.id, Model.sha256).where(Model.name == name, Model.version == version)
+    ).one()
+    if existing.sha256 != sha256:
+        raise ModelConflictError(
+            f"model {name}:{version} is registered with sha256 {existing.sha256}, not {sha256}; a version "
+            "is immutable: publish the changed model as a new version"
+        )
+    return int(existing.id)
+
+
+def create_job(*, session: Session, job_id: str, n_samples: int) -> None:
+    """Create job `job_id` for `n_samples` samples; raise JobExistsError if the id is taken."""
+    check_identifier("job id", job_id, JOB_ID_MAX_LENGTH)
+    if n_samples < 0:
+        raise ValueError(f"job {job_id!r}: n_samples must be non-negative, got {n_samples}")
+    stmt = (
+        _insert(session, Job)
+        .values(id=job_id, submitted_at=utcnow(), n_samples=n_samples)
+        .on_conflict_do_nothing(index_elements=["id"])
+        .returning(Job.id)
+    )
+    if session.execute(stmt).scalar_one_or_none() is None:
+        raise JobExistsError(f"job {job_id!r} exists already; submit under a new job id (or let one be made)")
+
+
+def enqueue_sample(*, session: Session, job_id: str, sample_id: str, model_version: str) -> int:
+    """Queue `sample_id` for `model_version` under `job_id`; a resubmission resets the row. Returns its pk.
+
+    Resubmitting the same (sample_id, model_version) clears the previous result and its cells, so a
+    queued sample never shows stale numbers; another model version is a separate result set.
+    """
+    check_identifier("sample id", sample_id, SAMPLE_ID_MAX_LENGTH)
+    check_identifier("model version", model_version, MODEL_VERSION_MAX_LENGTH)
+    if session.execute(select(Job.id).where(Job.id == job_id)).first() is None:
+        raise JobNotFoundError(f"job {job_id!r} does not exist; create it (create_job) before its samples")
+    fresh: dict[str, Any] = {
+        **_NO_SUMMARY,
+        "job_id": job_id,
+        "status": SampleStatus.QUEUED,
+        "submitted_at": utcnow(),
+        "started_at": None,
+        "finished_at": None,
+        "error": None,
+        "attempts": 0,
+    }
+    stmt = (
+        _insert(session, Sample)
+        .values(sample_id=sample_id, model_version=model_version, **fresh)
+        .on_conflict_do_update(index_elements=["sample_id", "model_version"], set_=fresh)
+        .returning(Sample.id)
+    )
+    pk = int(session.execute(stmt).scalar_one())
+    session.execute(delete(Cell).where(Cell.sample_pk == pk).execution_options(**_NO_SYNC))
+    return pk
+
+
+def _not_found(sample_id: str, model_version: str) -> SampleNotFoundError:
+    return SampleNotFoundError(
+        f"no sample {sample_id!r} for model {model_version!r}; it must be submitted (enqueue_sample) first"
+    )
+
+
+def _lock_sample(session: Session, sample_id: str, model_version: str) -> Any:
+    # FOR UPDATE serializes two deliveries of one sample on PostgreSQL (SQLite: BEGIN IMMEDIATE
+    # already does), so the loser rewrites the winner's cells instead of colliding with them.
+    row = session.execute(
+        select(Sample.id, Sample.started_at)
+        .where(Sample.sample_id == sample_id, Sample.model_version == model_version)
+        .with_for_update()
+    ).one_or_none()
+    if row is None:
+        raise _not_found(sample_id, model_version)
+    return row
+
+
+def get_sample_status(*, session: Session, sample_id: str, model_version: str) -> SampleStatus | None:
+    """The status of (sample_id, model_version), or None if it was never submitted."""
+    status = session.execute(
+        select(Sample.status).where(Sample.sample_id == sample_id, Sample.model_version == model_version)
+    ).scalar_one_or_none()
+    return None if status is None else SampleStatus(status)
+
+
+def mark_running(*, session: Session, sample_id: str, model_version: str) -> int:
+    """Mark the sample running now; return how many times a worker has started it (1 on the first)."""
+    stmt = (
+        update(Sample)
+        .where(Sample.sample_id == sample_id, Sample.model_version == model_version)
+        .values(
+            status=SampleStatus.RUNNING,
+            started_at=utcnow(),
+            finished_at=None,
+            error=None,
+            attempts=Sample.attempts + 1,
+        )
+        .returning(Sample.attempts)
+        .execution_options(**_NO_SYNC)
+    )
+    attempts = session.execute(stmt).scalar_one_or_none()
+    if attempts is None:
+        raise _not_found(sample_id, model_version)
+    return int(attempts)
+
+
+def _check_result(
+    sample_id: str, model_version: str, cells: Sequence[CellResult], summary: SampleSummary
+) -> None:
+    where = f"sample {sample_id!r} (model {model_version!r})"
+    if summary.n_cells != len(cells):
+        raise ResultMismatchError(
+            f"{where}: summary.n_cells={summary.n_cells} but {len(cells)} cell results were given; "
+            "every submitted image needs a cell result, failed ones with an error"
+        )
+    n_failed = sum(cell.error is not None for cell in cells)
+    if summary.n_failed != n_failed:
+        raise ResultMismatchError(
+            f"{where}: summary.n_failed={summary.n_failed} but {n_failed} cell results carry an error"
+        )
+    seen: set[str] = set()
+    for cell in cells:
+        if cell.image_uri in seen:
+            raise ResultMismatchError(
+                f"{where}: image {cell.image_uri!r} appears twice; score each image once"
+            )
+        seen.add(cell.image_uri)
+
+
+def record_sample_result(
+    *,
+    session: Session,
+    sample_id: str,
+    model_version: str,
+    cells: Sequence[CellResult],
+    summary: SampleSummary,
+) -> None:
+    """Replace the sample's cell rows with `cells` (one bulk insert) and mark it done with `summary`."""
+    _check_result(sample_id, model_version, cells, summary)
+    sample = _lock_sample(session, sample_id, model_version)
+    now = utcnow()
+    session.execute(delete(Cell).where(Cell.sample_pk == sample.id).execution_options(**_NO_SYNC))
+    if cells:
+        session.execute(
+            insert(Cell),
+            [
+                {
+                    "sample_pk": sample.id,
+                    "image_uri": cell.image_uri,
+                    "p_all": cell.p_all,
+                    "is_all": cell.is_all,
+                    "error": cell.error,
+                    "scored_at": now,
+                }
+                for cell in cells
+            ],
+        )
+    session.execute(
+        update(Sample)
+        .where(Sample.id == sample.id)
+        .values(
+            status=SampleStatus.DONE,
+            n_cells=summary.n_cells,
+            n_all=summary.n_all,
+            n_failed=summary.n_failed,
+            all_fraction=summary.all_fraction,
+            ci_low=summary.ci_low,
+            ci_high=summary.ci_high,
+            corrected_fraction=summary.corrected_fraction,
+            mean_p_all=summary.mean_p_all,
+            flags=FLAG_SEPARATOR.join(summary.flags),
+            started_at=sample.started_at or now,
+            finished_at=now,
+            error=None,
+        )
+        .execution_options(**_NO_SYNC)
+    )
+
+
+def mark_failed(*, session: Session, sample_id: str, model_version: str, error: str) -> None:
+    """Mark the sample failed with `error`; any earlier result of it is cleared, never left half-valid."""
+    sample = _lock_sample(session, sample_id, model_version)
+    session.execute(delete(Cell).where(Cell.sample_pk == sample.id).execution_options(**_NO_SYNC))
+    session.execute(
+        update(Sample)
+        .where(Sample.id == sample.id)
+        .values(**_NO_SUMMARY, status=SampleStatus.FAILED, error=error, finished_at=utcnow())
+        .execution_options(**_NO_SYNC)
+    )
+
+
+def get_sample_results(
+    *, session: Session, sample_ids: Sequence[str] | None = None, job_id: str | None = None
+) -> list[dict[str, Any]]:
+    """Rows of the view sample_results, optionally for some sample ids and/or one job."""
+    stmt = select(sample_results)
+    if sample_ids is not None:
+        ids = [sample_ids] if isinstance(sample_ids, str) else list(sample_ids)
+        stmt = stmt.where(sample_results.c.sample_id.in_(ids))
+    if job_id is not None:
+        stmt = stmt.where(sample_results.c.job_id == job_id)
+    stmt = stmt.order_by(sample_results.c.sample_id, sample_results.c.model_version)
+    return [dict(row._mapping) for row in session.execute(stmt)]
+
+
+def get_cell_results(
+    *, session: Session, sample_id: str, model_version: str | None = None
+) -> list[dict[str, Any]]:
+    """Rows of the view cell_results for one sample, optionally one model version."""
+    stmt = select(cell_results).where(cell_results.c.sample_id == sample_id)
+    if model_version is not None:
+        stmt = stmt.where(cell_results.c.model_version == model_version)
+    stmt = stmt.order_by(cell_results.c.model_version, cell_results.c.image_uri)
+    return [dict(row._mapping) for row in session.execute(stmt)]

@@ -1,0 +1,225 @@
+"""decode_image: the preprocessing shared by training and serving, on real cells and on bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.errors import AllscoreError
+from core.imaging import DecodeError, decode_image, load_image
+from core.settings import reset_settings_cache
+from tests.helpers import bmp_header_only, cnmc_cells, encode, png_header_only, solid_rgb
+
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def cells() -> list[Path]:
+    return cnmc_cells()
+
+
+def test_the_real_cells_decode_to_model_inputs(cells: list[Path]) -> None:
+    assert len(cells) == 24
+    for path in cells:
+        x = decode_image(path.read_bytes(), SIZE, source=str(path))
+        assert x.shape == (SIZE, SIZE, 3), path
+        assert x.dtype == np.uint8, path
+        assert x.max() > 50, f"{path} decoded to (nearly) black"
+        # One segmented cell on a black background: the corners stay black.
+        assert max(x[0, 0].max(), x[0, -1].max(), x[-1, 0].max(), x[-1, -1].max()) < 10, path
+
+
+def test_a_nominal_size_image_is_passed_through_unchanged(cells: list[Path]) -> None:
+    path = cells[0]
+    with Image.open(path) as im:
+        assert im.size == (450, 450)
+        pixels = np.asarray(im.convert("RGB"))
+    np.testing.assert_array_equal(decode_image(path.read_bytes(), 450), pixels)
+
+
+def test_decoding_is_deterministic_and_matches_load_image(cells: list[Path]) -> None:
+    data = cells[-1].read_bytes()
+    first = decode_image(data, SIZE)
+    np.testing.assert_array_equal(first, decode_image(data, SIZE))
+    np.testing.assert_array_equal(first, load_image(cells[-1], SIZE))
+
+
+def test_downscaling_averages_rather_than_samples() -> None:
+    # A one-pixel checkerboard: nearest-neighbour sampling would keep pure black/white, averaging gives grey.
+    board = (np.indices((450, 450)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    x = decode_image(encode(board), SIZE)
+    assert 100 < x.mean() < 155
+    assert x.std() < 40
+
+
+def test_a_larger_image_is_center_cropped_to_the_nominal_field() -> None:
+    # 600x600 (the C-NMC final test set) with a 450x450 centre of one colour and a border of another.
+    image = solid_rgb(600, 600, (255, 0, 0))
+    image[75:525, 75:525] = (0, 200, 0)
+    image[300, 300] = (255, 255, 255)  # a detail, so that the comparison below is not between flat images
+    assert (decode_image(encode(image), 450)[:, :] == image[75:525, 75:525]).all()
+    small = decode_image(encode(image), SIZE)
+    # The cell keeps its scale: the same as decoding the 450x450 centre on its own, with no border leaking in.
+    np.testing.assert_array_equal(small, decode_image(encode(image[75:525, 75:525]), SIZE))
+    assert not (small == (255, 0, 0)).all(axis=-1).any()
+
+
+def test_a_non_square_image_keeps_its_centre_square() -> None:
+    image = solid_rgb(700, 450, (0, 0, 255))
+    image[:, 125:575] = (255, 255, 0)
+    assert (decode_image(encode(image), 450) == (255, 255, 0)).all()
+    assert (decode_image(encode(image), SIZE) == (255, 255, 0)).all()
+
+
+def test_a_smaller_non_square_image_is_cropped_to_its_largest_square_and_resized() -> None:
+    image = solid_rgb(300, 200, (0, 0, 255))
+    image[:, 50:250] = (255, 255, 0)
+    x = decode_image(encode(image), 400)
+    assert (x == (255, 255, 0)).all()
+
+
+def test_a_small_image_is_resized_up() -> None:
+    x = decode_image(encode(solid_rgb(8, 8, (10, 20, 30))), SIZE)
+    assert x.shape == (SIZE, SIZE, 3)
+    assert (x == (10, 20, 30)).all()
+
+
+def test_grayscale_becomes_three_equal_channels() -> None:
+    gray = (np.arange(450 * 450) % 256).astype(np.uint8).reshape(450, 450)
+    x = decode_image(encode(Image.fromarray(gray, "L")), 450)
+    for channel in range(3):
+        np.testing.assert_array_equal(x[..., channel], gray)
+
+
+def test_transparency_is_composited_onto_black() -> None:
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)
+    rgba[..., :3] = 255
+    rgba[:, :8, 3] = 0  # fully transparent white: must become background black
+    rgba[:, 8:, 3] = 255  # opaque white stays white
+    rgba[0, 8, 3] = 128  # half transparent: about half the intensity
+    x = decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"), 16)
+    assert (x[:, :8] == 0).all()
+    assert (x[1:, 8:] == 255).all()
+    assert 120 <= x[0, 8, 0] <= 136
+
+
+def test_gray_with_alpha_is_composited_onto_black() -> None:
+    la = np.zeros((16, 16, 2), dtype=np.uint8)
+    la[..., 0] = 200
+    la[:, 8:, 1] = 255
+    x = decode_image(encode(Image.fromarray(la, "LA"), "PNG"), 16)
+    assert (x[:, :8] == 0).all()
+    assert (x[:, 8:] == 200).all()
+
+
+def test_palette_images_keep_their_colours() -> None:
+    image = solid_rgb(32, 32, (200, 30, 40))
+    image[:, 16:] = (10, 120, 250)
+    palette = Image.fromarray(image).quantize(colors=4)
+    assert palette.mode == "P"
+    x = decode_image(encode(palette, "BMP"), 32)
+    np.testing.assert_array_equal(x, image)
+
+
+def test_palette_transparency_is_composited_onto_black() -> None:
+    palette = Image.fromarray(solid_rgb(16, 16, (250, 250, 250))).quantize(colors=2)
+    data = encode(palette, "PNG", transparency=int(palette.getpixel((0, 0))))  # type: ignore[arg-type]
+    assert (decode_image(data, 16) == 0).all()
+
+
+def test_16_bit_images_are_scaled_not_clipped() -> None:
+    values = np.zeros((16, 16), dtype=np.uint16)
+    values[:, 4:8] = 128 * 257  # mid grey on the 16-bit scale
+    values[:, 8:12] = 1000  # dark: clipping at 255 would make it white
+    values[:, 12:] = 65535
+    im = Image.fromarray(values)
+    assert im.mode.startswith("I;16")
+    x = decode_image(encode(im, "PNG"), 16)
+    assert (x[:, :4] == 0).all()
+    assert (x[:, 4:8] == 128).all()
+    assert (x[:, 8:12] == round(1000 * 255 / 65535)).all()
+    assert (x[:, 12:] == 255).all()
+
+
+def test_32_bit_integer_images_are_read_on_the_16_bit_scale() -> None:
+    values = np.full((16, 16), 255 * 257, dtype=np.int32)
+    x = decode_image(encode(Image.fromarray(values, "I"), "TIFF"), 16)
+    assert (x == 255).all()
+
+
+def test_jpeg_is_decoded_at_reduced_scale_to_the_right_size() -> None:
+    image = solid_rgb(900, 1000, (40, 160, 90))
+    x = decode_image(encode(image, "JPEG", quality=95), SIZE)
+    assert x.shape == (SIZE, SIZE, 3)
+    assert np.abs(x.astype(int) - (40, 160, 90)).max() <= 4
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty"),
+        (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Type /Catalog >>\nendobj\n", "not a recognised image"),
+        (b"cell_id,label\n1,all\n", "not a recognised image"),
+        (encode(solid_rgb(1, 1, (255, 255, 255))), "smaller than 8x8"),
+        (encode(solid_rgb(7, 200, (255, 255, 255))), "smaller than 8x8"),
+    ],
+    ids=["empty", "pdf", "text", "1x1", "7x200"],
+)
+def test_bad_input_is_a_decode_error_naming_the_source(data: bytes, reason: str) -> None:
+    with pytest.raises(DecodeError, match=reason) as caught:
+        decode_image(data, SIZE, source="s3://lab/sample-7/cell_3.bmp")
+    assert caught.value.source == "s3://lab/sample-7/cell_3.bmp"
+    assert reason in caught.value.reason
+    assert "s3://lab/sample-7/cell_3.bmp" in str(caught.value)
+    assert isinstance(caught.value, AllscoreError)
+
+
+def test_a_truncated_bmp_is_a_decode_error(cells: list[Path]) -> None:
+    data = cells[0].read_bytes()
+    with pytest.raises(DecodeError, match="truncated or corrupt") as caught:
+        decode_image(data[: len(data) // 2], SIZE, source="half.bmp")
+    assert caught.value.source == "half.bmp"
+
+
+@pytest.mark.parametrize("header", [bmp_header_only, png_header_only], ids=["bmp", "png"])
+def test_a_huge_declared_size_is_refused_before_decoding(
+    header: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Our guard must hold even where Pillow's own global limit is switched off.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    data = header(100_000, 100_000)  # type: ignore[operator]
+    assert len(data) < 200
+    with pytest.raises(DecodeError, match="100000x100000") as caught:
+        decode_image(data, SIZE, source="bomb")
+    assert "pixels" in caught.value.reason
+
+
+def test_a_huge_declared_size_is_refused_with_pillows_guard_on() -> None:
+    with pytest.raises(DecodeError) as caught:
+        decode_image(png_header_only(100_000, 100_000), SIZE, source="bomb.png")
+    assert caught.value.source == "bomb.png"
+
+
+def test_the_pixel_limit_comes_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = encode(solid_rgb(64, 64, (1, 2, 3)))
+    monkeypatch.setenv("ALLSCORE_MAX_IMAGE_PIXELS", str(64 * 64 - 1))
+    reset_settings_cache()
+    with pytest.raises(DecodeError, match="over the limit of 4095"):
+        decode_image(data, SIZE)
+    # An explicit limit wins over the settings.
+    assert decode_image(data, SIZE, max_pixels=64 * 64).shape == (SIZE, SIZE, 3)
+
+
+def test_load_image_names_a_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.bmp"
+    with pytest.raises(DecodeError, match="nope.bmp") as caught:
+        load_image(missing, SIZE)
+    assert caught.value.source == str(missing)
+
+
+def test_a_size_below_one_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="size must be"):
+        decode_image(encode(solid_rgb(8, 8, (0, 0, 0))), 0)

@@ -1,0 +1,1 @@
+"""The scoring service: Celery app and settings, thin tasks, the scoring engine, model cache, submit client."""

@@ -1,0 +1,50 @@
+"""The Celery app. Configured from settings on first use (never at import time); TensorFlow is not imported here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from core.settings import Settings, get_settings
+
+TASK_NAME = "allscore.score_sample"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery settings allscore runs with (DESIGN.md "Scoring")."""
+    # The broker must not hand a task to a second worker while the first may still be running it:
+    # the visibility timeout sits above the hard time limit.
+    visibility = settings.task_time_limit + 600
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": visibility},
+        # Pickle can run code on the worker: accept JSON only.
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        # Status lives in our database, not in a result backend.
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": settings.queue,
+        "task_routes": {TASK_NAME: {"queue": settings.queue}},
+        "task_soft_time_limit": settings.task_soft_time_limit,
+        "task_time_limit": settings.task_time_limit,
+        "task_track_started": False,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+    }
+
+
+app = Celery("allscore", include=["worker.tasks"])
+
+
+@app.on_configure.connect
+def _configure(sender: Celery, **_: Any) -> None:
+    # on_configure fires when the configuration is first read, so settings are read lazily.
+    sender.conf.update(celery_config(get_settings()))

@@ -1,0 +1,194 @@
+"""The scoring service's commands: `worker`, `submit`, `status`, `report`."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from core.settings import get_settings, reset_settings_cache
+
+err = Console(stderr=True)
+out = Console()
+FINAL = ("done", "failed")
+
+
+def worker_cmd(
+    concurrency: Annotated[int | None, typer.Option(help="worker processes; default ALLSCORE_WORKER_CONCURRENCY "
+                                                     "or the number of cores")] = None,
+    queues: Annotated[str | None, typer.Option(help="comma-separated queues; default ALLSCORE_QUEUE")] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
+    pool: Annotated[str, typer.Option(help="Celery pool: prefork (default) or solo")] = "prefork",
+) -> None:
+    """Run a Celery worker that scores samples (one model load per process)."""
+    if concurrency is not None:
+        os.environ["ALLSCORE_WORKER_CONCURRENCY"] = str(concurrency)
+        reset_settings_cache()
+    settings = get_settings()
+    n = settings.worker_concurrency or len(os.sched_getaffinity(0))
+    # Children read this to split the cores between them (see worker.context.tf_threads_for).
+    os.environ["ALLSCORE_WORKER_CONCURRENCY"] = str(n)
+    from worker.celery_app import app
+
+    app.worker_main([
+        "worker", f"--loglevel={loglevel}", f"--concurrency={n}", f"--pool={pool}",
+        f"--queues={queues or settings.queue}", f"--hostname=allscore-{os.getpid()}@%h",
+        "--without-gossip", "--without-mingle",
+    ])
+
+
+def _read_manifest_csv(path: Path) -> dict[str, list[str]]:
+    from worker.client import SubmitError
+
+    samples: dict[str, list[str]] = defaultdict(list)
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"sample_id", "uri"} <= set(reader.fieldnames):
+            raise SubmitError(f"{path}: the manifest CSV needs the columns sample_id,uri (one row per URI)")
+        for line, row in enumerate(reader, start=2):
+            if not row["sample_id"] or not row["uri"]:
+                raise SubmitError(f"{path}, line {line}: empty sample_id or uri")
+            samples[row["sample_id"]].append(row["uri"])
+    return dict(samples)
+
+
+def submit_cmd(
+    sample_id: Annotated[str | None, typer.Argument(metavar="SAMPLE_ID")] = None,
+    uris: Annotated[list[str] | None, typer.Argument(metavar="URI...", help="files, folders, globs, s3://")] = None,
+    model: Annotated[str | None, typer.Option(help="model reference; default ALLSCORE_MODEL")] = None,
+    job: Annotated[str | None, typer.Option(help="job id; default a new uuid")] = None,
+    manifest: Annotated[Path | None, typer.Option(help="CSV with columns sample_id,uri")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="show progress until done; exit 1 if any failed")] = False,
+    timeout: Annotated[float, typer.Option(help="seconds --wait waits at most")] = 3600.0,
+) -> None:
+    """Queue samples for scoring; prints the job id."""
+    from worker.client import SubmitError, submit_samples
+
+    if manifest is not None:
+        if sample_id or uris:
+            raise SubmitError("give either SAMPLE_ID URI... or --manifest CSV, not both")
+        samples = _read_manifest_csv(manifest)
+    else:
+        if not sample_id or not uris:
+            raise SubmitError("give SAMPLE_ID and at least one URI (or --manifest CSV)")
+        samples = {sample_id: uris}
+    job_id = submit_samples(samples, model_ref=model, job_id=job)
+    err.print(f"queued {len(samples)} sample(s) as job {job_id}")
+    typer.echo(job_id)
+    if wait:
+        rows = wait_for_job(job_id, len(samples), timeout)
+        failed = [r for r in rows if r["status"] == "failed"]
+        for r in failed:
+            err.print(f"[red]failed[/] {r['sample_id']}: {r['error']}")
+        if failed or len(rows) < len(samples) or any(r["status"] not in FINAL for r in rows):
+            sys.exit(1)
+
+
+def _job_rows(job_id: str) -> list[dict[str, Any]]:
+    from db import repository
+    from db.engine import make_engine, session_factory
+
+    with session_factory(make_engine())() as session:
+        return repository.get_sample_results(session=session, job_id=job_id)
+
+
+def wait_for_job(job_id: str, n_samples: int, timeout: float) -> list[dict[str, Any]]:
+    """Poll the database until every sample of the job is done or failed (or the timeout passes)."""
+    deadline = time.monotonic() + timeout
+    rows: list[dict[str, Any]] = []
+    with Progress(TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err) as progress:
+        task = progress.add_task("samples", total=n_samples)
+        while time.monotonic() < deadline:
+            rows = _job_rows(job_id)
+            finished = sum(1 for r in rows if r["status"] in FINAL)
+            progress.update(task, completed=finished)
+            if finished >= n_samples:
+                break
+            time.sleep(0.5)
+    return rows
+
+
+def _results(sample_ids: list[str] | None, job: str | None) -> list[dict[str, Any]]:
+    from db import repository
+    from db.engine import make_engine, session_factory
+
+    with session_factory(make_engine())() as session:
+        return repository.get_sample_results(session=session, sample_ids=sample_ids or None, job_id=job)
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def results_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """The sample results as a rich table."""
+    table = Table(title=title)
+    for col in ("sample", "status", "model", "cells", "ALL", "failed", "ALL fraction", "95% CI", "corrected",
+                "flags"):
+        table.add_column(col, justify="right" if col in ("cells", "ALL", "failed") else "left")
+    for r in rows:
+        ci = "-" if r["ci_low"] is None else f"{r['ci_low']:.1%}-{r['ci_high']:.1%}"
+        table.add_row(
+            str(r["sample_id"]), str(r["status"]), str(r["model_version"]), str(r["n_cells"] or "-"),
+            str(r["n_all"] if r["n_all"] is not None else "-"), str(r["n_failed"] if r["n_failed"] is not None else "-"),
+            _pct(r["all_fraction"]), ci, _pct(r["corrected_fraction"]), str(r["flags"] or r["error"] or ""),
+        )
+    return table
+
+
+def status_cmd(
+    sample_id: Annotated[str | None, typer.Argument(metavar="SAMPLE_ID")] = None,
+    job: Annotated[str | None, typer.Option(help="job id")] = None,
+) -> None:
+    """Status of a sample or a job (queued, running, done, failed)."""
+    from worker.client import SubmitError
+
+    if not sample_id and not job:
+        raise SubmitError("give a SAMPLE_ID or --job JOB")
+    rows = _results([sample_id] if sample_id else None, job)
+    if not rows:
+        err.print(f"no such {'sample' if sample_id else 'job'}: {sample_id or job}")
+        raise typer.Exit(1)
+    out.print(results_table(rows, f"status of {sample_id or 'job ' + str(job)}"))
+
+
+def report_cmd(
+    sample_ids: Annotated[list[str] | None, typer.Argument(metavar="SAMPLE_ID...")] = None,
+    job: Annotated[str | None, typer.Option(help="job id")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
+    montage: Annotated[Path | None, typer.Option(help="write one montage PNG per sample into this folder")] = None,
+) -> None:
+    """Per-sample results (the view sample_results), as a table, CSV or JSON; optionally montages."""
+    from db import repository
+    from db.engine import make_engine, session_factory
+    from worker.report import render_montage, to_csv, to_json
+
+    if fmt not in ("table", "csv", "json"):
+        raise typer.BadParameter(f"--format {fmt!r}: choose table, csv or json")
+    rows = _results(sample_ids, job)
+    if fmt == "csv":
+        typer.echo(to_csv(rows), nl=False)
+    elif fmt == "json":
+        typer.echo(to_json(rows))
+    else:
+        out.print(results_table(rows, "sample results"))
+    if montage is not None:
+        with session_factory(make_engine())() as session:
+            for row in rows:
+                if row["status"] != "done":
+                    continue
+                cells = repository.get_cell_results(
+                    session=session, sample_id=row["sample_id"], model_version=row["model_version"]
+                )
+                path = render_montage(row, cells, montage)
+                err.print(f"montage: {path}")

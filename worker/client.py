@@ -1,0 +1,161 @@
+"""The submit client: expand URIs, check everything a submission can get wrong, record it, then queue it."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from core.artifact import Registry
+from core.errors import AllscoreError
+from core.settings import Settings, get_settings
+from core.storage import is_s3, store_for
+from db import repository
+from db.engine import make_engine, session_factory, transaction
+from worker.celery_app import TASK_NAME, app
+from worker.messages import InvalidMessage, check_identifier
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+class SubmitError(AllscoreError):
+    """A submission that cannot be queued; nothing of it was queued."""
+
+
+def _has_image_suffix(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _check_root(uri: str, settings: Settings) -> None:
+    """Local paths and s3:// URIs must sit under one of the configured roots, when roots are configured."""
+    roots = settings.allowed_roots
+    if not roots:
+        return
+    for root in roots:
+        if is_s3(root) or is_s3(uri):
+            if is_s3(root) and is_s3(uri) and (uri == root.rstrip("/") or uri.startswith(root.rstrip("/") + "/")):
+                return
+            continue
+        # resolve() removes `..` and follows links, so a path cannot climb out of its root.
+        if Path(uri).resolve().is_relative_to(Path(root).expanduser().resolve()):
+            return
+    raise SubmitError(
+        f"{uri} is outside the allowed roots ({', '.join(roots)}); move the images under one of them "
+        "or add a root to ALLSCORE_ALLOWED_ROOTS"
+    )
+
+
+def expand_uris(uris: Sequence[str], settings: Settings | None = None) -> list[str]:
+    """Image URIs for a sample: s3:// keys or prefixes, local files, folders (recursive) or globs."""
+    settings = settings or get_settings()
+    found: list[str] = []
+    for uri in uris:
+        if is_s3(uri):
+            _check_root(uri, settings)
+            store = store_for(uri, settings)
+            if _has_image_suffix(uri) and store.exists(uri):
+                found.append(uri)
+                continue
+            listed = store.list(uri.rstrip("/") + "/", suffixes=IMAGE_SUFFIXES)
+            if not listed:
+                raise SubmitError(f"{uri}: no image objects ({', '.join(IMAGE_SUFFIXES)}) at that key or prefix")
+            found.extend(listed)
+            continue
+        raw = uri.removeprefix("file://")
+        path = Path(raw).expanduser()
+        if any(ch in raw for ch in "*?["):
+            matches = sorted(p for p in glob.glob(str(path), recursive=True) if _has_image_suffix(p))
+            if not matches:
+                raise SubmitError(f"{uri}: the pattern matches no image files ({', '.join(IMAGE_SUFFIXES)})")
+            paths = [Path(m) for m in matches]
+        elif path.is_dir():
+            paths = sorted(p for p in path.rglob("*") if p.is_file() and _has_image_suffix(p.name))
+            if not paths:
+                raise SubmitError(f"{uri}: the folder holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        elif path.is_file():
+            paths = [path]
+        else:
+            raise SubmitError(f"{uri}: no such file or folder; give an image file, a folder, a glob or s3:// URI")
+        for p in paths:
+            absolute = str(p.resolve())
+            _check_root(absolute, settings)
+            found.append(absolute)
+    unique = list(dict.fromkeys(found))
+    return unique
+
+
+def submit_samples(
+    samples: Mapping[str, Sequence[str]],
+    *,
+    model_ref: str | None = None,
+    job_id: str | None = None,
+    settings: Settings | None = None,
+) -> str:
+    """Queue several samples (sample_id -> URIs) as one job; return the job id. All or nothing is queued."""
+    settings = settings or get_settings()
+    if not samples:
+        raise SubmitError("nothing to submit: give at least one sample")
+    job_id = job_id or uuid.uuid4().hex
+    try:
+        check_identifier(job_id, "job id")
+        for sample_id in samples:
+            check_identifier(sample_id, "sample id")
+    except InvalidMessage as exc:
+        raise SubmitError(str(exc)) from exc
+    expanded = {sample_id: expand_uris(uris, settings) for sample_id, uris in samples.items()}
+    for sample_id, uris in expanded.items():
+        if not uris:
+            raise SubmitError(f"sample {sample_id!r} has no images; give files, a folder, a glob or an s3:// prefix")
+    registry = Registry(settings=settings)
+    manifest = registry.resolve(model_ref or settings.model)
+    version = manifest.ref
+    sessions = session_factory(make_engine(settings.database_url))
+    with transaction(sessions) as session:
+        repository.ensure_model(
+            session=session, name=manifest.name, version=manifest.version,
+            uri=registry.version_uri(manifest.name, manifest.version), sha256=manifest.sha256,
+            sensitivity=manifest.validation.sensitivity, specificity=manifest.validation.specificity,
+            threshold=manifest.threshold,
+        )
+        repository.create_job(session=session, job_id=job_id, n_samples=len(expanded))
+        for sample_id in expanded:
+            repository.enqueue_sample(session=session, job_id=job_id, sample_id=sample_id, model_version=version)
+    sent = []
+    try:
+        for sample_id, uris in expanded.items():
+            app.send_task(
+                TASK_NAME,
+                kwargs={"job_id": job_id, "sample_id": sample_id, "image_uris": uris, "model_ref": version},
+                queue=settings.queue,
+            )
+            sent.append(sample_id)
+    except Exception as exc:  # noqa: BLE001 - any broker fault: record it on the unsent samples, then re-raise
+        with transaction(sessions) as session:
+            for sample_id in expanded:
+                if sample_id not in sent:
+                    repository.mark_failed(session=session, sample_id=sample_id, model_version=version,
+                                           error=f"could not be queued: {exc}")
+        raise SubmitError(
+            f"the broker at {settings.broker_url} did not take the job ({exc}); {len(sent)} of "
+            f"{len(expanded)} samples were queued; check ALLSCORE_BROKER_URL and resubmit"
+        ) from exc
+    log.info("job %s: queued %d samples for %s", job_id, len(sent), version)
+    return job_id
+
+
+def submit_sample(
+    sample_id: str,
+    uris: Sequence[str],
+    *,
+    model_ref: str | None = None,
+    job_id: str | None = None,
+    settings: Settings | None = None,
+) -> str:
+    """Queue one sample (its image URIs) for scoring; return the job id."""
+    return submit_samples({sample_id: uris}, model_ref=model_ref, job_id=job_id, settings=settings)
+
+

@@ -1,0 +1,73 @@
+"""Per-process worker state, made lazily after the fork: settings, sessions, stores, I/O pool, model cache."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.artifact import LoadedModel, Registry, load_keras, parse_ref
+from core.inference import configure_tensorflow
+from core.settings import Settings, get_settings
+from core.storage import ObjectStore, is_s3, parse_s3, store_for
+from db.engine import make_engine, session_factory
+
+log = logging.getLogger(__name__)
+
+
+def tf_threads_for(settings: Settings) -> int:
+    """This process's share of the cores: ALLSCORE_TF_THREADS, else cores / worker processes."""
+    if settings.tf_threads:
+        return settings.tf_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes = settings.worker_concurrency or cores
+    return max(1, cores // processes)
+
+
+class WorkerContext:
+    """Everything a worker process keeps between tasks; the model is loaded once per version."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        configure_tensorflow(tf_threads_for(settings), settings.precision)
+        self.sessions: sessionmaker[Session] = session_factory(make_engine(settings.database_url))
+        self.registry = Registry(settings=settings)
+        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="allscore-io")
+        self._models: dict[str, LoadedModel] = {}
+        self._stores: dict[str, ObjectStore] = {}
+        self._lock = threading.Lock()
+
+    def model(self, ref: str) -> LoadedModel:
+        """The model for a reference, loaded on first use and cached by version."""
+        parsed = parse_ref(ref)
+        # A pinned name:version (what `submit` sends) needs no store round trip once cached.
+        key = f"{parsed.name}:{parsed.version}" if parsed.version else self.registry.resolve(parsed).ref
+        with self._lock:
+            cached = self._models.get(key)
+            if cached is not None:
+                return cached
+            started = time.perf_counter()
+            path, manifest = self.registry.fetch(ref)
+            loaded = LoadedModel(model=load_keras(path), manifest=manifest, path=path)
+            self._models[key] = loaded
+        log.info("model loaded: %s in pid %d (%.2fs)", key, os.getpid(), time.perf_counter() - started)
+        return loaded
+
+    def fetch(self, uri: str) -> bytes:
+        """Read one object, reusing one store (and S3 client) per bucket or for local files."""
+        key = f"s3://{parse_s3(uri)[0]}" if is_s3(uri) else "local"
+        store = self._stores.get(key)
+        if store is None:
+            store = self._stores.setdefault(key, store_for(uri, self.settings))
+        return store.read_bytes(uri)
+
+
+@lru_cache(maxsize=1)
+def get_context() -> WorkerContext:
+    """The process's worker context, created on first use (after the fork, in each child)."""
+    return WorkerContext(get_settings())
