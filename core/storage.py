@@ -314,7 +314,8 @@ class S3Store:
         config = Config(
             region_name=s.s3_region,
             s3={"addressing_style": "path"},
-            retries={"max_attempts": s.s3_max_attempts, "mode": "standard"},
+            # total_max_attempts counts the first try; botocore's "max_attempts" key counts only retries.
+            retries={"total_max_attempts": s.s3_max_attempts, "mode": "standard"},
             connect_timeout=s.s3_connect_timeout,
             read_timeout=s.s3_read_timeout,
         )
@@ -449,13 +450,13 @@ class S3Store:
         except ClientError as exc:
             code, status = _client_error_code(exc)
             if status == 404 or code in ("404", "NoSuchBucket", "NotFound"):
-                raise BucketNotFound(uri, self._no_bucket(bucket)) from exc
+                raise BucketNotFound(uri, self._no_bucket(bucket, uri)) from exc
             # 403 and the like: the bucket exists (or we may not ask); the key is what is missing.
 
-    def _no_bucket(self, bucket: str) -> str:
+    def _no_bucket(self, bucket: str, uri: str) -> str:
         where = self.settings.s3_endpoint_url or "AWS"
         return (
-            f"bucket {bucket!r} does not exist at {where}; create it or check ALLSCORE_S3_ENDPOINT_URL "
+            f"{uri}: bucket {bucket!r} does not exist at {where}; create it or check ALLSCORE_S3_ENDPOINT_URL "
             "and the bucket name"
         )
 
@@ -496,7 +497,7 @@ class S3Store:
         code, status = _client_error_code(exc)
         bucket = parse_s3(uri)[0]
         if code == "NoSuchBucket":
-            return BucketNotFound(uri, self._no_bucket(bucket))
+            return BucketNotFound(uri, self._no_bucket(bucket, uri))
         if code in ("NoSuchKey", "404", "NotFound") or status == 404:
             return ObjectNotFound(
                 uri, f"{uri}: no such object; check the key (list the prefix to see what exists)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from celery import Celery
@@ -41,10 +42,26 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+class _SettingsConfig(Mapping[str, Any]):
+    """Celery's configuration source, computed from settings when Celery first reads it (not at import)."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, Any] | None = None
+
+    def _load(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = celery_config(get_settings())
+        return self._data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._load()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+
 app = Celery("allscore", include=["worker.tasks"])
-
-
-@app.on_configure.connect
-def _configure(sender: Celery, **_: Any) -> None:
-    # on_configure fires when the configuration is first read, so settings are read lazily.
-    sender.conf.update(celery_config(get_settings()))
+app.config_from_object(_SettingsConfig())

@@ -1,0 +1,74 @@
+"""Database fixtures for the integration tests: each test gets its own throwaway database.
+
+- ``pg_admin_url``: the PostgreSQL server (ALLSCORE_TEST_POSTGRES_URL, default the local test server);
+  skips when it is unreachable, fails under CI.
+- ``pg_empty_url``: a new, empty database ``allscore_test_<random>``, dropped after the test.
+- ``pg_url``: the same, migrated to head.
+- ``sqlite_url``: a migrated SQLite file in the test's temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.exc import OperationalError
+
+from db.engine import parse_url
+from db.migrate import upgrade
+from tests.helpers import require_service
+
+ADMIN_URL_VARIABLE = "ALLSCORE_TEST_POSTGRES_URL"
+DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> str:
+    """URL of a PostgreSQL database whose user may create databases; skips (fails under CI) if down."""
+    url = os.environ.get(ADMIN_URL_VARIABLE, DEFAULT_ADMIN_URL)
+    shown = parse_url(url).render_as_string(hide_password=True)
+    engine = create_engine(parse_url(url), connect_args={"connect_timeout": 3})
+    reason = ""
+    try:
+        with engine.connect():
+            pass
+    except OperationalError as exc:
+        reason = f"cannot connect to {shown} ({exc.orig}); start PostgreSQL or set {ADMIN_URL_VARIABLE}"
+    finally:
+        engine.dispose()
+    require_service("PostgreSQL", not reason, reason)
+    return url
+
+
+@pytest.fixture
+def pg_empty_url(pg_admin_url: str) -> Iterator[str]:
+    """URL of a new empty database on the test server, dropped (connections and all) after the test."""
+    name = f"allscore_test_{uuid.uuid4().hex[:16]}"
+    admin = create_engine(parse_url(pg_admin_url), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        yield parse_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_empty_url: str) -> str:
+    """URL of a new database on the test server, migrated to head; dropped after the test."""
+    upgrade(pg_empty_url)
+    return pg_empty_url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """URL of a new SQLite file, migrated to head."""
+    url = f"sqlite:///{tmp_path / 'db' / 'allscore.db'}"
+    upgrade(url)
+    return url
