@@ -286,6 +286,10 @@ def _client_error_code(exc: Any) -> tuple[str, int]:
 class S3Store:
     """Objects in S3 or any S3-compatible endpoint, configured from Settings; the client is built lazily."""
 
+    # Objects above the threshold move in parallel parts of chunksize (multipart upload, ranged GETs).
+    multipart_threshold = 64 * _MIB
+    multipart_chunksize = 16 * _MIB
+
     def __init__(self, settings: Settings | None = None, *, client: Any = None) -> None:
         self._settings = settings
         self._client_obj = client
@@ -326,8 +330,8 @@ class S3Store:
         from boto3.s3.transfer import TransferConfig
 
         return TransferConfig(
-            multipart_threshold=64 * _MIB,
-            multipart_chunksize=16 * _MIB,
+            multipart_threshold=self.multipart_threshold,
+            multipart_chunksize=self.multipart_chunksize,
             max_concurrency=4,
             preferred_transfer_client="classic",
         )
@@ -456,8 +460,8 @@ class S3Store:
     def _no_bucket(self, bucket: str, uri: str) -> str:
         where = self.settings.s3_endpoint_url or "AWS"
         return (
-            f"{uri}: bucket {bucket!r} does not exist at {where}; create it or check ALLSCORE_S3_ENDPOINT_URL "
-            "and the bucket name"
+            f"{uri}: bucket {bucket!r} does not exist at {where}; create it, or check the bucket name "
+            "and ALLSCORE_S3_ENDPOINT_URL"
         )
 
     @contextlib.contextmanager

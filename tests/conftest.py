@@ -20,7 +20,13 @@ _AWS_TEST_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 # A developer's own AWS setup must not leak into the tests (profiles, tokens, a global endpoint).
-_AWS_UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+_AWS_UNSET = (
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+)
 
 
 def _aws_test_env(mp: pytest.MonkeyPatch, scratch: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from core.artifact import Registry
 from core.errors import AllscoreError
 from core.settings import Settings, get_settings
-from core.storage import is_s3, store_for
+from core.storage import is_s3, parse_s3, store_for
 from db import repository
 from db.engine import make_engine, session_factory, transaction
 from worker.celery_app import TASK_NAME, app
@@ -53,11 +53,18 @@ def expand_uris(uris: Sequence[str], settings: Settings | None = None) -> list[s
     """Image URIs for a sample: s3:// keys or prefixes, local files, folders (recursive) or globs."""
     settings = settings or get_settings()
     found: list[str] = []
+    checked_buckets: set[str] = set()
     for uri in uris:
         if is_s3(uri):
             _check_root(uri, settings)
             store = store_for(uri, settings)
-            if _has_image_suffix(uri) and store.exists(uri):
+            bucket = parse_s3(uri)[0]
+            if _has_image_suffix(uri):
+                # One listing per bucket proves it exists; a missing key becomes that cell's error, as
+                # a HEAD per image would cost more than scoring it.
+                if bucket not in checked_buckets:
+                    store.list(uri)
+                    checked_buckets.add(bucket)
                 found.append(uri)
                 continue
             listed = store.list(uri.rstrip("/") + "/", suffixes=IMAGE_SUFFIXES)

@@ -185,7 +185,9 @@ def scenario_flow(factory: Factory) -> None:
 
     with transaction(factory) as s:
         repo.mark_running(session=s, sample_id="S2", model_version="cnn:1")
-        repo.mark_failed(session=s, sample_id="S2", model_version="cnn:1", error="S3 unreachable after 5 tries")
+        repo.mark_failed(
+            session=s, sample_id="S2", model_version="cnn:1", error="S3 unreachable after 5 tries"
+        )
     (failed,) = results(factory, sample_ids="S2")
     assert failed["status"] == "failed"
     assert failed["error"] == "S3 unreachable after 5 tries"
@@ -225,7 +227,10 @@ def scenario_resubmit(factory: Factory) -> None:
     other = make_cells("s3://lab/S1", [0.1, 0.1, 0.1, 0.9])
     score(factory, "S1", "cnn:2", other)
     rows = results(factory, sample_ids=["S1"])
-    assert [(r["model_version"], r["n_cells"]) for r in rows] == [("cnn:1", len(second)), ("cnn:2", len(other))]
+    assert [(r["model_version"], r["n_cells"]) for r in rows] == [
+        ("cnn:1", len(second)),
+        ("cnn:2", len(other)),
+    ]
     assert len(cells_of(factory, "S1")) == len(second) + len(other)
     assert cell_set(cells_of(factory, "S1", "cnn:2")) == as_rows(other)
     assert cell_set(cells_of(factory, "S1", "cnn:1")) == as_rows(second)

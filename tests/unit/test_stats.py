@@ -63,7 +63,7 @@ def test_wilson_with_no_cells_is_the_whole_unit_interval() -> None:
 
 @pytest.mark.parametrize(("k", "n"), [(-1, 5), (1, -5), (6, 5)])
 def test_impossible_counts_are_refused(k: int, n: int) -> None:
-    with pytest.raises(ValueError, match="k=|n="):
+    with pytest.raises(ValueError, match=r"k=|n="):
         wilson_interval(k, n)
     with pytest.raises(ValueError):
         fraction(k, n)

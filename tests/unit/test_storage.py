@@ -101,7 +101,7 @@ def test_only_one_of_many_concurrent_creators_wins(tmp_path: Path) -> None:
 
 def test_reading_a_missing_object_names_it(root: str) -> None:
     uri = join_uri(root, "nothing.bmp")
-    with pytest.raises(ObjectNotFound, match="nothing.bmp") as caught:
+    with pytest.raises(ObjectNotFound, match=r"nothing\.bmp") as caught:
         LocalStore().read_bytes(uri)
     assert isinstance(caught.value, StorageError)
     assert isinstance(caught.value, AllscoreError)
@@ -180,7 +180,7 @@ def test_upload_copies_a_file_and_respects_overwrite(root: str, tmp_path: Path) 
 
 
 def test_upload_of_a_missing_file_names_the_file(tmp_path: Path) -> None:
-    with pytest.raises(ObjectNotFound, match="absent.keras"):
+    with pytest.raises(ObjectNotFound, match=r"absent\.keras"):
         LocalStore().upload(tmp_path / "absent.keras", str(tmp_path / "out.keras"))
 
 
@@ -257,7 +257,7 @@ def test_s3_errors_become_typed_errors(
 ) -> None:
     store, stubber = stubbed
     stubber.add_client_error("get_object", service_error_code=code, http_status_code=status)
-    with pytest.raises(error, match="s3://b/k.bmp") as caught:
+    with pytest.raises(error, match=r"s3://b/k\.bmp") as caught:
         store.read_bytes("s3://b/k.bmp")
     # Retrying is for transient failures only: a worker must not retry a refusal forever.
     assert isinstance(caught.value, StorageUnavailable) == (error is StorageUnavailable)

@@ -1,0 +1,44 @@
+"""Session fixtures shared by the scoring tests: a small synthetic data set and a tiny published model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from core.artifact import ModelManifest
+
+
+@dataclass(frozen=True)
+class PublishedModel:
+    """A tiny model trained on synthetic cells and published to a local store."""
+
+    store: str
+    ref: str
+    manifest: ModelManifest
+    data: Path
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic C-NMC-layout data set (6 subjects over 3 folds)."""
+    from trainer.synth import synthesize
+
+    out = tmp_path_factory.mktemp("synth") / "data"
+    synthesize(out, subjects=6, cells=40, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, synth_data: Path) -> Iterator[PublishedModel]:
+    """A `tiny` 32x32 model trained for a few seconds on synth_data and published to a local store."""
+    from trainer.train import TrainConfig, publish, train_model
+
+    store = str(tmp_path_factory.mktemp("store") / "models")
+    config = TrainConfig(name="tiny", arch="tiny", image_size=32, epochs=8, patience=8, seed=0, version="v1")
+    outcome = train_model(synth_data, config, Console(stderr=True, quiet=True))
+    manifest = publish(outcome, store)
+    yield PublishedModel(store=store, ref=manifest.ref, manifest=manifest, data=synth_data)

@@ -1,0 +1,204 @@
+"""The database layer on a real PostgreSQL: the same scenarios as on SQLite, plus concurrency, volume and
+the read-only analyst role."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy.exc import ProgrammingError
+
+from db import repository as repo
+from db.engine import make_engine, parse_url, session_factory, transaction
+from db.migrate import current_revision, head_revision, upgrade
+from tests.unit.test_db_sqlite import (
+    CELL_RESULTS_COLUMNS,
+    SAMPLE_RESULTS_COLUMNS,
+    TABLES,
+    Factory,
+    as_rows,
+    cell_set,
+    cells_of,
+    make_cells,
+    models_match_migrations,
+    results,
+    run_concurrently,
+    scenario_errors,
+    scenario_flow,
+    scenario_no_commit,
+    scenario_resubmit,
+    score,
+    submit,
+    summarize,
+)
+
+pytestmark = pytest.mark.integration
+
+log = logging.getLogger(__name__)
+
+INSUFFICIENT_PRIVILEGE = "42501"
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[Engine]:
+    engine = make_engine(pg_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def factory(engine: Engine) -> Factory:
+    return session_factory(engine)
+
+
+def test_upgrade_creates_tables_and_the_contract_views(pg_url: str, engine: Engine) -> None:
+    inspector = inspect(engine)
+    assert TABLES <= set(inspector.get_table_names())
+    assert set(inspector.get_view_names()) == {"sample_results", "cell_results"}
+    assert [c["name"] for c in inspector.get_columns("sample_results")] == SAMPLE_RESULTS_COLUMNS
+    assert [c["name"] for c in inspector.get_columns("cell_results")] == CELL_RESULTS_COLUMNS
+    assert current_revision(pg_url) == head_revision()
+
+
+def test_models_match_migrations(engine: Engine) -> None:
+    assert models_match_migrations(engine) == []
+
+
+def test_flow(factory: Factory) -> None:
+    scenario_flow(factory)
+
+
+def test_resubmit_replaces_and_new_version_adds(factory: Factory) -> None:
+    scenario_resubmit(factory)
+
+
+def test_repository_functions_do_not_commit(factory: Factory) -> None:
+    scenario_no_commit(factory)
+
+
+def test_errors_leave_the_transaction_usable(factory: Factory) -> None:
+    scenario_errors(factory)
+
+
+def test_concurrent_upgrades_of_a_fresh_database(pg_empty_url: str) -> None:
+    # Several containers starting at once each run `allscore db upgrade`.
+    assert run_concurrently([lambda: upgrade(pg_empty_url)] * 4) == []
+    assert current_revision(pg_empty_url) == head_revision()
+    engine = make_engine(pg_empty_url)
+    try:
+        with engine.connect() as conn:
+            tables = conn.execute(
+                text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+            ).scalars()
+            views = conn.execute(
+                text("SELECT viewname FROM pg_views WHERE schemaname = current_schema()")
+            ).scalars()
+            versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars()
+            assert sorted(t for t in tables if t != "alembic_version") == sorted(TABLES)
+            assert sorted(views) == ["cell_results", "sample_results"]
+            assert list(versions) == [head_revision()]
+    finally:
+        engine.dispose()
+
+
+def test_bulk_insert_of_10000_cells(factory: Factory) -> None:
+    n = 10_000
+    # Deterministic spread of probabilities, with every 97th image unreadable.
+    probabilities: list[float | None] = [None if i % 97 == 0 else (i * 7919 % 1000) / 1000 for i in range(n)]
+    cells = make_cells("s3://lab/big", probabilities)
+    submit(factory, "job-big", ["BIG"])
+    with transaction(factory) as s:
+        repo.mark_running(session=s, sample_id="BIG", model_version="cnn:1")
+    started = time.perf_counter()
+    with transaction(factory) as s:
+        repo.record_sample_result(
+            session=s, sample_id="BIG", model_version="cnn:1", cells=cells, summary=summarize(cells)
+        )
+    elapsed = time.perf_counter() - started
+    log.info("recorded %d cell rows in %.3f s: %.0f rows/s", n, elapsed, n / elapsed)
+
+    rows = cells_of(factory, "BIG")
+    assert len(rows) == n
+    assert cell_set(rows) == as_rows(cells)
+    (summary,) = results(factory, sample_ids=["BIG"])
+    assert summary["n_cells"] == n
+    assert summary["n_all"] == sum(r["is_all"] is True for r in rows)
+    assert summary["n_failed"] == sum(r["error"] is not None for r in rows)
+
+
+def test_a_redelivered_task_waits_for_the_first_writer(factory: Factory) -> None:
+    # Two deliveries of one sample write at once: the second must replace the first, not collide.
+    submit(factory, "job-r", ["S1"])
+    first = make_cells("s3://lab/S1", [0.9, 0.1, 0.8])
+    second = make_cells("s3://lab/S1", [0.2, 0.3])
+    with factory() as holder:
+        repo.record_sample_result(
+            session=holder, sample_id="S1", model_version="cnn:1", cells=first, summary=summarize(first)
+        )
+        errors: list[BaseException] = []
+
+        def redelivered() -> None:
+            try:
+                score(factory, "S1", "cnn:1", second)
+            except Exception as exc:  # asserted on below
+                errors.append(exc)
+
+        thread = threading.Thread(target=redelivered)
+        thread.start()
+        thread.join(timeout=1.0)
+        assert thread.is_alive(), "the second writer should wait for the first one's transaction"
+        holder.commit()
+    thread.join(timeout=30)
+    assert errors == []
+    assert cell_set(cells_of(factory, "S1")) == as_rows(second)
+    (row,) = results(factory, sample_ids=["S1"])
+    assert (row["status"], row["n_cells"]) == ("done", len(second))
+
+
+def test_analyst_role_reads_the_views_and_cannot_write(
+    pg_empty_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    password = f"analyst-{uuid.uuid4().hex}'%\\"  # quotes and escapes must survive the migration
+    monkeypatch.setenv("ALLSCORE_ANALYST_PASSWORD", password)
+    upgrade(pg_empty_url)
+    owner = make_engine(pg_empty_url)
+    try:
+        factory = session_factory(owner)
+        submit(factory, "job-an", ["S1"])
+        cells = make_cells("s3://lab/S1", [0.9, 0.2, None])
+        score(factory, "S1", "cnn:1", cells)
+        with owner.connect() as conn:
+            can_login = conn.execute(
+                text("SELECT rolcanlogin FROM pg_roles WHERE rolname = 'allscore_analyst'")
+            ).scalar_one()
+        assert can_login is True
+    finally:
+        owner.dispose()
+
+    analyst_url = parse_url(pg_empty_url).set(username="allscore_analyst", password=password)
+    analyst = create_engine(analyst_url)
+    try:
+        with analyst.connect() as conn:
+            rows = conn.execute(text("SELECT sample_id, status, n_cells, n_failed FROM sample_results")).all()
+            assert [tuple(r) for r in rows] == [("S1", "done", len(cells), 1)]
+            n_cell_rows = conn.execute(text("SELECT count(*) FROM cell_results WHERE sample_id = 'S1'"))
+            assert n_cell_rows.scalar_one() == len(cells)
+        forbidden = [
+            "INSERT INTO jobs (id, submitted_at, n_samples) VALUES ('evil', now(), 0)",
+            "UPDATE samples SET status = 'failed'",
+            "DELETE FROM cells",
+            "SELECT * FROM samples",
+            "UPDATE sample_results SET status = 'failed'",
+            "CREATE TABLE analyst_scratch (x int)",
+        ]
+        for statement in forbidden:
+            with pytest.raises(ProgrammingError) as caught, analyst.begin() as conn:
+                conn.execute(text(statement))
+            assert getattr(caught.value.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE, statement
+    finally:
+        analyst.dispose()
