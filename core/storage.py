@@ -350,9 +350,9 @@ class S3Store:
 
     def exists(self, uri: str) -> bool:
         """Whether the key exists; BucketNotFound if the bucket itself is missing."""
-        bucket, key = self._object(uri)
         from botocore.exceptions import ClientError
 
+        bucket, key = self._object(uri)
         with self._errors(uri):
             try:
                 self.client.head_object(Bucket=bucket, Key=key)
@@ -413,9 +413,9 @@ class S3Store:
                 self.client.upload_fileobj(fin, bucket, key, Config=self._transfer_config())
 
     def _put(self, uri: str, body: bytes | IO[bytes], *, overwrite: bool) -> None:
-        bucket, key = self._object(uri)
         from botocore.exceptions import ClientError
 
+        bucket, key = self._object(uri)
         extra = {} if overwrite else {"IfNoneMatch": "*"}
         with self._errors(uri):
             try:

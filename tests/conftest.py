@@ -14,6 +14,8 @@ from tests.helpers import require_service
 
 __all__ = ["require_service"]
 
+pytest_plugins = ["tests.fixtures"]
+
 _AWS_TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",

@@ -156,6 +156,7 @@ def train_model(data: Path, config: TrainConfig, console: Console | None = None)
             class_weight=_class_weights(train.labels),
             callbacks=[stop, _progress_callback(progress, config.epochs)],
             verbose=0,
+            shuffle=False,  # the tf.data pipeline shuffles
         )
 
     p_val = predict_proba(model, val.images, batch_size=settings.batch_size)
