@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -47,3 +48,15 @@ def main() -> None:
     except AllscoreError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(2)
+
+
+@app.command("demo")
+def demo_cmd(
+    workdir: Path = typer.Option(Path(".demo"), help="folder for the demo's data, models, database, montages"),
+    epochs: int = typer.Option(30, help="maximum training epochs"),
+    fresh: bool = typer.Option(False, "--fresh", help="delete the folder first"),
+) -> None:
+    """Run the whole path on embedded defaults: synthetic data, train, publish, score three samples, report."""
+    from allscore.demo import run_demo
+
+    run_demo(workdir, epochs=epochs, fresh=fresh)

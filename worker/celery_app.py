@@ -17,10 +17,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     # The broker must not hand a task to a second worker while the first may still be running it:
     # the visibility timeout sits above the hard time limit.
     visibility = settings.task_time_limit + 600
+    transport: dict[str, Any] = {"visibility_timeout": visibility}
+    if settings.broker_url.startswith("filesystem://"):
+        # The embedded broker (no server): kombu's filesystem transport, a folder under ALLSCORE_HOME.
+        folder = settings.home / "broker"
+        (folder / "processed").mkdir(parents=True, exist_ok=True)
+        transport = {"data_folder_in": str(folder), "data_folder_out": str(folder),
+                     "processed_folder": str(folder / "processed"), "store_processed": False}
     return {
         "broker_url": settings.broker_url,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": visibility},
+        "broker_transport_options": transport,
         # Pickle can run code on the worker: accept JSON only.
         "task_serializer": "json",
         "accept_content": ["json"],
