@@ -12,6 +12,7 @@ from rich.console import Console
 
 from core.errors import AllscoreError
 from allscore.db_cli import db_app
+from allscore.store_cli import store_app
 from trainer.cli import data_app, evaluate_cmd, models_app, train_cmd
 from worker.cli import report_cmd, status_cmd, submit_cmd, worker_cmd
 
@@ -26,6 +27,7 @@ app.add_typer(models_app, name="models")
 app.command("train")(train_cmd)
 app.command("evaluate")(evaluate_cmd)
 app.add_typer(db_app, name="db")
+app.add_typer(store_app, name="store")
 app.command("worker")(worker_cmd)
 app.command("submit")(submit_cmd)
 app.command("status")(status_cmd)

@@ -445,6 +445,28 @@ class S3Store:
             raise InvalidURI(uri, f"{uri!r} names a bucket or folder, not an object; add the key")
         return bucket, key
 
+    def ensure_bucket(self, uri: str) -> bool:
+        """Create the bucket of `uri` unless it exists; return True when it was created."""
+        from botocore.exceptions import ClientError
+
+        bucket = parse_s3(uri)[0]
+        with self._errors(uri):
+            try:
+                self.client.head_bucket(Bucket=bucket)
+                return False
+            except ClientError as exc:
+                code, status = _client_error_code(exc)
+                if not (status == 404 or code in ("404", "NoSuchBucket", "NotFound")):
+                    raise
+            try:
+                self.client.create_bucket(Bucket=bucket)
+            except ClientError as exc:
+                # Two one-shot containers may race; the bucket existing is the outcome both wanted.
+                if _client_error_code(exc)[0] in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    return False
+                raise
+        return True
+
     def _check_bucket(self, bucket: str, uri: str) -> None:
         """Tell a missing bucket from a missing key after a HEAD 404 (HEAD responses carry no error code)."""
         from botocore.exceptions import ClientError

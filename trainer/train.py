@@ -24,6 +24,10 @@ from trainer.metrics import choose_threshold, summarize
 
 log = logging.getLogger(__name__)
 
+# Augmentation strengths: per-channel gain and overall brightness, as fractions.
+COLOR_JITTER = 0.12
+BRIGHTNESS_JITTER = 0.15
+
 
 @dataclass
 class TrainConfig:
@@ -75,7 +79,15 @@ def _augmented(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, augment
             img = tf.image.random_flip_left_right(img, seed=seed)
             img = tf.image.random_flip_up_down(img, seed=seed + 1)
             k = tf.random.uniform([], 0, 4, dtype=tf.int32, seed=seed + 2)
-            return tf.image.rot90(img, k), label
+            img = tf.image.rot90(img, k)
+            # Stain varies between subjects and labs: jitter brightness and colour so the model
+            # learns shape and chromatin, not one subject's tint. The black background stays black.
+            x = tf.cast(img, tf.float32)
+            mask = tf.cast(tf.reduce_max(x, axis=-1, keepdims=True) > 8.0, tf.float32)
+            gain = tf.random.uniform([1, 1, 3], 1.0 - COLOR_JITTER, 1.0 + COLOR_JITTER, seed=seed + 3)
+            scale = tf.random.uniform([], 1.0 - BRIGHTNESS_JITTER, 1.0 + BRIGHTNESS_JITTER, seed=seed + 4)
+            x = x * (1.0 - mask) + tf.clip_by_value(x * gain * scale, 0.0, 255.0) * mask
+            return tf.cast(x, tf.uint8), label
 
         ds = ds.map(aug, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,48 @@
+# syntax=docker/dockerfile:1
+# One Dockerfile, three images: `trainer` (TensorFlow, no broker or database clients), `worker` (adds
+# Celery, Redis, SQLAlchemy, psycopg, Alembic) and `flower` (adds Flower). Each runs as a non-root user.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TF_CPP_MIN_LOG_LEVEL=2
+RUN groupadd --gid 10001 allscore \
+ && useradd --uid 10001 --gid allscore --create-home --home-dir /home/allscore allscore
+WORKDIR /home/allscore
+
+# Build the wheel once; the runtime stages install it with the extras they need.
+FROM base AS wheel
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY allscore ./allscore
+COPY core ./core
+COPY trainer ./trainer
+COPY worker ./worker
+COPY db ./db
+RUN pip wheel --no-deps --wheel-dir /wheels .
+
+FROM base AS trainer
+COPY --from=wheel /wheels /wheels
+RUN pip install "$(ls /wheels/allscore-*.whl)" && rm -rf /wheels
+USER allscore
+ENV ALLSCORE_HOME=/home/allscore/.allscore
+ENTRYPOINT ["allscore"]
+CMD ["--help"]
+
+FROM base AS worker
+COPY --from=wheel /wheels /wheels
+RUN pip install "$(ls /wheels/allscore-*.whl)[worker]" && rm -rf /wheels
+USER allscore
+ENV ALLSCORE_HOME=/home/allscore/.allscore
+ENTRYPOINT ["allscore"]
+CMD ["worker"]
+
+FROM base AS flower
+COPY --from=wheel /wheels /wheels
+RUN pip install "$(ls /wheels/allscore-*.whl)[worker,monitor]" && rm -rf /wheels
+USER allscore
+ENTRYPOINT ["celery", "--app", "worker.celery_app"]
+CMD ["flower", "--port=5555"]
