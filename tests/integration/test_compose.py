@@ -1,0 +1,193 @@
+"""docker-compose.yml: validated by a real Compose implementation, and each service's command run on the host.
+
+No Docker engine runs here, so `docker-compose config` (Debian's docker-compose) checks the file, and the
+commands it gives the allscore services are run against the local PostgreSQL, Redis and an S3 server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from core.settings import Settings, reset_settings_cache
+from tests.helpers import REPO_ROOT, require_service
+from tests.worker_process import WorkerProcess
+
+pytestmark = pytest.mark.integration
+
+
+def _compose() -> str:
+    exe = shutil.which("docker-compose")
+    require_service("docker-compose", exe is not None, "install Debian's docker-compose to validate the file")
+    assert exe is not None
+    return exe
+
+
+def _config(env_file: Path, **overrides: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ["PATH"], **overrides}
+    return subprocess.run(
+        [_compose(), "--project-directory", str(REPO_ROOT), "-f", str(REPO_ROOT / "docker-compose.yml"),
+         "--env-file", str(env_file), "config"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+
+
+@pytest.fixture
+def rendered(tmp_path: Path) -> dict[str, Any]:
+    result = _config(REPO_ROOT / ".env.example")
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def test_compose_file_is_valid_and_scalable(rendered: dict[str, Any]) -> None:
+    services = rendered["services"]
+    assert {"redis", "postgres", "s3", "createbucket", "migrate", "worker", "trainer", "flower"} <= set(services)
+    worker = services["worker"]
+    # `docker compose up --scale worker=N` needs no fixed name and no host port.
+    assert "container_name" not in worker and "ports" not in worker
+    assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert worker["environment"]["ALLSCORE_WORKER_CONCURRENCY"] == "2"
+    assert services["trainer"]["profiles"] == ["train"]
+    redis_cmd = " ".join(services["redis"]["command"]) if isinstance(services["redis"]["command"], list) \
+        else services["redis"]["command"]
+    assert "--requirepass" in redis_cmd and "--appendonly yes" in redis_cmd
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"]
+    for name in ("redis", "postgres", "s3"):
+        assert "healthcheck" in services[name], name
+        image = services[name]["image"]
+        assert ":" in image and not image.endswith(":latest"), f"{name} image must be pinned: {image}"
+
+
+def test_required_secrets_fail_fast(tmp_path: Path) -> None:
+    lines = [ln for ln in (REPO_ROOT / ".env.example").read_text().splitlines() if not ln.startswith("REDIS_PASSWORD=")]
+    env_file = tmp_path / "env"
+    env_file.write_text("\n".join(lines) + "\n")
+    result = _config(env_file)
+    assert result.returncode != 0
+    assert "REDIS_PASSWORD" in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _local_env(service: dict[str, Any], overrides: dict[str, str]) -> dict[str, str]:
+    """The service's environment from the compose file, with its hosts pointed at this machine's servers."""
+    env = {k: str(v) for k, v in (service.get("environment") or {}).items()}
+    env.update(overrides)
+    return env
+
+
+def _run(command: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **env, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run([sys.executable, "-m", "allscore", *command], env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_each_service_command_runs_on_the_host(
+    tmp_path: Path, s3_settings: Settings, pg_empty_url: str, synth_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis
+
+    try:
+        redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        require_service("Redis", False, str(exc))
+    bucket = f"compose-{uuid.uuid4().hex[:10]}"
+    result = _config(REPO_ROOT / ".env.example", S3_BUCKET=bucket)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    local = {
+        "ALLSCORE_HOME": str(tmp_path / "home"),
+        "ALLSCORE_DATABASE_URL": pg_empty_url,
+        "ALLSCORE_BROKER_URL": "redis://127.0.0.1:6379/0",
+        "ALLSCORE_QUEUE": f"compose-{uuid.uuid4().hex[:8]}",
+        "ALLSCORE_S3_ENDPOINT_URL": s3_settings.s3_endpoint_url or "",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "ALLSCORE_ALLOWED_ROOTS": f'["s3://{bucket}", "{tmp_path}"]',
+    }
+
+    # createbucket: the bucket does not exist, then does.
+    create = _run(services["createbucket"]["command"], _local_env(services["createbucket"], local))
+    assert create.returncode == 0, create.stderr
+    assert "created" in create.stdout
+
+    # migrate: the database gets the analyst views.
+    migrate = _run(services["migrate"]["command"], _local_env(services["migrate"], local))
+    assert migrate.returncode == 0, migrate.stderr
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(pg_empty_url)
+    assert {"sample_results", "cell_results"} <= set(inspect(engine).get_view_names())
+    engine.dispose()
+
+    # trainer: its command with the mounted data path pointed at a synthetic set, kept tiny for the test.
+    trainer_cmd = [synth_data.as_posix() if part == "/data/train" else part
+                   for part in services["trainer"]["command"]]
+    train = _run([*trainer_cmd, "--arch", "tiny", "--epochs", "2", "--version", "compose"],
+                 _local_env(services["trainer"], local))
+    assert train.returncode == 0, train.stderr
+    ref = train.stdout.strip().splitlines()[-1]
+    assert ref == "allscore:compose"
+
+    # worker: the compose command starts a real worker that scores a sample from the S3 store's model.
+    env = _local_env(services["worker"], local)
+    worker = WorkerProcess(env, tmp_path / "worker.log", concurrency=1)
+    worker.cmd = [sys.executable, "-m", "allscore", *services["worker"]["command"]]
+    worker.start()
+    try:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        reset_settings_cache()
+        from worker.cli import wait_for_job
+        from worker.client import submit_sample
+
+        samples = tmp_path / "samples"  # inside ALLSCORE_ALLOWED_ROOTS, like /data/samples in compose
+        samples.mkdir()
+        for path in sorted((synth_data / "fold_0").rglob("*.bmp"))[:6]:
+            shutil.copy(path, samples / path.name)
+        job = submit_sample("compose-sample", [str(samples)], model_ref=ref)
+        (row,) = wait_for_job(job, 1, timeout=120)
+        assert (row["status"], row["n_cells"], row["n_failed"]) == ("done", 6, 0)
+    finally:
+        worker.stop()
+
+    # flower: its command serves the dashboard behind basic auth.
+    port = _free_port()
+    flower_cmd = [part.replace("--port=5555", f"--port={port}") for part in services["flower"]["command"]]
+    flower_env = {**os.environ, **_local_env(services["flower"], local),
+                  "CELERY_BROKER_URL": "redis://127.0.0.1:6379/0"}
+    celery = Path(sys.executable).with_name("celery")
+    proc = subprocess.Popen([str(celery), "--app", "worker.celery_app", *flower_cmd], env=flower_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        status = None
+        for _ in range(60):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+                status = 200
+            except urllib.error.HTTPError as exc:
+                status = exc.code
+            except OSError:
+                time.sleep(0.5)
+                continue
+            break
+        assert status == 401  # basic auth is on
+    finally:
+        proc.terminate()
+        proc.wait(10)
