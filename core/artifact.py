@@ -221,7 +221,7 @@ class Registry:
         """Complete versions of a model (those with a manifest), oldest first."""
         prefix = join_uri(self.root, name) + "/"
         found = set()
-        for uri in self.store.list(prefix, suffixes=("/" + MANIFEST_FILE,)):
+        for uri in self.store.list(prefix, suffixes=(MANIFEST_FILE,)):
             rest = uri[len(prefix) :].split("/")
             if len(rest) == 2 and rest[1] == MANIFEST_FILE and rest[0] != "aliases":
                 found.add(rest[0])
@@ -239,7 +239,7 @@ class Registry:
     def list(self) -> list[ModelManifest]:
         """Every complete version in the store, by name then version."""
         out = []
-        for uri in self.store.list(self.root + "/", suffixes=("/" + MANIFEST_FILE,)):
+        for uri in self.store.list(self.root + "/", suffixes=(MANIFEST_FILE,)):
             rest = uri[len(self.root) + 1 :].split("/")
             if len(rest) == 3 and rest[1] != "aliases":
                 out.append(self._read_manifest(uri))

@@ -37,7 +37,7 @@ def locked_connection(engine: Engine) -> Iterator[Connection]:
         if connection.dialect.name == "postgresql":
             # Transaction-scoped, so a crashed migrator cannot leave it held. PostgreSQL's DDL is
             # transactional: a second migrator waits here, then finds the schema at head.
-            pass  # connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
         # SQLite needs nothing more: the engine begins with BEGIN IMMEDIATE, one writer at a time.
         yield connection
 

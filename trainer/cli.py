@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from core.console import stderr_console, stdout_console
 from rich.table import Table
 
 from core.artifact import Registry
@@ -19,8 +19,8 @@ StoreOpt = Annotated[
 
 data_app = typer.Typer(help="Data sets: synthetic C-NMC-layout cells.", no_args_is_help=True)
 models_app = typer.Typer(help="The model registry: list, show, promote.", no_args_is_help=True)
-err = Console(stderr=True)
-out = Console()
+err = stderr_console()
+out = stdout_console()
 
 
 @data_app.command("synth")

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from core.console import stderr_console, stdout_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from core.settings import get_settings, reset_settings_cache
 
-err = Console(stderr=True)
-out = Console()
+err = stderr_console()
+out = stdout_console()
 FINAL = ("done", "failed")
 
 

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, func, inspect, select, text
+from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.settings import get_settings
 from db import repository as repo
-from db.engine import make_engine, parse_url, session_factory, transaction
+from db.engine import SQLITE_BUSY_TIMEOUT_MS, make_engine, parse_url, session_factory, transaction
 from db.errors import (
     DatabaseUrlError,
     InvalidIdentifierError,
@@ -94,7 +97,7 @@ def summarize(cells: list[CellResult]) -> SampleSummary:
     )
 
 
-def cell_set(rows: list[dict[str, object]]) -> set[tuple[object, ...]]:
+def cell_set(rows: list[dict[str, Any]]) -> set[tuple[object, ...]]:
     """The (image_uri, p_all, is_all, error) of view rows or CellResults, for set comparison."""
     return {(r["image_uri"], r["p_all"], r["is_all"], r["error"]) for r in rows}
 
@@ -122,13 +125,13 @@ def submit(factory: Factory, job_id: str, sample_ids: list[str], model_version: 
             repo.enqueue_sample(session=s, job_id=job_id, sample_id=sample_id, model_version=model_version)
 
 
-def results(factory: Factory, **filters: object) -> list[dict[str, object]]:
+def results(factory: Factory, **filters: object) -> list[dict[str, Any]]:
     """Rows of sample_results."""
     with transaction(factory) as s:
         return repo.get_sample_results(session=s, **filters)  # type: ignore[arg-type]
 
 
-def cells_of(factory: Factory, sample_id: str, model_version: str | None = None) -> list[dict[str, object]]:
+def cells_of(factory: Factory, sample_id: str, model_version: str | None = None) -> list[dict[str, Any]]:
     """Rows of cell_results."""
     with transaction(factory) as s:
         return repo.get_cell_results(session=s, sample_id=sample_id, model_version=model_version)
@@ -329,7 +332,7 @@ def factory(engine: Engine) -> Factory:
 
 def test_upgrade_creates_tables_and_the_contract_views(url: str, engine: Engine) -> None:
     inspector = inspect(engine)
-    assert TABLES <= set(inspector.get_table_names())
+    assert set(inspector.get_table_names()) >= TABLES
     assert set(inspector.get_view_names()) == {"sample_results", "cell_results"}
     assert [c["name"] for c in inspector.get_columns("sample_results")] == SAMPLE_RESULTS_COLUMNS
     assert [c["name"] for c in inspector.get_columns("cell_results")] == CELL_RESULTS_COLUMNS
@@ -367,7 +370,7 @@ def test_concurrent_upgrades_of_one_file(tmp_path: Path) -> None:
     assert current_revision(url) == head_revision()
 
 
-def run_concurrently(jobs: list[Callable[[], None]]) -> list[BaseException]:
+def run_concurrently(jobs: list[Callable[[], None]], timeout_s: float = 60.0) -> list[BaseException]:
     """Start all jobs at once on threads; return the exceptions they raised."""
     barrier = threading.Barrier(len(jobs))
     errors: list[BaseException] = []
@@ -376,14 +379,18 @@ def run_concurrently(jobs: list[Callable[[], None]]) -> list[BaseException]:
         barrier.wait()
         try:
             job()
-        except Exception as exc:  # collected and asserted on by the caller
+        except Exception as exc:  # noqa: BLE001 -- a thread's error, returned to the caller to assert on
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+    threads = [threading.Thread(target=run, args=(job,), daemon=True) for job in jobs]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + timeout_s
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    stuck = sum(t.is_alive() for t in threads)
+    if stuck:
+        errors.append(TimeoutError(f"{stuck} of {len(jobs)} jobs still running after {timeout_s} s"))
     return errors
 
 
@@ -411,7 +418,11 @@ def test_concurrent_workers_on_one_file(factory: Factory) -> None:
     per_thread = [ids[i::4] for i in range(4)]
 
     def work(mine: list[str]) -> Callable[[], None]:
-        return lambda: [score(factory, sample_id, "cnn:1", cells) for sample_id in mine] and None
+        def run() -> None:
+            for sample_id in mine:
+                score(factory, sample_id, "cnn:1", cells)
+
+        return run
 
     assert run_concurrently([work(mine) for mine in per_thread]) == []
     rows = results(factory, job_id="job-w")
@@ -434,7 +445,7 @@ def test_sqlite_engine_settings(engine: Engine, url: str) -> None:
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
-        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == SQLITE_BUSY_TIMEOUT_MS
 
 
 def test_foreign_keys_are_enforced(factory: Factory) -> None:
@@ -443,7 +454,7 @@ def test_foreign_keys_are_enforced(factory: Factory) -> None:
     with transaction(factory) as s:
         s.execute(text("DELETE FROM samples"))
         assert s.execute(select(func.count()).select_from(Cell)).scalar_one() == 0, "cells cascade"
-    with pytest.raises(Exception, match="FOREIGN KEY"), transaction(factory) as s:
+    with pytest.raises(IntegrityError, match="FOREIGN KEY"), transaction(factory) as s:
         s.execute(
             text("INSERT INTO samples (sample_id, job_id, model_version, status, submitted_at, attempts) "
                  "VALUES ('S2', 'no-such-job', 'cnn:1', 'queued', '2025-01-01 00:00:00', 0)")
@@ -473,7 +484,7 @@ def test_timestamps_are_utc_and_naive_ones_are_refused(factory: Factory) -> None
     (row,) = results(factory, sample_ids=["S1"])
     assert row["submitted_at"].utcoffset().total_seconds() == 0
     assert abs((datetime.now(UTC) - row["submitted_at"]).total_seconds()) < 60
-    with pytest.raises(Exception, match="no time zone"), transaction(factory) as s:
+    with pytest.raises(StatementError, match="no time zone"), transaction(factory) as s:
         s.add(Job(id="naive", submitted_at=datetime(2025, 1, 1), n_samples=0))
 
 
