@@ -10,9 +10,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from core.errors import AllscoreError
 from allscore.db_cli import db_app
 from allscore.store_cli import store_app
+from core.errors import AllscoreError
 from trainer.cli import data_app, evaluate_cmd, models_app, train_cmd
 from worker.cli import report_cmd, status_cmd, submit_cmd, worker_cmd
 
@@ -54,7 +54,9 @@ def main() -> None:
 
 @app.command("demo")
 def demo_cmd(
-    workdir: Path = typer.Option(Path(".demo"), help="folder for the demo's data, models, database, montages"),
+    workdir: Path = typer.Option(
+        Path(".demo"), help="folder for the demo's data, models, database, montages"
+    ),
     epochs: int = typer.Option(30, help="maximum training epochs"),
     fresh: bool = typer.Option(False, "--fresh", help="delete the folder first"),
 ) -> None:

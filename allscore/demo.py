@@ -37,7 +37,10 @@ def _start_worker(workdir: Path, console: Console) -> subprocess.Popen[bytes]:
     log = (workdir / "worker.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "allscore", "worker", "--concurrency=2"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
     )
     deadline = time.monotonic() + 90
     with console.status("starting 2 worker processes"):
@@ -90,8 +93,10 @@ def run_demo(workdir: Path, *, epochs: int = 30, fresh: bool = False) -> None:
 
     Registry().promote(manifest.ref, "production")
     v = manifest.validation
-    console.print(f"published {manifest.ref} to {settings.model_store} as demo@production: weighted F1 "
-                  f"{v.weighted_f1:.3f}, AUC {v.auc or 0:.3f} on {v.n_subjects} held-out synthetic subjects")
+    console.print(
+        f"published {manifest.ref} to {settings.model_store} as demo@production: weighted F1 "
+        f"{v.weighted_f1:.3f}, AUC {v.auc or 0:.3f} on {v.n_subjects} held-out synthetic subjects"
+    )
 
     upgrade()
     samples: dict[str, list[str]] = {}
@@ -119,10 +124,16 @@ def run_demo(workdir: Path, *, epochs: int = 30, fresh: bool = False) -> None:
         table.add_column(col)
     for r in rows:
         ci = "-" if r["ci_low"] is None else f"{r['ci_low']:.1%} - {r['ci_high']:.1%}"
-        table.add_row(r["sample_id"], str(r["status"]), str(r["n_cells"]), f"{SAMPLES[r['sample_id']]:.1%}",
-                      "-" if r["all_fraction"] is None else f"{r['all_fraction']:.1%}", ci,
-                      "-" if r["corrected_fraction"] is None else f"{r['corrected_fraction']:.1%}",
-                      str(r["flags"] or r["error"] or ""))
+        table.add_row(
+            r["sample_id"],
+            str(r["status"]),
+            str(r["n_cells"]),
+            f"{SAMPLES[r['sample_id']]:.1%}",
+            "-" if r["all_fraction"] is None else f"{r['all_fraction']:.1%}",
+            ci,
+            "-" if r["corrected_fraction"] is None else f"{r['corrected_fraction']:.1%}",
+            str(r["flags"] or r["error"] or ""),
+        )
     out.print(table)
 
     from db import repository
@@ -132,10 +143,13 @@ def run_demo(workdir: Path, *, epochs: int = 30, fresh: bool = False) -> None:
     montages = workdir / "montages"
     with session_factory(make_engine())() as session:
         for r in rows:
-            cells = repository.get_cell_results(session=session, sample_id=r["sample_id"],
-                                                model_version=r["model_version"])
+            cells = repository.get_cell_results(
+                session=session, sample_id=r["sample_id"], model_version=r["model_version"]
+            )
             render_montage(r, cells, montages)
     out.print(f"montages (one PNG per sample): {montages}")
     out.print(f"results database: {settings.database_url}  (views sample_results, cell_results)")
-    out.print(f"demo finished in {(time.perf_counter() - started) / 60:.1f} min. The data are synthetic: "
-              "these figures say nothing about real slides.")
+    out.print(
+        f"demo finished in {(time.perf_counter() - started) / 60:.1f} min. The data are synthetic: "
+        "these figures say nothing about real slides."
+    )

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from core.console import stderr_console, stdout_console
 from rich.table import Table
 
 from core.artifact import Registry
+from core.console import stderr_console, stdout_console
 
 StoreOpt = Annotated[
     str | None,

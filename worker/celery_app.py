@@ -22,8 +22,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # The embedded broker (no server): kombu's filesystem transport, a folder under ALLSCORE_HOME.
         folder = settings.home / "broker"
         (folder / "processed").mkdir(parents=True, exist_ok=True)
-        transport = {"data_folder_in": str(folder), "data_folder_out": str(folder),
-                     "processed_folder": str(folder / "processed"), "store_processed": False}
+        transport = {
+            "data_folder_in": str(folder),
+            "data_folder_out": str(folder),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
     return {
         "broker_url": settings.broker_url,
         "broker_connection_retry_on_startup": True,

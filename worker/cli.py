@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from core.console import stderr_console, stdout_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from core.console import stderr_console, stdout_console
 from core.settings import get_settings, reset_settings_cache
 
 err = stderr_console()
@@ -23,8 +23,10 @@ FINAL = ("done", "failed")
 
 
 def worker_cmd(
-    concurrency: Annotated[int | None, typer.Option(help="worker processes; default ALLSCORE_WORKER_CONCURRENCY "
-                                                     "or the number of cores")] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="worker processes; default ALLSCORE_WORKER_CONCURRENCY or the number of cores"),
+    ] = None,
     queues: Annotated[str | None, typer.Option(help="comma-separated queues; default ALLSCORE_QUEUE")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
     pool: Annotated[str, typer.Option(help="Celery pool: prefork (default) or solo")] = "prefork",
@@ -39,11 +41,18 @@ def worker_cmd(
     os.environ["ALLSCORE_WORKER_CONCURRENCY"] = str(n)
     from worker.celery_app import app
 
-    app.worker_main([
-        "worker", f"--loglevel={loglevel}", f"--concurrency={n}", f"--pool={pool}",
-        f"--queues={queues or settings.queue}", f"--hostname=allscore-{os.getpid()}@%h",
-        "--without-gossip", "--without-mingle",
-    ])
+    app.worker_main(
+        [
+            "worker",
+            f"--loglevel={loglevel}",
+            f"--concurrency={n}",
+            f"--pool={pool}",
+            f"--queues={queues or settings.queue}",
+            f"--hostname=allscore-{os.getpid()}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
 
 
 def _read_manifest_csv(path: Path) -> dict[str, list[str]]:
@@ -63,11 +72,15 @@ def _read_manifest_csv(path: Path) -> dict[str, list[str]]:
 
 def submit_cmd(
     sample_id: Annotated[str | None, typer.Argument(metavar="SAMPLE_ID")] = None,
-    uris: Annotated[list[str] | None, typer.Argument(metavar="URI...", help="files, folders, globs, s3://")] = None,
+    uris: Annotated[
+        list[str] | None, typer.Argument(metavar="URI...", help="files, folders, globs, s3://")
+    ] = None,
     model: Annotated[str | None, typer.Option(help="model reference; default ALLSCORE_MODEL")] = None,
     job: Annotated[str | None, typer.Option(help="job id; default a new uuid")] = None,
     manifest: Annotated[Path | None, typer.Option(help="CSV with columns sample_id,uri")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="show progress until done; exit 1 if any failed")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="show progress until done; exit 1 if any failed")
+    ] = False,
     timeout: Annotated[float, typer.Option(help="seconds --wait waits at most")] = 3600.0,
 ) -> None:
     """Queue samples for scoring; prints the job id."""
@@ -105,8 +118,9 @@ def wait_for_job(job_id: str, n_samples: int, timeout: float) -> list[dict[str, 
     """Poll the database until every sample of the job is done or failed (or the timeout passes)."""
     deadline = time.monotonic() + timeout
     rows: list[dict[str, Any]] = []
-    with Progress(TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err) as progress:
+    with Progress(
+        TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+    ) as progress:
         task = progress.add_task("samples", total=n_samples)
         while time.monotonic() < deadline:
             rows = _job_rows(job_id)
@@ -133,15 +147,32 @@ def _pct(value: Any) -> str:
 def results_table(rows: list[dict[str, Any]], title: str) -> Table:
     """The sample results as a rich table."""
     table = Table(title=title)
-    for col in ("sample", "status", "model", "cells", "ALL", "failed", "ALL fraction", "95% CI", "corrected",
-                "flags"):
+    for col in (
+        "sample",
+        "status",
+        "model",
+        "cells",
+        "ALL",
+        "failed",
+        "ALL fraction",
+        "95% CI",
+        "corrected",
+        "flags",
+    ):
         table.add_column(col, justify="right" if col in ("cells", "ALL", "failed") else "left")
     for r in rows:
         ci = "-" if r["ci_low"] is None else f"{r['ci_low']:.1%}-{r['ci_high']:.1%}"
         table.add_row(
-            str(r["sample_id"]), str(r["status"]), str(r["model_version"]), str(r["n_cells"] or "-"),
-            str(r["n_all"] if r["n_all"] is not None else "-"), str(r["n_failed"] if r["n_failed"] is not None else "-"),
-            _pct(r["all_fraction"]), ci, _pct(r["corrected_fraction"]), str(r["flags"] or r["error"] or ""),
+            str(r["sample_id"]),
+            str(r["status"]),
+            str(r["model_version"]),
+            str(r["n_cells"] or "-"),
+            str(r["n_all"] if r["n_all"] is not None else "-"),
+            str(r["n_failed"] if r["n_failed"] is not None else "-"),
+            _pct(r["all_fraction"]),
+            ci,
+            _pct(r["corrected_fraction"]),
+            str(r["flags"] or r["error"] or ""),
         )
     return table
 
@@ -166,7 +197,9 @@ def report_cmd(
     sample_ids: Annotated[list[str] | None, typer.Argument(metavar="SAMPLE_ID...")] = None,
     job: Annotated[str | None, typer.Option(help="job id")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
-    montage: Annotated[Path | None, typer.Option(help="write one montage PNG per sample into this folder")] = None,
+    montage: Annotated[
+        Path | None, typer.Option(help="write one montage PNG per sample into this folder")
+    ] = None,
 ) -> None:
     """Per-sample results (the view sample_results), as a table, CSV or JSON; optionally montages."""
     from db import repository

@@ -37,7 +37,11 @@ def _check_root(uri: str, settings: Settings) -> None:
         return
     for root in roots:
         if is_s3(root) or is_s3(uri):
-            if is_s3(root) and is_s3(uri) and (uri == root.rstrip("/") or uri.startswith(root.rstrip("/") + "/")):
+            if (
+                is_s3(root)
+                and is_s3(uri)
+                and (uri == root.rstrip("/") or uri.startswith(root.rstrip("/") + "/"))
+            ):
                 return
             continue
         # resolve() removes `..` and follows links, so a path cannot climb out of its root.
@@ -69,7 +73,9 @@ def expand_uris(uris: Sequence[str], settings: Settings | None = None) -> list[s
                 continue
             listed = store.list(uri.rstrip("/") + "/", suffixes=IMAGE_SUFFIXES)
             if not listed:
-                raise SubmitError(f"{uri}: no image objects ({', '.join(IMAGE_SUFFIXES)}) at that key or prefix")
+                raise SubmitError(
+                    f"{uri}: no image objects ({', '.join(IMAGE_SUFFIXES)}) at that key or prefix"
+                )
             found.extend(listed)
             continue
         raw = uri.removeprefix("file://")
@@ -86,7 +92,9 @@ def expand_uris(uris: Sequence[str], settings: Settings | None = None) -> list[s
         elif path.is_file():
             paths = [path]
         else:
-            raise SubmitError(f"{uri}: no such file or folder; give an image file, a folder, a glob or s3:// URI")
+            raise SubmitError(
+                f"{uri}: no such file or folder; give an image file, a folder, a glob or s3:// URI"
+            )
         for p in paths:
             absolute = str(p.resolve())
             _check_root(absolute, settings)
@@ -116,21 +124,29 @@ def submit_samples(
     expanded = {sample_id: expand_uris(uris, settings) for sample_id, uris in samples.items()}
     for sample_id, uris in expanded.items():
         if not uris:
-            raise SubmitError(f"sample {sample_id!r} has no images; give files, a folder, a glob or an s3:// prefix")
+            raise SubmitError(
+                f"sample {sample_id!r} has no images; give files, a folder, a glob or an s3:// prefix"
+            )
     registry = Registry(settings=settings)
     manifest = registry.resolve(model_ref or settings.model)
     version = manifest.ref
     sessions = session_factory(make_engine(settings.database_url))
     with transaction(sessions) as session:
         repository.ensure_model(
-            session=session, name=manifest.name, version=manifest.version,
-            uri=registry.version_uri(manifest.name, manifest.version), sha256=manifest.sha256,
-            sensitivity=manifest.validation.sensitivity, specificity=manifest.validation.specificity,
+            session=session,
+            name=manifest.name,
+            version=manifest.version,
+            uri=registry.version_uri(manifest.name, manifest.version),
+            sha256=manifest.sha256,
+            sensitivity=manifest.validation.sensitivity,
+            specificity=manifest.validation.specificity,
             threshold=manifest.threshold,
         )
         repository.create_job(session=session, job_id=job_id, n_samples=len(expanded))
         for sample_id in expanded:
-            repository.enqueue_sample(session=session, job_id=job_id, sample_id=sample_id, model_version=version)
+            repository.enqueue_sample(
+                session=session, job_id=job_id, sample_id=sample_id, model_version=version
+            )
     sent = []
     try:
         for sample_id, uris in expanded.items():
@@ -140,12 +156,16 @@ def submit_samples(
                 queue=settings.queue,
             )
             sent.append(sample_id)
-    except Exception as exc:  # noqa: BLE001 - any broker fault: record it on the unsent samples, then re-raise
+    except Exception as exc:
         with transaction(sessions) as session:
             for sample_id in expanded:
                 if sample_id not in sent:
-                    repository.mark_failed(session=session, sample_id=sample_id, model_version=version,
-                                           error=f"could not be queued: {exc}")
+                    repository.mark_failed(
+                        session=session,
+                        sample_id=sample_id,
+                        model_version=version,
+                        error=f"could not be queued: {exc}",
+                    )
         raise SubmitError(
             f"the broker at {settings.broker_url} did not take the job ({exc}); {len(sent)} of "
             f"{len(expanded)} samples were queued; check ALLSCORE_BROKER_URL and resubmit"
@@ -164,5 +184,3 @@ def submit_sample(
 ) -> str:
     """Queue one sample (its image URIs) for scoring; return the job id."""
     return submit_samples({sample_id: uris}, model_ref=model_ref, job_id=job_id, settings=settings)
-
-

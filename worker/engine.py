@@ -87,7 +87,9 @@ def score_cells(
         if good:
             buffer[:] = 0
             for slot, i in enumerate(good):
-                buffer[slot] = loaded[i].image
+                image = loaded[i].image
+                assert image is not None
+                buffer[slot] = image
             # Always a full batch (zero-padded), so the traced graph is reused.
             p = predict_batch(model, buffer)
             probs = {i: float(p[slot]) for slot, i in enumerate(good)}
@@ -138,7 +140,10 @@ def score_sample(
         )
     log.info(
         "sample %s: %d cells (%d failed) in %.2fs, ALL fraction %s",
-        request.sample_id, summary.n_cells, summary.n_failed, time.perf_counter() - started,
+        request.sample_id,
+        summary.n_cells,
+        summary.n_failed,
+        time.perf_counter() - started,
         "-" if summary.all_fraction is None else f"{summary.all_fraction:.3f}",
     )
     return summary

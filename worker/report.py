@@ -18,8 +18,19 @@ from core.settings import Settings, get_settings
 from core.storage import StorageError, store_for
 
 REPORT_COLUMNS = (
-    "sample_id", "status", "model_version", "n_cells", "n_all", "n_failed", "all_fraction", "ci_low", "ci_high",
-    "corrected_fraction", "mean_p_all", "flags", "error",
+    "sample_id",
+    "status",
+    "model_version",
+    "n_cells",
+    "n_all",
+    "n_failed",
+    "all_fraction",
+    "ci_low",
+    "ci_high",
+    "corrected_fraction",
+    "mean_p_all",
+    "flags",
+    "error",
 )
 THUMB = 96
 LABEL_H = 16
@@ -75,20 +86,28 @@ def render_montage(
     fraction = sample.get("all_fraction")
     title = f"{sample['sample_id']}  {sample.get('model_version', '')}"
     if fraction is not None:
-        title += (f"   ALL {fraction:.1%} (95% CI {sample['ci_low']:.1%}-{sample['ci_high']:.1%}), "
-                  f"{sample['n_all']}/{sample['n_cells'] - sample['n_failed']} cells")
+        title += (
+            f"   ALL {fraction:.1%} (95% CI {sample['ci_low']:.1%}-{sample['ci_high']:.1%}), "
+            f"{sample['n_all']}/{sample['n_cells'] - sample['n_failed']} cells"
+        )
     draw.text((4, 4), title, fill=(0, 0, 0), font=font)
-    draw.text((4, 18), "red frame = called ALL, green = normal (hem), grey = not scored", fill=(90, 90, 90),
-              font=font)
+    draw.text(
+        (4, 18),
+        "red frame = called ALL, green = normal (hem), grey = not scored",
+        fill=(90, 90, 90),
+        font=font,
+    )
     for i, cell in enumerate(ordered):
         x, y = (i % cols) * tile_w, header + (i // cols) * tile_h
         kind = "error" if cell["p_all"] is None else ("all" if cell["is_all"] else "hem")
-        draw.rectangle([x, y, x + tile_w - 1, y + THUMB + 2 * FRAME - 1], fill=COLORS[kind])
+        draw.rectangle((x, y, x + tile_w - 1, y + THUMB + 2 * FRAME - 1), fill=COLORS[kind])
         thumb = _thumbnail(cell["image_uri"], settings) if cell["p_all"] is not None else None
         if thumb is not None:
             canvas.paste(Image.fromarray(thumb), (x + FRAME, y + FRAME))
         else:
-            draw.rectangle([x + FRAME, y + FRAME, x + FRAME + THUMB - 1, y + FRAME + THUMB - 1], fill=(0, 0, 0))
+            draw.rectangle(
+                (x + FRAME, y + FRAME, x + FRAME + THUMB - 1, y + FRAME + THUMB - 1), fill=(0, 0, 0)
+            )
         label = "error" if cell["p_all"] is None else f"p={cell['p_all']:.2f}"
         draw.text((x + FRAME, y + THUMB + 2 * FRAME + 2), label, fill=(0, 0, 0), font=font)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -38,9 +38,20 @@ def _compose() -> str:
 def _config(env_file: Path, **overrides: str) -> subprocess.CompletedProcess[str]:
     env = {"PATH": os.environ["PATH"], **overrides}
     return subprocess.run(
-        [_compose(), "--project-directory", str(REPO_ROOT), "-f", str(REPO_ROOT / "docker-compose.yml"),
-         "--env-file", str(env_file), "config"],
-        env=env, capture_output=True, text=True, timeout=60,
+        [
+            _compose(),
+            "--project-directory",
+            str(REPO_ROOT),
+            "-f",
+            str(REPO_ROOT / "docker-compose.yml"),
+            "--env-file",
+            str(env_file),
+            "config",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -53,15 +64,20 @@ def rendered(tmp_path: Path) -> dict[str, Any]:
 
 def test_compose_file_is_valid_and_scalable(rendered: dict[str, Any]) -> None:
     services = rendered["services"]
-    assert {"redis", "postgres", "s3", "createbucket", "migrate", "worker", "trainer", "flower"} <= set(services)
+    assert {"redis", "postgres", "s3", "createbucket", "migrate", "worker", "trainer", "flower"} <= set(
+        services
+    )
     worker = services["worker"]
     # `docker compose up --scale worker=N` needs no fixed name and no host port.
     assert "container_name" not in worker and "ports" not in worker
     assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert worker["environment"]["ALLSCORE_WORKER_CONCURRENCY"] == "2"
     assert services["trainer"]["profiles"] == ["train"]
-    redis_cmd = " ".join(services["redis"]["command"]) if isinstance(services["redis"]["command"], list) \
+    redis_cmd = (
+        " ".join(services["redis"]["command"])
+        if isinstance(services["redis"]["command"], list)
         else services["redis"]["command"]
+    )
     assert "--requirepass" in redis_cmd and "--appendonly yes" in redis_cmd
     assert services["postgres"]["environment"]["POSTGRES_PASSWORD"]
     for name in ("redis", "postgres", "s3"):
@@ -71,7 +87,11 @@ def test_compose_file_is_valid_and_scalable(rendered: dict[str, Any]) -> None:
 
 
 def test_required_secrets_fail_fast(tmp_path: Path) -> None:
-    lines = [ln for ln in (REPO_ROOT / ".env.example").read_text().splitlines() if not ln.startswith("REDIS_PASSWORD=")]
+    lines = [
+        ln
+        for ln in (REPO_ROOT / ".env.example").read_text().splitlines()
+        if not ln.startswith("REDIS_PASSWORD=")
+    ]
     env_file = tmp_path / "env"
     env_file.write_text("\n".join(lines) + "\n")
     result = _config(env_file)
@@ -94,12 +114,21 @@ def _local_env(service: dict[str, Any], overrides: dict[str, str]) -> dict[str, 
 
 def _run(command: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **env, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run([sys.executable, "-m", "allscore", *command], env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "allscore", *command],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_each_service_command_runs_on_the_host(
-    tmp_path: Path, s3_settings: Settings, pg_empty_url: str, synth_data: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    s3_settings: Settings,
+    pg_empty_url: str,
+    synth_data: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import redis
 
@@ -137,10 +166,13 @@ def test_each_service_command_runs_on_the_host(
     engine.dispose()
 
     # trainer: its command with the mounted data path pointed at a synthetic set, kept tiny for the test.
-    trainer_cmd = [synth_data.as_posix() if part == "/data/train" else part
-                   for part in services["trainer"]["command"]]
-    train = _run([*trainer_cmd, "--arch", "tiny", "--epochs", "2", "--version", "compose"],
-                 _local_env(services["trainer"], local))
+    trainer_cmd = [
+        synth_data.as_posix() if part == "/data/train" else part for part in services["trainer"]["command"]
+    ]
+    train = _run(
+        [*trainer_cmd, "--arch", "tiny", "--epochs", "2", "--version", "compose"],
+        _local_env(services["trainer"], local),
+    )
     assert train.returncode == 0, train.stderr
     ref = train.stdout.strip().splitlines()[-1]
     assert ref == "allscore:compose"
@@ -170,11 +202,18 @@ def test_each_service_command_runs_on_the_host(
     # flower: its command serves the dashboard behind basic auth.
     port = _free_port()
     flower_cmd = [part.replace("--port=5555", f"--port={port}") for part in services["flower"]["command"]]
-    flower_env = {**os.environ, **_local_env(services["flower"], local),
-                  "CELERY_BROKER_URL": "redis://127.0.0.1:6379/0"}
+    flower_env = {
+        **os.environ,
+        **_local_env(services["flower"], local),
+        "CELERY_BROKER_URL": "redis://127.0.0.1:6379/0",
+    }
     celery = Path(sys.executable).with_name("celery")
-    proc = subprocess.Popen([str(celery), "--app", "worker.celery_app", *flower_cmd], env=flower_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(celery), "--app", "worker.celery_app", *flower_cmd],
+        env=flower_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         status = None
         for _ in range(60):

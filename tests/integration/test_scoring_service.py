@@ -52,8 +52,13 @@ def redis_url() -> str:
 
 @pytest.fixture
 def service(
-    tmp_path: Path, s3_bucket: str, s3_settings: Settings, pg_url: str, redis_url: str,
-    tiny_model: PublishedModel, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    s3_bucket: str,
+    s3_settings: Settings,
+    pg_url: str,
+    redis_url: str,
+    tiny_model: PublishedModel,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[dict[str, str]]:
     """Settings for a whole deployment on this machine, the model published to S3, and a running worker."""
     env = {
@@ -100,13 +105,23 @@ def _truth(model: PublishedModel, images: list[bytes], sens: float, spec: float)
     n = len(p)
     low, high = _wilson(k, n)
     rg = min(1.0, max(0.0, (k / n + spec - 1) / (sens + spec - 1)))
-    return {"n_all": k, "fraction": k / n, "ci_low": low, "ci_high": high, "corrected": rg, "mean_p": float(p.mean())}
+    return {
+        "n_all": k,
+        "fraction": k / n,
+        "ci_low": low,
+        "ci_high": high,
+        "corrected": rg,
+        "mean_p": float(p.mean()),
+    }
 
 
-def test_worker_scores_samples_end_to_end(service: dict[str, str], s3_bucket: str, tiny_model: PublishedModel,
-                                          tmp_path: Path) -> None:
-    uploaded = {name: _upload_sample(s3_bucket, name, f, tmp_path, seed=i)
-                for i, (name, f) in enumerate(FRACTIONS.items())}
+def test_worker_scores_samples_end_to_end(
+    service: dict[str, str], s3_bucket: str, tiny_model: PublishedModel, tmp_path: Path
+) -> None:
+    uploaded = {
+        name: _upload_sample(s3_bucket, name, f, tmp_path, seed=i)
+        for i, (name, f) in enumerate(FRACTIONS.items())
+    }
     samples = {name: [f"{s3_bucket}/slides/{name}/"] for name in FRACTIONS}
     # The real C-NMC cells, from a local folder, and a sample with broken files next to good ones.
     cnmc_cells()
@@ -132,7 +147,9 @@ def test_worker_scores_samples_end_to_end(service: dict[str, str], s3_bucket: st
         row = rows[name]
         assert (row["n_cells"], row["n_failed"], row["n_all"]) == (CELLS_PER_SAMPLE, 0, truth["n_all"])
         assert row["all_fraction"] == pytest.approx(truth["fraction"])
-        assert row["ci_low"] == pytest.approx(truth["ci_low"]) and row["ci_high"] == pytest.approx(truth["ci_high"])
+        assert row["ci_low"] == pytest.approx(truth["ci_low"]) and row["ci_high"] == pytest.approx(
+            truth["ci_high"]
+        )
         assert row["corrected_fraction"] == pytest.approx(truth["corrected"])
         assert row["mean_p_all"] == pytest.approx(truth["mean_p"], abs=1e-4)
         assert row["model_version"] == tiny_model.ref
@@ -146,7 +163,9 @@ def test_worker_scores_samples_end_to_end(service: dict[str, str], s3_bucket: st
     assert (broken["n_cells"], broken["n_failed"]) == (9, 4)
     engine = make_engine(service["ALLSCORE_DATABASE_URL"])
     with engine.connect() as conn:
-        cells = conn.execute(text("SELECT image_uri, p_all, error FROM cell_results WHERE sample_id = 'broken'")).all()
+        cells = conn.execute(
+            text("SELECT image_uri, p_all, error FROM cell_results WHERE sample_id = 'broken'")
+        ).all()
         errors = {uri.rsplit("/", 1)[1]: err for uri, p, err in cells if err}
         assert set(errors) == {"zero.bmp", "truncated.bmp", "notes.png", "missing.bmp"}
         assert sum(1 for _, p, err in cells if p is not None and err is None) == 5
@@ -158,16 +177,22 @@ def test_worker_scores_samples_end_to_end(service: dict[str, str], s3_bucket: st
     assert row["status"] == "done"
     with engine.connect() as conn:
         after = conn.execute(text("SELECT count(*) FROM cell_results WHERE sample_id = 'mid'")).scalar_one()
-        n_rows = conn.execute(text("SELECT count(*) FROM sample_results WHERE sample_id = 'mid'")).scalar_one()
-        dupes = conn.execute(text(
-            "SELECT count(*) FROM (SELECT sample_id, image_uri, model_version FROM cell_results "
-            "GROUP BY 1, 2, 3 HAVING count(*) > 1) d")).scalar_one()
+        n_rows = conn.execute(
+            text("SELECT count(*) FROM sample_results WHERE sample_id = 'mid'")
+        ).scalar_one()
+        dupes = conn.execute(
+            text(
+                "SELECT count(*) FROM (SELECT sample_id, image_uri, model_version FROM cell_results "
+                "GROUP BY 1, 2, 3 HAVING count(*) > 1) d"
+            )
+        ).scalar_one()
     assert (before, after, n_rows, dupes) == (CELLS_PER_SAMPLE, CELLS_PER_SAMPLE, 1, 0)
     engine.dispose()
 
     # One model load per worker process that did work, counted from the worker's log.
     log = Path(service["log"]).read_text()
     import re
+
     loads: dict[str, int] = {}
     for pid in re.findall(r"model loaded: \S+ in pid (\d+)", log):
         loads[pid] = loads.get(pid, 0) + 1

@@ -41,9 +41,18 @@ def _save_tiny(tmp_path: Path, seed: int = 0) -> tuple[Path, object]:
 
 def _manifest(path: Path, version: str = "v1") -> ModelManifest:
     return ModelManifest(
-        name="tiny", version=version, created_at="2026-01-01T00:00:00", architecture="tiny", input_size=32,
-        threshold=0.5, train_subjects=["1", "H1"], val_subjects=["2", "H2"], sha256=sha256_file(path),
-        validation=ValidationMetrics(weighted_f1=0.9, auc=0.9, sensitivity=0.9, specificity=0.8, accuracy=0.9),
+        name="tiny",
+        version=version,
+        created_at="2026-01-01T00:00:00",
+        architecture="tiny",
+        input_size=32,
+        threshold=0.5,
+        train_subjects=["1", "H1"],
+        val_subjects=["2", "H2"],
+        sha256=sha256_file(path),
+        validation=ValidationMetrics(
+            weighted_f1=0.9, auc=0.9, sensitivity=0.9, specificity=0.8, accuracy=0.9
+        ),
     )
 
 

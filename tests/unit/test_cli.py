@@ -15,8 +15,9 @@ from tests.helpers import CNMC_SAMPLE, cnmc_cells
 
 def allscore(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "ALLSCORE_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run([sys.executable, "-m", "allscore", *args], env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "allscore", *args], env=env, capture_output=True, text=True, timeout=300
+    )
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result

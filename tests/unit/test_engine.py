@@ -37,8 +37,16 @@ class BrightnessModel:
 def _manifest(sens: float = 0.9, spec: float = 0.8) -> ModelManifest:
     metrics = ValidationMetrics(weighted_f1=0.9, auc=0.95, sensitivity=sens, specificity=spec, accuracy=0.9)
     return ModelManifest(
-        name="fake", version="1", created_at="2026-01-01", architecture="brightness", input_size=SIZE,
-        threshold=0.5, validation=metrics, train_subjects=[], val_subjects=[], sha256="0" * 64,
+        name="fake",
+        version="1",
+        created_at="2026-01-01",
+        architecture="brightness",
+        input_size=SIZE,
+        threshold=0.5,
+        validation=metrics,
+        train_subjects=[],
+        val_subjects=[],
+        sha256="0" * 64,
     )
 
 
@@ -82,15 +90,21 @@ def test_engine_writes_counts_fraction_interval_and_correction(tmp_path: Path, s
     uris = _write_cells(tmp_path / "cells", values)
     (tmp_path / "cells" / "empty.png").write_bytes(b"")
     (tmp_path / "cells" / "text.png").write_bytes(b"%PDF-1.4 not an image")
-    uris += [str(tmp_path / "cells" / "empty.png"), str(tmp_path / "cells" / "text.png"),
-             str(tmp_path / "cells" / "missing.png")]
+    uris += [
+        str(tmp_path / "cells" / "empty.png"),
+        str(tmp_path / "cells" / "text.png"),
+        str(tmp_path / "cells" / "missing.png"),
+    ]
     model = BrightnessModel()
     store = LocalStore()
     with ThreadPoolExecutor(4) as pool:
         summary = score_sample(
             ScoreRequest("job1", "S1", tuple(uris), "fake:1"),
             loaded=LoadedModel(model=model, manifest=_manifest(), path=tmp_path),
-            fetch=store.read_bytes, sessions=sessions, pool=pool, batch_size=64,
+            fetch=store.read_bytes,
+            sessions=sessions,
+            pool=pool,
+            batch_size=64,
         )
     assert model.batch_shapes == [(64, SIZE, SIZE, 3), (64, SIZE, SIZE, 3)]  # fixed size, last one padded
     assert (summary.n_cells, summary.n_all, summary.n_failed) == (73, 21, 3)
@@ -117,11 +131,21 @@ def test_rescoring_the_same_version_replaces_rows(tmp_path: Path, sessions) -> N
     loaded = LoadedModel(model=BrightnessModel(), manifest=_manifest(), path=tmp_path)
     with ThreadPoolExecutor(2) as pool:
         for _ in range(2):  # a redelivered task runs the same sample twice
-            score_sample(ScoreRequest("job1", "S1", tuple(uris), "fake:1"), loaded=loaded,
-                         fetch=LocalStore().read_bytes, sessions=sessions, pool=pool, batch_size=8)
+            score_sample(
+                ScoreRequest("job1", "S1", tuple(uris), "fake:1"),
+                loaded=loaded,
+                fetch=LocalStore().read_bytes,
+                sessions=sessions,
+                pool=pool,
+                batch_size=8,
+            )
     with sessions() as session:
-        n_rows = session.execute(text("SELECT count(*) FROM cell_results WHERE sample_id = 'S1'")).scalar_one()
-        n_samples = session.execute(text("SELECT count(*) FROM sample_results WHERE sample_id = 'S1'")).scalar_one()
+        n_rows = session.execute(
+            text("SELECT count(*) FROM cell_results WHERE sample_id = 'S1'")
+        ).scalar_one()
+        n_samples = session.execute(
+            text("SELECT count(*) FROM sample_results WHERE sample_id = 'S1'")
+        ).scalar_one()
     assert (n_rows, n_samples) == (3, 1)
 
 
@@ -130,6 +154,11 @@ def test_sample_with_no_readable_cell_is_done_with_no_fraction(tmp_path: Path, s
     bad.write_bytes(b"BM\x00\x01")
     loaded = LoadedModel(model=BrightnessModel(), manifest=_manifest(), path=tmp_path)
     with ThreadPoolExecutor(1) as pool:
-        summary = score_sample(ScoreRequest("job1", "S1", (str(bad),), "fake:1"), loaded=loaded,
-                               fetch=LocalStore().read_bytes, sessions=sessions, pool=pool)
+        summary = score_sample(
+            ScoreRequest("job1", "S1", (str(bad),), "fake:1"),
+            loaded=loaded,
+            fetch=LocalStore().read_bytes,
+            sessions=sessions,
+            pool=pool,
+        )
     assert (summary.n_cells, summary.n_failed, summary.all_fraction, summary.ci_low) == (1, 1, None, None)

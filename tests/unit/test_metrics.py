@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.metrics import choose_threshold, confusion, roc_auc, sensitivity, specificity, summarize, weighted_f1
+from trainer.metrics import (
+    choose_threshold,
+    confusion,
+    roc_auc,
+    sensitivity,
+    specificity,
+    summarize,
+    weighted_f1,
+)
 
 
 def test_sensitivity_is_the_recall_of_all_not_of_hem() -> None:
