@@ -118,9 +118,7 @@ class Cell(Base):
 
     __tablename__ = "cells"
     __table_args__ = (
-        ForeignKeyConstraint(
-            ["sample_pk"], ["samples.id"], name="fk_cells_sample_pk_samples", ondelete="CASCADE"
-        ),
+        ForeignKeyConstraint(["sample_pk"], ["samples.id"], name="fk_cells_sample_pk_samples", ondelete="CASCADE"),
     )
 
     # The primary key is the natural key, so no extra index or sequence slows bulk inserts.

@@ -52,8 +52,7 @@ class SampleSummary:
             raise ValueError(f"SampleSummary counts must be non-negative, got {self}")
         if self.n_all + self.n_failed > self.n_cells:
             raise ValueError(
-                f"SampleSummary.n_all={self.n_all} plus n_failed={self.n_failed} "
-                f"exceeds n_cells={self.n_cells}"
+                f"SampleSummary.n_all={self.n_all} plus n_failed={self.n_failed} exceeds n_cells={self.n_cells}"
             )
         for field in ("all_fraction", "ci_low", "ci_high", "corrected_fraction", "mean_p_all"):
             _check_probability("SampleSummary", field, getattr(self, field))

@@ -106,9 +106,7 @@ def ensure_model(
     new_id = session.execute(stmt).scalar_one_or_none()
     if new_id is not None:
         return int(new_id)
-    existing = session.execute(
-        select(Model.id, Model.sha256).where(Model.name == name, Model.version == version)
-    ).one()
+    existing = session.execute(select(Model.id, Model.sha256).where(Model.name == name, Model.version == version)).one()
     if existing.sha256 != sha256:
         raise ModelConflictError(
             f"model {name}:{version} is registered with sha256 {existing.sha256}, not {sha256}; a version "
@@ -211,9 +209,7 @@ def mark_running(*, session: Session, sample_id: str, model_version: str) -> int
     return int(attempts)
 
 
-def _check_result(
-    sample_id: str, model_version: str, cells: Sequence[CellResult], summary: SampleSummary
-) -> None:
+def _check_result(sample_id: str, model_version: str, cells: Sequence[CellResult], summary: SampleSummary) -> None:
     where = f"sample {sample_id!r} (model {model_version!r})"
     if summary.n_cells != len(cells):
         raise ResultMismatchError(
@@ -228,9 +224,7 @@ def _check_result(
     seen: set[str] = set()
     for cell in cells:
         if cell.image_uri in seen:
-            raise ResultMismatchError(
-                f"{where}: image {cell.image_uri!r} appears twice; score each image once"
-            )
+            raise ResultMismatchError(f"{where}: image {cell.image_uri!r} appears twice; score each image once")
         seen.add(cell.image_uri)
 
 
@@ -310,9 +304,7 @@ def get_sample_results(
     return [dict(row._mapping) for row in session.execute(stmt)]
 
 
-def get_cell_results(
-    *, session: Session, sample_id: str, model_version: str | None = None
-) -> list[dict[str, Any]]:
+def get_cell_results(*, session: Session, sample_id: str, model_version: str | None = None) -> list[dict[str, Any]]:
     """Rows of the view cell_results for one sample, optionally one model version."""
     stmt = select(cell_results).where(cell_results.c.sample_id == sample_id)
     if model_version is not None:

@@ -92,12 +92,8 @@ def test_concurrent_upgrades_of_a_fresh_database(pg_empty_url: str) -> None:
     engine = make_engine(pg_empty_url)
     try:
         with engine.connect() as conn:
-            tables = conn.execute(
-                text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
-            ).scalars()
-            views = conn.execute(
-                text("SELECT viewname FROM pg_views WHERE schemaname = current_schema()")
-            ).scalars()
+            tables = conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")).scalars()
+            views = conn.execute(text("SELECT viewname FROM pg_views WHERE schemaname = current_schema()")).scalars()
             versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars()
             assert sorted(t for t in tables if t != "alembic_version") == sorted(TABLES)
             assert sorted(views) == ["cell_results", "sample_results"]
@@ -169,9 +165,7 @@ def test_a_redelivered_task_waits_for_the_first_writer(factory: Factory) -> None
     assert (row["status"], row["n_cells"]) == ("done", len(second))
 
 
-def test_analyst_role_reads_the_views_and_cannot_write(
-    pg_empty_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_analyst_role_reads_the_views_and_cannot_write(pg_empty_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     password = f"analyst-{uuid.uuid4().hex}'%\\"  # quotes and escapes must survive the migration
     monkeypatch.setenv("ALLSCORE_ANALYST_PASSWORD", password)
     upgrade(pg_empty_url)

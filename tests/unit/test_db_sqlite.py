@@ -188,9 +188,7 @@ def scenario_flow(factory: Factory) -> None:
 
     with transaction(factory) as s:
         repo.mark_running(session=s, sample_id="S2", model_version="cnn:1")
-        repo.mark_failed(
-            session=s, sample_id="S2", model_version="cnn:1", error="S3 unreachable after 5 tries"
-        )
+        repo.mark_failed(session=s, sample_id="S2", model_version="cnn:1", error="S3 unreachable after 5 tries")
     (failed,) = results(factory, sample_ids="S2")
     assert failed["status"] == "failed"
     assert failed["error"] == "S3 unreachable after 5 tries"

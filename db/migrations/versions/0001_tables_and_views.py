@@ -97,9 +97,7 @@ def upgrade() -> None:
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("scored_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("sample_pk", "image_uri", name="pk_cells"),
-        sa.ForeignKeyConstraint(
-            ["sample_pk"], ["samples.id"], name="fk_cells_sample_pk_samples", ondelete="CASCADE"
-        ),
+        sa.ForeignKeyConstraint(["sample_pk"], ["samples.id"], name="fk_cells_sample_pk_samples", ondelete="CASCADE"),
     )
     op.execute(SAMPLE_RESULTS_SQL)
     op.execute(CELL_RESULTS_SQL)

@@ -128,8 +128,5 @@ def downgrade() -> None:
     bind.execute(sa.text(f"REVOKE SELECT ON {', '.join(VIEWS)} FROM {ROLE}"))
     bind.execute(sa.text(f"REVOKE USAGE ON SCHEMA {_schema(bind)} FROM {ROLE}"))
     bind.execute(
-        sa.text(
-            f"DO $$ BEGIN EXECUTE format('REVOKE CONNECT ON DATABASE %I FROM {ROLE}', current_database()); "
-            "END $$"
-        )
+        sa.text(f"DO $$ BEGIN EXECUTE format('REVOKE CONNECT ON DATABASE %I FROM {ROLE}', current_database()); END $$")
     )
