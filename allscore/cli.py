@@ -54,9 +54,7 @@ def main() -> None:
 
 @app.command("demo")
 def demo_cmd(
-    workdir: Path = typer.Option(
-        Path(".demo"), help="folder for the demo's data, models, database, montages"
-    ),
+    workdir: Path = typer.Option(Path(".demo"), help="folder for the demo's data, models, database, montages"),
     epochs: int = typer.Option(30, help="maximum training epochs"),
     fresh: bool = typer.Option(False, "--fresh", help="delete the folder first"),
 ) -> None:

@@ -78,9 +78,7 @@ class ModelManifest(BaseModel):
     class_names: list[str] = Field(default_factory=lambda: list(CLASS_NAMES))
     positive_class: str = POSITIVE_CLASS
     output: str = "sigmoid p(positive_class), shape (batch, 1)"
-    preprocessing: str = (
-        "core.imaging.decode_image (center-crop to square, resize); rescaling inside the model"
-    )
+    preprocessing: str = "core.imaging.decode_image (center-crop to square, resize); rescaling inside the model"
     threshold: float
     threshold_criterion: str = "maximises weighted F1 on the validation subjects"
     validation: ValidationMetrics
@@ -264,9 +262,7 @@ class Registry:
         if version is None:
             versions = self.versions(parsed.name)
             if not versions:
-                raise ModelNotFound(
-                    f"no model named {parsed.name!r} in {self.root}; see `allscore models list`"
-                )
+                raise ModelNotFound(f"no model named {parsed.name!r} in {self.root}; see `allscore models list`")
             version = versions[-1]
         return self._read_manifest(join_uri(self.version_uri(parsed.name, version), MANIFEST_FILE))
 

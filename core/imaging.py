@@ -79,9 +79,7 @@ def _crop_box(width: int, height: int) -> tuple[int, int, int, int]:
     return (left, top, left + side, top + side)
 
 
-def decode_image(
-    data: bytes, size: int, *, source: str = "<bytes>", max_pixels: int | None = None
-) -> np.ndarray:
+def decode_image(data: bytes, size: int, *, source: str = "<bytes>", max_pixels: int | None = None) -> np.ndarray:
     """Decode image bytes into an RGB uint8 array of shape (size, size, 3).
 
     The model sees the central 450x450 field (the C-NMC framing), scaled to size x size with one
@@ -120,9 +118,7 @@ def decode_image(
                 "a cell image is about 450x450; raise ALLSCORE_MAX_IMAGE_PIXELS only for trusted input",
             )
         if min(width, height) < MIN_SIDE:
-            raise DecodeError(
-                source, f"{width}x{height} is smaller than {MIN_SIDE}x{MIN_SIDE} and cannot show a cell"
-            )
+            raise DecodeError(source, f"{width}x{height} is smaller than {MIN_SIDE}x{MIN_SIDE} and cannot show a cell")
         box: tuple[float, float, float, float] = _crop_box(width, height)
         side = box[2] - box[0]
         if im.format == "JPEG" and side >= 2 * size:
@@ -161,7 +157,5 @@ def load_image(path: str | Path, size: int, *, max_pixels: int | None = None) ->
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise DecodeError(
-            str(path), f"cannot read the file ({exc.strerror or exc})", "check the path"
-        ) from exc
+        raise DecodeError(str(path), f"cannot read the file ({exc.strerror or exc})", "check the path") from exc
     return decode_image(data, size, source=str(path), max_pixels=max_pixels)

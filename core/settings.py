@@ -34,9 +34,7 @@ class Settings(BaseSettings):
     queue: str = "allscore"
     batch_size: int = Field(default=64, ge=1, le=4096)
     precision: Literal["float32", "bfloat16"] = "float32"
-    tf_threads: int = Field(
-        default=0, ge=0, description="TensorFlow threads per process; 0 = cores/concurrency"
-    )
+    tf_threads: int = Field(default=0, ge=0, description="TensorFlow threads per process; 0 = cores/concurrency")
     worker_concurrency: int = Field(default=0, ge=0, description="worker processes; 0 = number of cores")
     flag_thresholds: list[float] = Field(default_factory=lambda: [0.05, 0.20, 0.25])
     allowed_roots: list[str] = Field(default_factory=list, description="local folders and s3:// prefixes")

@@ -431,9 +431,7 @@ class S3Store:
                     uri,
                 )
                 if self.exists(uri):
-                    raise AlreadyExists(
-                        uri, f"{uri} already exists; choose a new name or pass overwrite=True"
-                    ) from exc
+                    raise AlreadyExists(uri, f"{uri} already exists; choose a new name or pass overwrite=True") from exc
                 if not isinstance(body, bytes):
                     body.seek(0)
                 self.client.put_object(Bucket=bucket, Key=key, Body=body)
@@ -507,8 +505,7 @@ class S3Store:
         except bx.SSLError as exc:
             raise StorageError(
                 uri,
-                f"{uri}: TLS failure talking to {where} ({exc}); check the endpoint's "
-                "certificate or AWS_CA_BUNDLE",
+                f"{uri}: TLS failure talking to {where} ({exc}); check the endpoint's certificate or AWS_CA_BUNDLE",
             ) from exc
         except (bx.ConnectionError, bx.HTTPClientError, bx.IncompleteReadError, RetriesExceededError) as exc:
             raise StorageUnavailable(
@@ -525,9 +522,7 @@ class S3Store:
         if code == "NoSuchBucket":
             return BucketNotFound(uri, self._no_bucket(bucket, uri))
         if code in ("NoSuchKey", "404", "NotFound") or status == 404:
-            return ObjectNotFound(
-                uri, f"{uri}: no such object; check the key (list the prefix to see what exists)"
-            )
+            return ObjectNotFound(uri, f"{uri}: no such object; check the key (list the prefix to see what exists)")
         if code == "PreconditionFailed" or status == 412:
             return AlreadyExists(uri, f"{uri} already exists; choose a new name or pass overwrite=True")
         if code == "ConditionalRequestConflict":
@@ -537,7 +532,5 @@ class S3Store:
                 uri, f"{uri}: access denied ({code}); check the AWS credentials and the bucket's policy"
             )
         if status >= 500 or code in ("SlowDown", "RequestTimeout", "ServiceUnavailable", "InternalError"):
-            return StorageUnavailable(
-                uri, f"{uri}: the S3 server failed ({code or status}) after retries; retry later"
-            )
+            return StorageUnavailable(uri, f"{uri}: the S3 server failed ({code or status}) after retries; retry later")
         return StorageError(uri, f"{uri}: S3 refused the request ({code or status}: {exc}); check the URI")

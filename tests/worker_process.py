@@ -15,9 +15,7 @@ from pathlib import Path
 class WorkerProcess:
     """A real worker subprocess with its own log file; stop() sends SIGTERM (warm shutdown)."""
 
-    def __init__(
-        self, env: dict[str, str], log_path: Path, concurrency: int = 2, pool: str = "prefork"
-    ) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 2, pool: str = "prefork") -> None:
         self.log_path = log_path
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
         self.cmd = [

@@ -31,7 +31,7 @@ def build_model(arch: str, image_size: int | None = None, *, seed: int = 0) -> A
         x = layers.Dense(16, activation="relu")(x)
     elif arch == "seed":
         # The write-up's final network: three blocks of three 3x3 convolutions, max-pooling between.
-        for i, filters in enumerate((16, 32, 64)):
+        for i, filters in enumerate((32, 64, 128)):
             for j in range(3):
                 x = layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"b{i}c{j}")(x)
             x = layers.MaxPooling2D(name=f"pool{i}")(x)

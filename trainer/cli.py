@@ -39,9 +39,7 @@ def synth_cmd(
 
 
 def train_cmd(
-    data: Annotated[
-        Path, typer.Argument(metavar="DATA", help="C-NMC layout root (folds found by walking it)")
-    ],
+    data: Annotated[Path, typer.Argument(metavar="DATA", help="C-NMC layout root (folds found by walking it)")],
     out_store: Annotated[
         str | None, typer.Option("--out", help="store to publish to; default ALLSCORE_MODEL_STORE")
     ] = None,

@@ -88,9 +88,7 @@ class Dataset:
     def labels(self) -> np.ndarray:
         """Labels as an int64 array (1 = all); raises DatasetError if any cell is unlabelled."""
         if any(c.label is None for c in self.cells):
-            raise DatasetError(
-                f"{self.root}: some cells have no label; this data set can be scored, not evaluated"
-            )
+            raise DatasetError(f"{self.root}: some cells have no label; this data set can be scored, not evaluated")
         return np.array([c.label for c in self.cells], dtype=np.int64)
 
     @property
@@ -157,8 +155,7 @@ def discover(root: Path, *, check_images: bool = True) -> Dataset:
             cells.extend(_read_class_root(class_root, fold, skipped))
         # A held-out test set must not leak into training by sitting next to the folds.
         notes.extend(
-            f"preliminary test set {csv_path} not included; point at it to evaluate on it"
-            for csv_path in prelim_csvs
+            f"preliminary test set {csv_path} not included; point at it to evaluate on it" for csv_path in prelim_csvs
         )
     elif prelim_csvs:
         for csv_path in prelim_csvs:
@@ -177,9 +174,7 @@ def load_prelim(csv_path: Path, images_dir: Path | None = None, *, check_images:
     if not csv_path.is_file():
         raise DatasetError(f"{csv_path}: no such CSV file")
     if not _is_prelim_csv(csv_path):
-        raise DatasetError(
-            f"{csv_path}: not a preliminary-test CSV; its header must be Patient_ID,new_names,labels"
-        )
+        raise DatasetError(f"{csv_path}: not a preliminary-test CSV; its header must be Patient_ID,new_names,labels")
     skipped: list[tuple[Path, str]] = []
     cells = _read_prelim(csv_path, images_dir, skipped)
     return _finish(csv_path.parent, cells, skipped, [], check_images=check_images)
@@ -254,9 +249,7 @@ def _is_prelim_csv(path: Path) -> bool:
     return set(PRELIM_COLUMNS) <= {h.strip().lower() for h in header}
 
 
-def _read_prelim(
-    csv_path: Path, images_dir: Path | None, skipped: list[tuple[Path, str]]
-) -> list[CellRecord]:
+def _read_prelim(csv_path: Path, images_dir: Path | None, skipped: list[tuple[Path, str]]) -> list[CellRecord]:
     try:
         with csv_path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
@@ -367,9 +360,7 @@ def _finish(
     for note in notes:
         log.info("%s: %s", root, note)
     if not kept:
-        raise DatasetError(
-            f"{root}: no usable cell images found ({len(skipped)} files skipped, see the warning)"
-        )
+        raise DatasetError(f"{root}: no usable cell images found ({len(skipped)} files skipped, see the warning)")
     ds = Dataset(cells=kept, skipped=skipped, root=root, notes=notes)
     log.info(
         "%s: %d cells (%s), %d subjects, folds %s",
@@ -427,9 +418,7 @@ def _split_fold(ds: Dataset, val_fold: str) -> tuple[Dataset, Dataset]:
         )
     val = [c for c in ds.cells if c.fold == fold]
     train = [c for c in ds.cells if c.fold != fold]
-    shared = sorted(
-        {c.subject for c in val} & {c.subject for c in train}, key=lambda s: subject_sort_key(s or "")
-    )
+    shared = sorted({c.subject for c in val} & {c.subject for c in train}, key=lambda s: subject_sort_key(s or ""))
     if shared:
         raise DatasetError(
             f"{ds.root}: subjects {shared} have cells in fold {fold} and in other folds; a fold split would "

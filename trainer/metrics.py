@@ -85,16 +85,12 @@ def choose_threshold(y_true: np.ndarray, p: np.ndarray, max_candidates: int = 51
     best, best_score = 0.5, -1.0
     for t in candidates:
         score = weighted_f1(y_true, p >= t)
-        if score > best_score + 1e-12 or (
-            abs(score - best_score) <= 1e-12 and abs(t - 0.5) < abs(best - 0.5)
-        ):
+        if score > best_score + 1e-12 or (abs(score - best_score) <= 1e-12 and abs(t - 0.5) < abs(best - 0.5)):
             best, best_score = float(t), score
     return best
 
 
-def per_subject_accuracy(
-    subjects: Sequence[str | None], y_true: np.ndarray, y_pred: np.ndarray
-) -> dict[str, float]:
+def per_subject_accuracy(subjects: Sequence[str | None], y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     """Accuracy of the cell calls within each subject."""
     hits: dict[str, list[int]] = defaultdict(list)
     for subject, t, q in zip(subjects, np.asarray(y_true), np.asarray(y_pred), strict=True):

@@ -87,8 +87,7 @@ class SynthSummary:
         """One line per fold and a total, for the command line."""
         lines = [f"fold_{fold}: subjects {', '.join(subjects)}" for fold, subjects in self.folds.items()]
         lines.append(
-            f"{self.n_cells} synthetic cells ({self.n_all} all, {self.n_hem} hem) in {self.root} "
-            f"({self.seconds:.1f} s)"
+            f"{self.n_cells} synthetic cells ({self.n_all} all, {self.n_hem} hem) in {self.root} ({self.seconds:.1f} s)"
         )
         return "\n".join(lines)
 
@@ -143,9 +142,7 @@ def render_cell(
     for _ in range(min(n_nucleoli, 4)):
         a, d = rng.uniform(0, 2 * math.pi), nucleus_radius * 0.55 * math.sqrt(rng.uniform())
         spot_r = nucleus_radius * rng.uniform(0.08, 0.16)
-        spot = np.exp(
-            -((xx - nx - d * math.cos(a)) ** 2 + (yy - ny - d * math.sin(a)) ** 2) / (2 * spot_r**2)
-        )
+        spot = np.exp(-((xx - nx - d * math.cos(a)) ** 2 + (yy - ny - d * math.sin(a)) ** 2) / (2 * spot_r**2))
         weight = (nucleolus_contrast * spot)[..., None]
         nucleus = nucleus * (1 - weight) + NUCLEOLUS_RGB * weight
 
@@ -175,10 +172,7 @@ def _blob(
     outline += 0.06 * rng.standard_normal() * np.cos(2 * theta + rng.uniform(0, 2 * math.pi))  # ovalness
     for k in range(2, 8):
         outline += (
-            irregularity
-            * rng.standard_normal()
-            / math.sqrt(k - 1)
-            * np.cos(k * theta + rng.uniform(0, 2 * math.pi))
+            irregularity * rng.standard_normal() / math.sqrt(k - 1) * np.cos(k * theta + rng.uniform(0, 2 * math.pi))
         )
     dx = coords[None, :] - cx
     dy = coords[:, None] - cy
@@ -198,9 +192,7 @@ def _smooth_noise(rng: np.random.Generator, grain: int, draw: int) -> np.ndarray
     return np.asarray(smooth)
 
 
-def synthesize(
-    out: Path, *, subjects: int = 12, cells: int = 120, seed: int = 0, size: int = 450
-) -> SynthSummary:
+def synthesize(out: Path, *, subjects: int = 12, cells: int = 120, seed: int = 0, size: int = 450) -> SynthSummary:
     """Write a synthetic C-NMC-layout data set under out (see the module docstring); returns a summary."""
     out = Path(out)
     if subjects < 2 * FOLDS:
@@ -245,9 +237,7 @@ def synthesize(
     return summary
 
 
-def write_sample(
-    out_dir: Path, n_cells: int, all_fraction: float, seed: int = 0, *, size: int = 450
-) -> list[Path]:
+def write_sample(out_dir: Path, n_cells: int, all_fraction: float, seed: int = 0, *, size: int = 450) -> list[Path]:
     """Write one synthetic slide (one subject's stain) with round(n_cells * all_fraction) malignant cells."""
     out_dir = Path(out_dir)
     if n_cells < 1:
@@ -255,9 +245,7 @@ def write_sample(
     if not 0.0 <= all_fraction <= 1.0:
         raise DatasetError(f"all_fraction={all_fraction}: must be between 0 and 1")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise DatasetError(
-            f"{out_dir}: exists and is not an empty folder; choose a new folder for the sample"
-        )
+        raise DatasetError(f"{out_dir}: exists and is not an empty folder; choose a new folder for the sample")
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 2])
     tint = subject_tint(rng)

@@ -156,14 +156,12 @@ def train_model(data: Path, config: TrainConfig, console: Console | None = None)
             loss="binary_crossentropy",
             metrics=[keras.metrics.AUC(name="auc")],
         )
-        stop = keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=config.patience, restore_best_weights=True
-        )
+        stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True)
         history = model.fit(
             _augmented(train.images, train.labels, config.batch_size, config.seed, config.augment),
-            validation_data=tf.data.Dataset.from_tensor_slices(
-                (val.images, val.labels.astype("float32"))
-            ).batch(config.batch_size),
+            validation_data=tf.data.Dataset.from_tensor_slices((val.images, val.labels.astype("float32"))).batch(
+                config.batch_size
+            ),
             epochs=config.epochs,
             class_weight=_class_weights(train.labels),
             callbacks=[stop, _progress_callback(progress, config.epochs)],
@@ -217,9 +215,7 @@ def _describe_split(config: TrainConfig, val_ds: Dataset) -> str:
     return "by subject: validation = 20% of subjects (default)"
 
 
-def publish(
-    outcome: TrainOutcome, store: str | None = None, settings: Settings | None = None
-) -> ModelManifest:
+def publish(outcome: TrainOutcome, store: str | None = None, settings: Settings | None = None) -> ModelManifest:
     """Save the model to model.keras, record its sha256 and publish the version to the store."""
     with tempfile.TemporaryDirectory(prefix="allscore-") as tmp:
         path = Path(tmp) / "model.keras"

@@ -72,15 +72,11 @@ def _read_manifest_csv(path: Path) -> dict[str, list[str]]:
 
 def submit_cmd(
     sample_id: Annotated[str | None, typer.Argument(metavar="SAMPLE_ID")] = None,
-    uris: Annotated[
-        list[str] | None, typer.Argument(metavar="URI...", help="files, folders, globs, s3://")
-    ] = None,
+    uris: Annotated[list[str] | None, typer.Argument(metavar="URI...", help="files, folders, globs, s3://")] = None,
     model: Annotated[str | None, typer.Option(help="model reference; default ALLSCORE_MODEL")] = None,
     job: Annotated[str | None, typer.Option(help="job id; default a new uuid")] = None,
     manifest: Annotated[Path | None, typer.Option(help="CSV with columns sample_id,uri")] = None,
-    wait: Annotated[
-        bool, typer.Option("--wait", help="show progress until done; exit 1 if any failed")
-    ] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="show progress until done; exit 1 if any failed")] = False,
     timeout: Annotated[float, typer.Option(help="seconds --wait waits at most")] = 3600.0,
 ) -> None:
     """Queue samples for scoring; prints the job id."""
@@ -197,9 +193,7 @@ def report_cmd(
     sample_ids: Annotated[list[str] | None, typer.Argument(metavar="SAMPLE_ID...")] = None,
     job: Annotated[str | None, typer.Option(help="job id")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
-    montage: Annotated[
-        Path | None, typer.Option(help="write one montage PNG per sample into this folder")
-    ] = None,
+    montage: Annotated[Path | None, typer.Option(help="write one montage PNG per sample into this folder")] = None,
 ) -> None:
     """Per-sample results (the view sample_results), as a table, CSV or JSON; optionally montages."""
     from db import repository

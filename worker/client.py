@@ -37,11 +37,7 @@ def _check_root(uri: str, settings: Settings) -> None:
         return
     for root in roots:
         if is_s3(root) or is_s3(uri):
-            if (
-                is_s3(root)
-                and is_s3(uri)
-                and (uri == root.rstrip("/") or uri.startswith(root.rstrip("/") + "/"))
-            ):
+            if is_s3(root) and is_s3(uri) and (uri == root.rstrip("/") or uri.startswith(root.rstrip("/") + "/")):
                 return
             continue
         # resolve() removes `..` and follows links, so a path cannot climb out of its root.
@@ -73,9 +69,7 @@ def expand_uris(uris: Sequence[str], settings: Settings | None = None) -> list[s
                 continue
             listed = store.list(uri.rstrip("/") + "/", suffixes=IMAGE_SUFFIXES)
             if not listed:
-                raise SubmitError(
-                    f"{uri}: no image objects ({', '.join(IMAGE_SUFFIXES)}) at that key or prefix"
-                )
+                raise SubmitError(f"{uri}: no image objects ({', '.join(IMAGE_SUFFIXES)}) at that key or prefix")
             found.extend(listed)
             continue
         raw = uri.removeprefix("file://")
@@ -92,9 +86,7 @@ def expand_uris(uris: Sequence[str], settings: Settings | None = None) -> list[s
         elif path.is_file():
             paths = [path]
         else:
-            raise SubmitError(
-                f"{uri}: no such file or folder; give an image file, a folder, a glob or s3:// URI"
-            )
+            raise SubmitError(f"{uri}: no such file or folder; give an image file, a folder, a glob or s3:// URI")
         for p in paths:
             absolute = str(p.resolve())
             _check_root(absolute, settings)
@@ -124,9 +116,7 @@ def submit_samples(
     expanded = {sample_id: expand_uris(uris, settings) for sample_id, uris in samples.items()}
     for sample_id, uris in expanded.items():
         if not uris:
-            raise SubmitError(
-                f"sample {sample_id!r} has no images; give files, a folder, a glob or an s3:// prefix"
-            )
+            raise SubmitError(f"sample {sample_id!r} has no images; give files, a folder, a glob or an s3:// prefix")
     registry = Registry(settings=settings)
     manifest = registry.resolve(model_ref or settings.model)
     version = manifest.ref
@@ -144,9 +134,7 @@ def submit_samples(
         )
         repository.create_job(session=session, job_id=job_id, n_samples=len(expanded))
         for sample_id in expanded:
-            repository.enqueue_sample(
-                session=session, job_id=job_id, sample_id=sample_id, model_version=version
-            )
+            repository.enqueue_sample(session=session, job_id=job_id, sample_id=sample_id, model_version=version)
     sent = []
     try:
         for sample_id, uris in expanded.items():

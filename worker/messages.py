@@ -32,15 +32,11 @@ def check_identifier(value: object, what: str, limit: int = SAMPLE_ID_MAX) -> st
 def parse_message(args: Sequence[Any], kwargs: Mapping[str, Any]) -> ScoreRequest:
     """Validate a message's arguments into a ScoreRequest, or raise InvalidMessage saying what is wrong."""
     if args:
-        raise InvalidMessage(
-            f"positional arguments are not accepted (got {len(args)}); send keyword arguments"
-        )
+        raise InvalidMessage(f"positional arguments are not accepted (got {len(args)}); send keyword arguments")
     keys = set(kwargs)
     if keys != set(FIELDS):
         missing, extra = sorted(set(FIELDS) - keys), sorted(keys - set(FIELDS))
-        raise InvalidMessage(
-            f"message must carry exactly {', '.join(FIELDS)}; missing {missing}, unexpected {extra}"
-        )
+        raise InvalidMessage(f"message must carry exactly {', '.join(FIELDS)}; missing {missing}, unexpected {extra}")
     uris = kwargs["image_uris"]
     if not isinstance(uris, list) or not uris or not all(isinstance(u, str) and u for u in uris):
         raise InvalidMessage("image_uris must be a non-empty list of strings")

@@ -105,9 +105,7 @@ def render_montage(
         if thumb is not None:
             canvas.paste(Image.fromarray(thumb), (x + FRAME, y + FRAME))
         else:
-            draw.rectangle(
-                (x + FRAME, y + FRAME, x + FRAME + THUMB - 1, y + FRAME + THUMB - 1), fill=(0, 0, 0)
-            )
+            draw.rectangle((x + FRAME, y + FRAME, x + FRAME + THUMB - 1, y + FRAME + THUMB - 1), fill=(0, 0, 0))
         label = "error" if cell["p_all"] is None else f"p={cell['p_all']:.2f}"
         draw.text((x + FRAME, y + THUMB + 2 * FRAME + 2), label, fill=(0, 0, 0), font=font)
     out_dir.mkdir(parents=True, exist_ok=True)

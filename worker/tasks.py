@@ -38,9 +38,7 @@ def backoff(retries: int, base: float = 2.0, cap: float = 120.0) -> float:
 def _mark_failed(sample_id: str, model_version: str, reason: str) -> None:
     try:
         with transaction(get_context().sessions) as session:
-            repository.mark_failed(
-                session=session, sample_id=sample_id, model_version=model_version, error=reason
-            )
+            repository.mark_failed(session=session, sample_id=sample_id, model_version=model_version, error=reason)
     except (DBAPIError, AllscoreError) as exc:
         log.error("could not mark sample %s failed (%s): %s", sample_id, reason, exc)
 
@@ -76,13 +74,9 @@ def score_sample_task(self: Task, *args: Any, **kwargs: Any) -> None:
             _mark_failed(request.sample_id, model_version, f"gave up after {retries} retries: {exc}")
             return
         delay = backoff(retries)
-        log.warning(
-            "sample %s: transient fault (%s); retry %d in %.1fs", request.sample_id, exc, retries + 1, delay
-        )
+        log.warning("sample %s: transient fault (%s); retry %d in %.1fs", request.sample_id, exc, retries + 1, delay)
         raise self.retry(exc=exc, countdown=delay, max_retries=settings.task_max_retries) from exc
     except SoftTimeLimitExceeded:
-        _mark_failed(
-            request.sample_id, model_version, "time limit exceeded: split the sample or raise the limit"
-        )
+        _mark_failed(request.sample_id, model_version, "time limit exceeded: split the sample or raise the limit")
     except AllscoreError as exc:
         _mark_failed(request.sample_id, model_version, str(exc))

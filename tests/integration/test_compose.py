@@ -64,9 +64,7 @@ def rendered(tmp_path: Path) -> dict[str, Any]:
 
 def test_compose_file_is_valid_and_scalable(rendered: dict[str, Any]) -> None:
     services = rendered["services"]
-    assert {"redis", "postgres", "s3", "createbucket", "migrate", "worker", "trainer", "flower"} <= set(
-        services
-    )
+    assert {"redis", "postgres", "s3", "createbucket", "migrate", "worker", "trainer", "flower"} <= set(services)
     worker = services["worker"]
     # `docker compose up --scale worker=N` needs no fixed name and no host port.
     assert "container_name" not in worker and "ports" not in worker
@@ -87,11 +85,7 @@ def test_compose_file_is_valid_and_scalable(rendered: dict[str, Any]) -> None:
 
 
 def test_required_secrets_fail_fast(tmp_path: Path) -> None:
-    lines = [
-        ln
-        for ln in (REPO_ROOT / ".env.example").read_text().splitlines()
-        if not ln.startswith("REDIS_PASSWORD=")
-    ]
+    lines = [ln for ln in (REPO_ROOT / ".env.example").read_text().splitlines() if not ln.startswith("REDIS_PASSWORD=")]
     env_file = tmp_path / "env"
     env_file.write_text("\n".join(lines) + "\n")
     result = _config(env_file)
@@ -166,9 +160,7 @@ def test_each_service_command_runs_on_the_host(
     engine.dispose()
 
     # trainer: its command with the mounted data path pointed at a synthetic set, kept tiny for the test.
-    trainer_cmd = [
-        synth_data.as_posix() if part == "/data/train" else part for part in services["trainer"]["command"]
-    ]
+    trainer_cmd = [synth_data.as_posix() if part == "/data/train" else part for part in services["trainer"]["command"]]
     train = _run(
         [*trainer_cmd, "--arch", "tiny", "--epochs", "2", "--version", "compose"],
         _local_env(services["trainer"], local),

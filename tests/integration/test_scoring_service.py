@@ -119,8 +119,7 @@ def test_worker_scores_samples_end_to_end(
     service: dict[str, str], s3_bucket: str, tiny_model: PublishedModel, tmp_path: Path
 ) -> None:
     uploaded = {
-        name: _upload_sample(s3_bucket, name, f, tmp_path, seed=i)
-        for i, (name, f) in enumerate(FRACTIONS.items())
+        name: _upload_sample(s3_bucket, name, f, tmp_path, seed=i) for i, (name, f) in enumerate(FRACTIONS.items())
     }
     samples = {name: [f"{s3_bucket}/slides/{name}/"] for name in FRACTIONS}
     # The real C-NMC cells, from a local folder, and a sample with broken files next to good ones.
@@ -147,9 +146,7 @@ def test_worker_scores_samples_end_to_end(
         row = rows[name]
         assert (row["n_cells"], row["n_failed"], row["n_all"]) == (CELLS_PER_SAMPLE, 0, truth["n_all"])
         assert row["all_fraction"] == pytest.approx(truth["fraction"])
-        assert row["ci_low"] == pytest.approx(truth["ci_low"]) and row["ci_high"] == pytest.approx(
-            truth["ci_high"]
-        )
+        assert row["ci_low"] == pytest.approx(truth["ci_low"]) and row["ci_high"] == pytest.approx(truth["ci_high"])
         assert row["corrected_fraction"] == pytest.approx(truth["corrected"])
         assert row["mean_p_all"] == pytest.approx(truth["mean_p"], abs=1e-4)
         assert row["model_version"] == tiny_model.ref
@@ -163,9 +160,7 @@ def test_worker_scores_samples_end_to_end(
     assert (broken["n_cells"], broken["n_failed"]) == (9, 4)
     engine = make_engine(service["ALLSCORE_DATABASE_URL"])
     with engine.connect() as conn:
-        cells = conn.execute(
-            text("SELECT image_uri, p_all, error FROM cell_results WHERE sample_id = 'broken'")
-        ).all()
+        cells = conn.execute(text("SELECT image_uri, p_all, error FROM cell_results WHERE sample_id = 'broken'")).all()
         errors = {uri.rsplit("/", 1)[1]: err for uri, p, err in cells if err}
         assert set(errors) == {"zero.bmp", "truncated.bmp", "notes.png", "missing.bmp"}
         assert sum(1 for _, p, err in cells if p is not None and err is None) == 5
@@ -177,9 +172,7 @@ def test_worker_scores_samples_end_to_end(
     assert row["status"] == "done"
     with engine.connect() as conn:
         after = conn.execute(text("SELECT count(*) FROM cell_results WHERE sample_id = 'mid'")).scalar_one()
-        n_rows = conn.execute(
-            text("SELECT count(*) FROM sample_results WHERE sample_id = 'mid'")
-        ).scalar_one()
+        n_rows = conn.execute(text("SELECT count(*) FROM sample_results WHERE sample_id = 'mid'")).scalar_one()
         dupes = conn.execute(
             text(
                 "SELECT count(*) FROM (SELECT sample_id, image_uri, model_version FROM cell_results "

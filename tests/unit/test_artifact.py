@@ -50,9 +50,7 @@ def _manifest(path: Path, version: str = "v1") -> ModelManifest:
         train_subjects=["1", "H1"],
         val_subjects=["2", "H2"],
         sha256=sha256_file(path),
-        validation=ValidationMetrics(
-            weighted_f1=0.9, auc=0.9, sensitivity=0.9, specificity=0.8, accuracy=0.9
-        ),
+        validation=ValidationMetrics(weighted_f1=0.9, auc=0.9, sensitivity=0.9, specificity=0.8, accuracy=0.9),
     )
 
 

@@ -90,9 +90,7 @@ def test_11_and_h11_are_different_subjects() -> None:
     assert parse_cnmc_name("UID_11_1_1_all.bmp")[0] != parse_cnmc_name("UID_H11_1_1_hem.bmp")[0]
 
 
-@pytest.mark.parametrize(
-    "name", ["all_3.bmp", "UID_11_3_all.bmp", "UID_11_3_2_blast.bmp", "UID_11_3_2_all.txt", ""]
-)
+@pytest.mark.parametrize("name", ["all_3.bmp", "UID_11_3_all.bmp", "UID_11_3_2_blast.bmp", "UID_11_3_2_all.txt", ""])
 def test_parse_cnmc_name_rejects_other_names_naming_the_file(name: str) -> None:
     with pytest.raises(DatasetError, match="not a C-NMC cell name"):
         parse_cnmc_name(name)
@@ -181,9 +179,7 @@ def test_preliminary_set_beside_the_folds_is_not_mixed_into_training(tmp_path: P
     assert any("preliminary" in note for note in ds.notes)
 
 
-def test_bad_files_are_skipped_and_named_in_one_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_bad_files_are_skipped_and_named_in_one_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = tmp_path / "data"
     _write_folds({k: root / f"fold_{k}" for k in FOLD_SUBJECTS})
     all_dir = root / "fold_0" / "all"

@@ -140,12 +140,8 @@ def test_rescoring_the_same_version_replaces_rows(tmp_path: Path, sessions) -> N
                 batch_size=8,
             )
     with sessions() as session:
-        n_rows = session.execute(
-            text("SELECT count(*) FROM cell_results WHERE sample_id = 'S1'")
-        ).scalar_one()
-        n_samples = session.execute(
-            text("SELECT count(*) FROM sample_results WHERE sample_id = 'S1'")
-        ).scalar_one()
+        n_rows = session.execute(text("SELECT count(*) FROM cell_results WHERE sample_id = 'S1'")).scalar_one()
+        n_samples = session.execute(text("SELECT count(*) FROM sample_results WHERE sample_id = 'S1'")).scalar_one()
     assert (n_rows, n_samples) == (3, 1)
 
 

@@ -185,9 +185,7 @@ def test_a_truncated_bmp_is_a_decode_error(cells: list[Path]) -> None:
 
 
 @pytest.mark.parametrize("header", [bmp_header_only, png_header_only], ids=["bmp", "png"])
-def test_a_huge_declared_size_is_refused_before_decoding(
-    header: object, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_huge_declared_size_is_refused_before_decoding(header: object, monkeypatch: pytest.MonkeyPatch) -> None:
     # Our guard must hold even where Pillow's own global limit is switched off.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     data = header(100_000, 100_000)  # type: ignore[operator]

@@ -21,10 +21,7 @@ def _cell_area(pixels: np.ndarray) -> float:
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*.bmp"))
-    }
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.bmp"))}
 
 
 @pytest.fixture(scope="module")
