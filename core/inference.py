@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,11 +13,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def configure_tensorflow(threads: int, precision: str = "float32") -> None:
-    """Set TensorFlow's thread pools and Keras precision before the first op of this process."""
+def configure_tensorflow(threads: int) -> None:
+    """Set TensorFlow's thread pools before the first op of this process."""
     # Must run before TensorFlow creates its thread pools, i.e. before the first op.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
     import tensorflow as tf
 
     if threads > 0:
@@ -25,8 +25,41 @@ def configure_tensorflow(threads: int, precision: str = "float32") -> None:
             tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
         except RuntimeError:
             log.warning("TensorFlow was already initialised; thread counts left as they are")
-    if precision == "bfloat16":
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512_BF16 or AMX); elsewhere bf16 is slower, not faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def with_precision(model: Any, precision: str) -> Any:
+    """The same model computing in `precision`: float32 as loaded, or mixed bfloat16 (float32 output layer)."""
+    if precision != "bfloat16":
+        return model
+    if not cpu_has_bf16():
+        log.warning("ALLSCORE_PRECISION=bfloat16 but this CPU lacks AVX512_BF16/AMX: scoring in float32")
+        return model
+    import keras
+
+    config = model.get_config()
+    output_names = {ref[0] for ref in config.get("output_layers", [])}
+    for layer in config["layers"]:
+        # Inputs keep their dtype; the output layer stays float32 so probabilities are not rounded.
+        if layer["class_name"] == "InputLayer" or layer["config"].get("name") in output_names:
+            continue
+        layer["config"]["dtype"] = {
+            "module": "keras",
+            "class_name": "DTypePolicy",
+            "config": {"name": "mixed_bfloat16"},
+            "registered_name": None,
+        }
+    converted = keras.Model.from_config(config)
+    converted.set_weights(model.get_weights())
+    return converted
 
 
 def padded_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:

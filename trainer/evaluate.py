@@ -7,7 +7,7 @@ from typing import Any
 
 from core.artifact import load_model
 from core.errors import AllscoreError
-from core.inference import configure_tensorflow, predict_proba
+from core.inference import configure_tensorflow, predict_proba, with_precision
 from core.settings import get_settings
 from trainer.dataset import discover
 from trainer.loading import decode_cells
@@ -21,7 +21,7 @@ class EvaluationError(AllscoreError):
 def evaluate(ref: str, data: Path, *, store: str | None = None) -> dict[str, Any]:
     """Weighted F1, AUC, sensitivity and specificity (positive class `all`) at the manifest's threshold."""
     settings = get_settings()
-    configure_tensorflow(settings.tf_threads, settings.precision)
+    configure_tensorflow(settings.tf_threads)
     loaded = load_model(ref, store=store, settings=settings)
     manifest = loaded.manifest
     dataset = discover(data)
@@ -32,7 +32,8 @@ def evaluate(ref: str, data: Path, *, store: str | None = None) -> dict[str, Any
             "the preliminary test set's CSV"
         )
     arrays = decode_cells(labelled, manifest.input_size)
-    p = predict_proba(loaded.model, arrays.images, batch_size=settings.batch_size)
+    model = with_precision(loaded.model, settings.precision)
+    p = predict_proba(model, arrays.images, batch_size=settings.batch_size)
     metrics = summarize(arrays.labels, p, manifest.threshold, arrays.subjects)
     overlap = sorted(set(manifest.train_subjects) & {s for s in arrays.subjects if s})
     return {
@@ -40,5 +41,6 @@ def evaluate(ref: str, data: Path, *, store: str | None = None) -> dict[str, Any
         "data": str(data),
         **metrics,
         "n_failed": len(arrays.failed),
+        "precision": settings.precision,
         "subjects_seen_in_training": overlap,
     }

@@ -135,7 +135,7 @@ def train_model(data: Path, config: TrainConfig, console: Console | None = None)
     console = console or Console(stderr=True)
     started = time.perf_counter()
     settings = get_settings()
-    configure_tensorflow(settings.tf_threads, settings.precision)
+    configure_tensorflow(settings.tf_threads)
     keras.utils.set_random_seed(config.seed)
 
     dataset = discover(data)
@@ -193,7 +193,7 @@ def train_model(data: Path, config: TrainConfig, console: Console | None = None)
             "best_epoch": int(np.argmin(history.history["val_loss"])) + 1,
             "class_weights": _class_weights(train.labels),
             "seconds": round(seconds, 1),
-            "precision": settings.precision,
+            "precision": "float32",  # training always runs in float32; serving may use bfloat16
             **config.extra,
         },
         sha256="",

@@ -12,7 +12,7 @@ from functools import lru_cache
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.artifact import LoadedModel, Registry, load_keras, parse_ref
-from core.inference import configure_tensorflow
+from core.inference import configure_tensorflow, with_precision
 from core.settings import Settings, get_settings
 from core.storage import ObjectStore, is_s3, parse_s3, store_for
 from db.engine import make_engine, session_factory
@@ -34,7 +34,7 @@ class WorkerContext:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        configure_tensorflow(tf_threads_for(settings), settings.precision)
+        configure_tensorflow(tf_threads_for(settings))
         self.sessions: sessionmaker[Session] = session_factory(make_engine(settings.database_url))
         self.registry = Registry(settings=settings)
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="allscore-io")
@@ -53,7 +53,8 @@ class WorkerContext:
                 return cached
             started = time.perf_counter()
             path, manifest = self.registry.fetch(ref)
-            loaded = LoadedModel(model=load_keras(path), manifest=manifest, path=path)
+            model = with_precision(load_keras(path), self.settings.precision)
+            loaded = LoadedModel(model=model, manifest=manifest, path=path)
             self._models[key] = loaded
         log.info("model loaded: %s in pid %d (%.2fs)", key, os.getpid(), time.perf_counter() - started)
         return loaded
