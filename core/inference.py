@@ -46,7 +46,9 @@ def with_precision(model: Any, precision: str) -> Any:
     import keras
 
     config = model.get_config()
-    output_names = {ref[0] for ref in config.get("output_layers", [])}
+    outputs = config.get("output_layers", [])
+    # One output is stored as ["name", 0, 0], several as a list of those.
+    output_names = {outputs[0]} if outputs and isinstance(outputs[0], str) else {ref[0] for ref in outputs}
     for layer in config["layers"]:
         # Inputs keep their dtype; the output layer stays float32 so probabilities are not rounded.
         if layer["class_name"] == "InputLayer" or layer["config"].get("name") in output_names:
