@@ -1,0 +1,522 @@
+"""`make bench`: allscore's throughput, measured in one run with one model on one machine.
+
+Writes bench/results/latest.json and bench/results/latest.md. Never part of the test suite. Needs the local
+PostgreSQL and Redis (as the tests do); starts its own S3 server (moto, as a subprocess).
+Run: python -m bench.run [--cells 2000] [--soak 10000] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+PG_ADMIN = os.environ.get("ALLSCORE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS = os.environ.get("ALLSCORE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def log(msg: str) -> None:
+    """Progress on stderr."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = "unknown"
+    flags: list[str] = []
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        cpu = re.search(r"model name\s*:\s*(.+)", text).group(1)  # type: ignore[union-attr]
+        flags = sorted({f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in text.split()})
+    except (OSError, AttributeError):
+        pass
+    import keras
+    import tensorflow as tf
+
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "flags": flags,
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+
+
+def model_gflop(model: Any) -> float:
+    """Forward-pass GFLOP per cell (2 x multiply-adds of Conv2D and Dense layers)."""
+    from keras import layers
+
+    flops = 0
+    for layer in model.layers:
+        if isinstance(layer, layers.Conv2D):
+            _, h, w, c_out = layer.output.shape
+            kh, kw = layer.kernel_size
+            c_in = layer.input.shape[-1]
+            flops += 2 * h * w * c_out * kh * kw * c_in
+        elif isinstance(layer, layers.Dense):
+            flops += 2 * layer.input.shape[-1] * layer.units
+    return flops / 1e9
+
+
+def rss_mb(pid: int | None = None) -> tuple[float, float]:
+    """(current RSS, peak RSS) of a process in MiB, from /proc."""
+    status = Path(f"/proc/{pid or 'self'}/status").read_text()
+    rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
+    hwm = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
+    return rss, hwm
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def s3_server() -> Iterator[str]:
+    """A moto S3 server in its own process (so it does not share this process's GIL)."""
+    port = free_port()
+    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def pg_database() -> Iterator[str]:
+    """A throwaway PostgreSQL database, migrated."""
+    from sqlalchemy import create_engine
+
+    from db.engine import parse_url
+    from db.migrate import upgrade
+
+    name = f"allscore_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(parse_url(PG_ADMIN), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = parse_url(PG_ADMIN).set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def set_env(**values: str) -> None:
+    """Point settings at new values (environment + cache reset)."""
+    from core.settings import reset_settings_cache
+
+    os.environ.update(values)
+    reset_settings_cache()
+
+
+# --- the model --------------------------------------------------------------------------------------------
+
+
+def train_bench_model(work: Path, size: int, epochs: int) -> tuple[str, Path]:
+    """A `seed` model at `size` trained briefly on synthetic cells (for the bf16 accuracy check)."""
+    from rich.console import Console
+
+    from trainer.synth import synthesize
+    from trainer.train import TrainConfig, publish, train_model
+
+    data = work / "train-data"
+    synthesize(data, subjects=12, cells=40, seed=7)
+    store = str(work / "models")
+    config = TrainConfig(name="bench", arch="seed", image_size=size, epochs=epochs, patience=epochs, version="v1")
+    outcome = train_model(data, config, Console(stderr=True))
+    manifest = publish(outcome, store)
+    return store, data
+
+
+def timed_cells_per_s(fn: Callable[[], int], seconds: float = 8.0, warmup: int = 1) -> float:
+    """Repeat fn (which returns cells done) for about `seconds`; cells per second."""
+    for _ in range(warmup):
+        fn()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        done += fn()
+    return done / (time.perf_counter() - start)
+
+
+# --- the measurements -------------------------------------------------------------------------------------
+
+
+def bench_raw(model: Any, size: int, batch: int, seconds: float) -> float:
+    """Batched model(x, training=False) on pre-decoded uint8 batches."""
+    from core.inference import predict_batch
+
+    x = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    return timed_cells_per_s(lambda: len(predict_batch(model, x)), seconds)
+
+
+def bench_naive(model: Any, images: list[Path], size: int, n: int) -> float:
+    """model.predict on one image at a time, decoding each: what a notebook loop does."""
+    from core.imaging import load_image
+
+    start = time.perf_counter()
+    for path in images[:n]:
+        model.predict(load_image(path, size)[None], verbose=0)
+    return n / (time.perf_counter() - start)
+
+
+def bench_engine(loaded: Any, uris: list[str], fetch: Callable[[str], bytes], db_url: str, batch: int) -> dict[str, Any]:
+    """The worker's engine end to end (fetch + decode + infer + database write), in this process."""
+    from db import repository
+    from db.engine import make_engine, session_factory, transaction
+    from db.migrate import upgrade
+    from worker.engine import ScoreRequest, score_sample
+
+    upgrade(db_url)
+    sessions = session_factory(make_engine(db_url))
+    sample = f"bench-{uuid.uuid4().hex[:8]}"
+    with transaction(sessions) as session:
+        repository.ensure_model(session=session, name=loaded.manifest.name, version=loaded.manifest.version,
+                                uri="bench", sha256=loaded.manifest.sha256,
+                                sensitivity=loaded.manifest.validation.sensitivity,
+                                specificity=loaded.manifest.validation.specificity,
+                                threshold=loaded.manifest.threshold)
+        repository.create_job(session=session, job_id=sample, n_samples=1)
+        repository.enqueue_sample(session=session, job_id=sample, sample_id=sample, model_version=loaded.manifest.ref)
+    with ThreadPoolExecutor(8) as pool:
+        start = time.perf_counter()
+        score_sample(ScoreRequest(sample, sample, tuple(uris), loaded.manifest.ref), loaded=loaded, fetch=fetch,
+                     sessions=sessions, pool=pool, batch_size=batch)
+        seconds = time.perf_counter() - start
+    return {"cells": len(uris), "seconds": round(seconds, 2), "cells_per_s": round(len(uris) / seconds, 1)}
+
+
+def bench_pg_rows(db_url: str, n: int = 20000) -> float:
+    """Cell rows per second into PostgreSQL (one sample, one transaction, bulk insert)."""
+    from db import repository
+    from db.engine import make_engine, session_factory, transaction
+    from db.records import CellResult, SampleSummary
+
+    sessions = session_factory(make_engine(db_url))
+    with transaction(sessions) as session:
+        repository.create_job(session=session, job_id="rows", n_samples=1)
+        repository.enqueue_sample(session=session, job_id="rows", sample_id="rows", model_version="bench:rows")
+        repository.mark_running(session=session, sample_id="rows", model_version="bench:rows")
+    cells = [CellResult(f"s3://b/cells/{i:06d}.bmp", 0.3, False, None) for i in range(n)]
+    summary = SampleSummary(n, 0, 0, 0.0, 0.0, 0.01, 0.0, 0.3, ())
+    start = time.perf_counter()
+    with transaction(sessions) as session:
+        repository.record_sample_result(session=session, sample_id="rows", model_version="bench:rows", cells=cells,
+                                        summary=summary)
+    return n / (time.perf_counter() - start)
+
+
+def soak_memory(loaded: Any, uris: list[str], fetch: Callable[[str], bytes], batch: int, total: int) -> dict[str, Any]:
+    """Score `total` cells through the engine's batching path; RSS sampled every 1,000 cells."""
+    from worker.engine import score_cells
+
+    samples: list[tuple[int, float]] = []
+    done = 0
+    with ThreadPoolExecutor(8) as pool:
+        while done < total:
+            chunk = uris[: min(1000, total - done)]
+            score_cells(chunk, model=loaded.model, size=loaded.manifest.input_size,
+                        threshold=loaded.manifest.threshold, fetch=fetch, pool=pool, batch_size=batch)
+            done += len(chunk)
+            samples.append((done, rss_mb()[0]))
+    first = samples[min(1, len(samples) - 1)][1]  # after the first 1,000: caches and graphs are warm
+    return {"cells": done, "rss_mb": [round(r, 1) for _, r in samples], "growth_mb_after_warmup":
+            round(samples[-1][1] - first, 1), "peak_mb": round(rss_mb()[1], 1)}
+
+
+def run_workers(specs: list[tuple[str | None, int, int]], env: dict[str, str], uris: list[str], ref: str,
+                work: Path, n_samples: int) -> dict[str, Any]:
+    """Start workers (cpu list or None, concurrency, tf threads), warm them, score n_samples through Redis."""
+    from db.engine import make_engine
+    from sqlalchemy import text
+
+    queue = f"bench-{uuid.uuid4().hex[:8]}"
+    procs = []
+    logs = []
+    for i, (cpus, concurrency, threads) in enumerate(specs):
+        log_path = work / f"worker-{queue}-{i}.log"
+        logs.append(log_path)
+        cmd = [sys.executable, "-m", "allscore", "worker", f"--concurrency={concurrency}"]
+        if cpus is not None:
+            cmd = ["taskset", "-c", cpus, *cmd]
+        worker_env = {**os.environ, **env, "ALLSCORE_QUEUE": queue, "ALLSCORE_TF_THREADS": str(threads),
+                      "PYTHONUNBUFFERED": "1"}
+        procs.append(subprocess.Popen(cmd, env=worker_env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+    try:
+        deadline = time.monotonic() + 120
+        while not all("ready." in p.read_text(errors="replace") for p in logs if p.exists()) or len(
+                [p for p in logs if p.exists()]) < len(logs):
+            if time.monotonic() > deadline:
+                raise RuntimeError("workers did not start")
+            time.sleep(0.5)
+        set_env(**env, ALLSCORE_QUEUE=queue)
+        from worker.cli import wait_for_job
+        from worker.client import submit_samples
+
+        # Warm-up: one sample per worker process so every process has loaded the model.
+        n_processes = sum(c for _, c, _ in specs)
+        warm = submit_samples({f"warm-{queue}-{i}": uris[:64] for i in range(n_processes * 2)}, model_ref=ref)
+        wait_for_job(warm, n_processes * 2, 300)
+        per = len(uris) // n_samples
+        job = submit_samples({f"s-{queue}-{i}": uris[i * per:(i + 1) * per] for i in range(n_samples)},
+                             model_ref=ref)
+        rows = wait_for_job(job, n_samples, 900)
+        engine = make_engine(env["ALLSCORE_DATABASE_URL"])
+        with engine.connect() as conn:
+            first, last = conn.execute(text(
+                "SELECT min(started_at), max(finished_at) FROM sample_results WHERE job_id = :j"), {"j": job}).one()
+        engine.dispose()
+        cells = sum(r["n_cells"] or 0 for r in rows)
+        seconds = (last - first).total_seconds()
+        child_rss = []
+        for p in procs:
+            for child in _children(p.pid):
+                child_rss.append(round(rss_mb(child)[1], 1))
+        loads = [len(re.findall(r"model loaded:", p.read_text(errors="replace"))) for p in logs]
+        load_times = [float(t) for p in logs for t in re.findall(r"model loaded: .* \(([\d.]+)s\)", p.read_text())]
+        return {"cells": cells, "seconds": round(seconds, 2), "cells_per_s": round(cells / seconds, 1),
+                "processes": n_processes, "model_loads": sum(loads), "load_seconds": load_times,
+                "peak_rss_mb_per_process": child_rss}
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)
+
+
+def _children(pid: int) -> list[int]:
+    """The pids of a process's children, and theirs (a prefork worker's pool processes)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        for c in children:
+            out.append(int(c))
+            out.extend(_children(int(c)))
+    return out
+
+
+# --- the run ----------------------------------------------------------------------------------------------
+
+
+def main() -> None:  # noqa: PLR0915 - one linear script is the clearest form for a benchmark
+    """Run every measurement and write the results."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cells", type=int, default=2000, help="real-size BMP cells for the end-to-end runs")
+    parser.add_argument("--soak", type=int, default=10000, help="cells for the memory soak")
+    parser.add_argument("--size", type=int, default=128, help="model input size")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=4, help="training epochs of the bench model")
+    parser.add_argument("--quick", action="store_true", help="small numbers, to check the script runs")
+    args = parser.parse_args()
+    if args.quick:
+        args.cells, args.soak, args.epochs = 256, 512, 1
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    work = Path(tempfile.mkdtemp(prefix="allscore-bench-"))
+    set_env(ALLSCORE_HOME=str(work / "home"))
+    from core.inference import configure_tensorflow
+
+    configure_tensorflow(len(os.sched_getaffinity(0)))
+    results: dict[str, Any] = {"machine": machine(), "args": vars(args)}
+    log(f"work folder {work}; machine {results['machine']['cpu']}, {results['machine']['cores']} cores")
+
+    from core.artifact import Registry, load_model
+    from core.inference import cpu_has_bf16, with_precision
+    from core.storage import LocalStore, S3Store
+    from trainer.synth import write_sample
+
+    log("training the bench model (seed architecture) on synthetic cells")
+    store, data = train_bench_model(work, args.size, args.epochs)
+    loaded = load_model("bench:v1", store=store)
+    model = loaded.model
+    gflop = model_gflop(model)
+    results["model"] = {"architecture": "seed", "input_size": args.size, "gflop_per_cell": round(gflop, 3),
+                        "parameters": int(model.count_params())}
+
+    log(f"writing {args.cells} synthetic 450x450 BMP cells")
+    cells_dir = work / "cells"
+    paths = write_sample(cells_dir, args.cells, 0.3, seed=11)
+    uris = [str(p) for p in paths]
+
+    log("1. raw model, float32 and bfloat16")
+    raw32 = bench_raw(model, args.size, args.batch, 10)
+    results["raw_fp32_cells_per_s"] = round(raw32, 1)
+    results["gflops_achieved_fp32"] = round(raw32 * gflop, 1)
+    if cpu_has_bf16():
+        bf16_model = with_precision(model, "bfloat16")
+        raw16 = bench_raw(bf16_model, args.size, args.batch, 10)
+        results["raw_bf16_cells_per_s"] = round(raw16, 1)
+        results["bf16_over_fp32"] = round(raw16 / raw32, 2)
+        results["gflops_achieved_bf16"] = round(raw16 * gflop, 1)
+        from trainer.evaluate import evaluate
+
+        set_env(ALLSCORE_PRECISION="float32")
+        wf32 = evaluate("bench:v1", data / "fold_2", store=store)["weighted_f1"]
+        set_env(ALLSCORE_PRECISION="bfloat16")
+        wf16 = evaluate("bench:v1", data / "fold_2", store=store)["weighted_f1"]
+        set_env(ALLSCORE_PRECISION="float32")
+        results["bf16_wf1_delta"] = round(wf16 - wf32, 4)
+        results["wf1_fp32_held_out_synthetic"] = round(wf32, 4)
+    else:
+        results["bf16_over_fp32"] = None
+        log("no AVX512_BF16/AMX on this CPU: bfloat16 not measured")
+
+    log("3. naive path: model.predict one image at a time")
+    naive = bench_naive(model, paths, args.size, min(120, len(paths)))
+    results["naive_cells_per_s"] = round(naive, 1)
+
+    log("2. engine end to end: local store / S3 server x SQLite / PostgreSQL")
+    e2e: dict[str, Any] = {}
+    local = LocalStore()
+    e2e["local_sqlite"] = bench_engine(loaded, uris, local.read_bytes, f"sqlite:///{work / 'e2e.db'}", args.batch)
+    with pg_database() as pg_url, s3_server() as endpoint:
+        os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                           "AWS_DEFAULT_REGION": "us-east-1"})
+        set_env(ALLSCORE_S3_ENDPOINT_URL=endpoint)
+        s3 = S3Store()
+        s3.ensure_bucket("s3://bench")
+        s3_uris = []
+        with ThreadPoolExecutor(8) as pool:
+            for uri in pool.map(lambda p: (s3.upload(p, f"s3://bench/cells/{p.name}"),
+                                           f"s3://bench/cells/{p.name}")[1], paths):
+                s3_uris.append(uri)
+        e2e["local_postgres"] = bench_engine(loaded, uris, local.read_bytes, pg_url, args.batch)
+        e2e["s3_sqlite"] = bench_engine(loaded, s3_uris, s3.read_bytes, f"sqlite:///{work / 'e2e-s3.db'}",
+                                        args.batch)
+        e2e["s3_postgres"] = bench_engine(loaded, s3_uris, s3.read_bytes, pg_url, args.batch)
+        results["engine"] = e2e
+        best_e2e = max(v["cells_per_s"] for v in e2e.values())
+        results["e2e_cells_per_s"] = e2e["local_postgres"]["cells_per_s"]
+        results["e2e_over_raw"] = round(e2e["local_postgres"]["cells_per_s"] / raw32, 3)
+        results["e2e_over_raw_best"] = round(best_e2e / raw32, 3)
+        results["e2e_over_naive"] = round(e2e["local_postgres"]["cells_per_s"] / naive, 1)
+
+        log("5. database writes into PostgreSQL")
+        results["pg_rows_per_s"] = round(bench_pg_rows(pg_url), 0)
+
+        log("4. scaling through Redis with real worker processes")
+        Registry(store).fetch("bench:v1")
+        env = {"ALLSCORE_HOME": str(work / "home"), "ALLSCORE_DATABASE_URL": pg_url, "ALLSCORE_BROKER_URL": REDIS,
+               "ALLSCORE_MODEL_STORE": store, "ALLSCORE_BATCH_SIZE": str(args.batch),
+               "ALLSCORE_S3_ENDPOINT_URL": endpoint}
+        n = 8
+        scaling = {
+            "one_process_one_core": run_workers([("0", 1, 1)], env, uris, "bench:v1", work, n),
+            "two_processes_two_cores": run_workers([("0", 1, 1), ("1", 1, 1)], env, uris, "bench:v1", work, n),
+            "one_process_both_cores": run_workers([(None, 1, 2)], env, uris, "bench:v1", work, n),
+            "prefork_two_children_one_thread_each": run_workers([(None, 2, 1)], env, uris, "bench:v1", work, n),
+        }
+        results["scaling"] = scaling
+        results["scale_2_over_1"] = round(scaling["two_processes_two_cores"]["cells_per_s"]
+                                          / scaling["one_process_one_core"]["cells_per_s"], 2)
+        results["split_over_single"] = round(scaling["prefork_two_children_one_thread_each"]["cells_per_s"]
+                                             / scaling["one_process_both_cores"]["cells_per_s"], 2)
+        loads = [s["model_loads"] / s["processes"] for s in scaling.values()]
+        results["loads_per_process"] = max(loads)
+        results["model_load_seconds"] = sorted(t for s in scaling.values() for t in s["load_seconds"])
+        results["peak_rss_mb_per_worker_process"] = max(r for s in scaling.values()
+                                                        for r in s["peak_rss_mb_per_process"])
+
+    log(f"6. memory soak: {args.soak} cells through the engine")
+    results["soak"] = soak_memory(loaded, uris, local.read_bytes, args.batch, args.soak)
+
+    write_results(results)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+TARGETS = {
+    "e2e_over_raw": (">=", 0.90),
+    "e2e_over_naive": (">=", 6),
+    "bf16_over_fp32": (">=", 1.7),
+    "bf16_wf1_delta": ("abs<=", 0.01),
+    "scale_2_over_1": (">=", 1.7),
+    "split_over_single": (">=", 0.95),
+    "pg_rows_per_s": (">=", 20000),
+    "loads_per_process": ("==", 1),
+}
+
+
+def _meets(value: Any, op: str, target: float) -> str:
+    if value is None:
+        return "not measured"
+    ok = {">=": value >= target, "==": value == target, "abs<=": abs(value) <= target}[op]
+    return "yes" if ok else "**no**"
+
+
+def write_results(results: dict[str, Any]) -> None:
+    """latest.json and a markdown table beside it."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2, default=str))
+    m = results["machine"]
+    lines = [
+        f"# allscore benchmark, {m['date']}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({', '.join(m['flags'])}); TensorFlow {m['tensorflow']}, "
+        f"Keras {m['keras']}. Model: {results['model']['architecture']} at {results['model']['input_size']}x"
+        f"{results['model']['input_size']}, {results['model']['gflop_per_cell']} GFLOP per cell.",
+        "",
+        "| ratio | measured | target | met |",
+        "|---|---|---|---|",
+    ]
+    for key, (op, target) in TARGETS.items():
+        lines.append(f"| `{key}` | {results.get(key)} | {op.replace('abs', '|x| ')} {target} | "
+                     f"{_meets(results.get(key), op, target)} |")
+    lines += ["", "| measurement | cells/s |", "|---|---|",
+              f"| raw model, float32 | {results['raw_fp32_cells_per_s']} |",
+              f"| raw model, bfloat16 | {results.get('raw_bf16_cells_per_s')} |",
+              f"| naive `predict` per image | {results['naive_cells_per_s']} |"]
+    for name, run in results.get("engine", {}).items():
+        lines.append(f"| engine end to end, {name.replace('_', ' + ')} ({run['cells']} cells) | {run['cells_per_s']} |")
+    for name, run in results.get("scaling", {}).items():
+        lines.append(f"| workers via Redis: {name.replace('_', ' ')} | {run['cells_per_s']} |")
+    soak = results.get("soak", {})
+    lines += ["", f"GFLOP/s achieved: {results.get('gflops_achieved_fp32')} (float32), "
+              f"{results.get('gflops_achieved_bf16')} (bfloat16). PostgreSQL cell rows/s: {results.get('pg_rows_per_s')}.",
+              f"Model load seconds: {results.get('model_load_seconds')}; loads per process: "
+              f"{results.get('loads_per_process')}; peak RSS per worker process: "
+              f"{results.get('peak_rss_mb_per_worker_process')} MiB.",
+              f"Memory soak: {soak.get('cells')} cells, RSS after each 1,000 (MiB): {soak.get('rss_mb')}; growth after "
+              f"warm-up {soak.get('growth_mb_after_warmup')} MiB.", ""]
+    (RESULTS / "latest.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
