@@ -98,8 +98,9 @@ def s3_server() -> Iterator[str]:
     """A moto S3 server in its own process (so it does not share this process's GIL)."""
     port = free_port()
     exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
@@ -194,7 +195,9 @@ def bench_naive(model: Any, images: list[Path], size: int, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def bench_engine(loaded: Any, uris: list[str], fetch: Callable[[str], bytes], db_url: str, batch: int) -> dict[str, Any]:
+def bench_engine(
+    loaded: Any, uris: list[str], fetch: Callable[[str], bytes], db_url: str, batch: int
+) -> dict[str, Any]:
     """The worker's engine end to end (fetch + decode + infer + database write), in this process."""
     from db import repository
     from db.engine import make_engine, session_factory, transaction
@@ -205,17 +208,28 @@ def bench_engine(loaded: Any, uris: list[str], fetch: Callable[[str], bytes], db
     sessions = session_factory(make_engine(db_url))
     sample = f"bench-{uuid.uuid4().hex[:8]}"
     with transaction(sessions) as session:
-        repository.ensure_model(session=session, name=loaded.manifest.name, version=loaded.manifest.version,
-                                uri="bench", sha256=loaded.manifest.sha256,
-                                sensitivity=loaded.manifest.validation.sensitivity,
-                                specificity=loaded.manifest.validation.specificity,
-                                threshold=loaded.manifest.threshold)
+        repository.ensure_model(
+            session=session,
+            name=loaded.manifest.name,
+            version=loaded.manifest.version,
+            uri="bench",
+            sha256=loaded.manifest.sha256,
+            sensitivity=loaded.manifest.validation.sensitivity,
+            specificity=loaded.manifest.validation.specificity,
+            threshold=loaded.manifest.threshold,
+        )
         repository.create_job(session=session, job_id=sample, n_samples=1)
         repository.enqueue_sample(session=session, job_id=sample, sample_id=sample, model_version=loaded.manifest.ref)
     with ThreadPoolExecutor(8) as pool:
         start = time.perf_counter()
-        score_sample(ScoreRequest(sample, sample, tuple(uris), loaded.manifest.ref), loaded=loaded, fetch=fetch,
-                     sessions=sessions, pool=pool, batch_size=batch)
+        score_sample(
+            ScoreRequest(sample, sample, tuple(uris), loaded.manifest.ref),
+            loaded=loaded,
+            fetch=fetch,
+            sessions=sessions,
+            pool=pool,
+            batch_size=batch,
+        )
         seconds = time.perf_counter() - start
     return {"cells": len(uris), "seconds": round(seconds, 2), "cells_per_s": round(len(uris) / seconds, 1)}
 
@@ -235,8 +249,9 @@ def bench_pg_rows(db_url: str, n: int = 20000) -> float:
     summary = SampleSummary(n, 0, 0, 0.0, 0.0, 0.01, 0.0, 0.3, ())
     start = time.perf_counter()
     with transaction(sessions) as session:
-        repository.record_sample_result(session=session, sample_id="rows", model_version="bench:rows", cells=cells,
-                                        summary=summary)
+        repository.record_sample_result(
+            session=session, sample_id="rows", model_version="bench:rows", cells=cells, summary=summary
+        )
     return n / (time.perf_counter() - start)
 
 
@@ -249,20 +264,33 @@ def soak_memory(loaded: Any, uris: list[str], fetch: Callable[[str], bytes], bat
     with ThreadPoolExecutor(8) as pool:
         while done < total:
             chunk = uris[: min(1000, total - done)]
-            score_cells(chunk, model=loaded.model, size=loaded.manifest.input_size,
-                        threshold=loaded.manifest.threshold, fetch=fetch, pool=pool, batch_size=batch)
+            score_cells(
+                chunk,
+                model=loaded.model,
+                size=loaded.manifest.input_size,
+                threshold=loaded.manifest.threshold,
+                fetch=fetch,
+                pool=pool,
+                batch_size=batch,
+            )
             done += len(chunk)
             samples.append((done, rss_mb()[0]))
     first = samples[min(1, len(samples) - 1)][1]  # after the first 1,000: caches and graphs are warm
-    return {"cells": done, "rss_mb": [round(r, 1) for _, r in samples], "growth_mb_after_warmup":
-            round(samples[-1][1] - first, 1), "peak_mb": round(rss_mb()[1], 1)}
+    return {
+        "cells": done,
+        "rss_mb": [round(r, 1) for _, r in samples],
+        "growth_mb_after_warmup": round(samples[-1][1] - first, 1),
+        "peak_mb": round(rss_mb()[1], 1),
+    }
 
 
-def run_workers(specs: list[tuple[str | None, int, int]], env: dict[str, str], uris: list[str], ref: str,
-                work: Path, n_samples: int) -> dict[str, Any]:
+def run_workers(
+    specs: list[tuple[str | None, int, int]], env: dict[str, str], uris: list[str], ref: str, work: Path, n_samples: int
+) -> dict[str, Any]:
     """Start workers (cpu list or None, concurrency, tf threads), warm them, score n_samples through Redis."""
-    from db.engine import make_engine
     from sqlalchemy import text
+
+    from db.engine import make_engine
 
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     procs = []
@@ -273,14 +301,23 @@ def run_workers(specs: list[tuple[str | None, int, int]], env: dict[str, str], u
         cmd = [sys.executable, "-m", "allscore", "worker", f"--concurrency={concurrency}"]
         if cpus is not None:
             cmd = ["taskset", "-c", cpus, *cmd]
-        worker_env = {**os.environ, **env, "ALLSCORE_QUEUE": queue, "ALLSCORE_TF_THREADS": str(threads),
-                      "PYTHONUNBUFFERED": "1"}
-        procs.append(subprocess.Popen(cmd, env=worker_env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
-                                      start_new_session=True))
+        worker_env = {
+            **os.environ,
+            **env,
+            "ALLSCORE_QUEUE": queue,
+            "ALLSCORE_TF_THREADS": str(threads),
+            "PYTHONUNBUFFERED": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                cmd, env=worker_env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
     try:
         deadline = time.monotonic() + 120
         while not all("ready." in p.read_text(errors="replace") for p in logs if p.exists()) or len(
-                [p for p in logs if p.exists()]) < len(logs):
+            [p for p in logs if p.exists()]
+        ) < len(logs):
             if time.monotonic() > deadline:
                 raise RuntimeError("workers did not start")
             time.sleep(0.5)
@@ -293,13 +330,13 @@ def run_workers(specs: list[tuple[str | None, int, int]], env: dict[str, str], u
         warm = submit_samples({f"warm-{queue}-{i}": uris[:64] for i in range(n_processes * 2)}, model_ref=ref)
         wait_for_job(warm, n_processes * 2, 300)
         per = len(uris) // n_samples
-        job = submit_samples({f"s-{queue}-{i}": uris[i * per:(i + 1) * per] for i in range(n_samples)},
-                             model_ref=ref)
+        job = submit_samples({f"s-{queue}-{i}": uris[i * per : (i + 1) * per] for i in range(n_samples)}, model_ref=ref)
         rows = wait_for_job(job, n_samples, 900)
         engine = make_engine(env["ALLSCORE_DATABASE_URL"])
         with engine.connect() as conn:
-            first, last = conn.execute(text(
-                "SELECT min(started_at), max(finished_at) FROM sample_results WHERE job_id = :j"), {"j": job}).one()
+            first, last = conn.execute(
+                text("SELECT min(started_at), max(finished_at) FROM sample_results WHERE job_id = :j"), {"j": job}
+            ).one()
         engine.dispose()
         cells = sum(r["n_cells"] or 0 for r in rows)
         seconds = (last - first).total_seconds()
@@ -309,9 +346,15 @@ def run_workers(specs: list[tuple[str | None, int, int]], env: dict[str, str], u
                 child_rss.append(round(rss_mb(child)[1], 1))
         loads = [len(re.findall(r"model loaded:", p.read_text(errors="replace"))) for p in logs]
         load_times = [float(t) for p in logs for t in re.findall(r"model loaded: .* \(([\d.]+)s\)", p.read_text())]
-        return {"cells": cells, "seconds": round(seconds, 2), "cells_per_s": round(cells / seconds, 1),
-                "processes": n_processes, "model_loads": sum(loads), "load_seconds": load_times,
-                "peak_rss_mb_per_process": child_rss}
+        return {
+            "cells": cells,
+            "seconds": round(seconds, 2),
+            "cells_per_s": round(cells / seconds, 1),
+            "processes": n_processes,
+            "model_loads": sum(loads),
+            "load_seconds": load_times,
+            "peak_rss_mb_per_process": child_rss,
+        }
     finally:
         for p in procs:
             p.terminate()
@@ -336,7 +379,7 @@ def _children(pid: int) -> list[int]:
 # --- the run ----------------------------------------------------------------------------------------------
 
 
-def main() -> None:  # noqa: PLR0915 - one linear script is the clearest form for a benchmark
+def main() -> None:
     """Run every measurement and write the results."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cells", type=int, default=2000, help="real-size BMP cells for the end-to-end runs")
@@ -367,8 +410,12 @@ def main() -> None:  # noqa: PLR0915 - one linear script is the clearest form fo
     loaded = load_model("bench:v1", store=store)
     model = loaded.model
     gflop = model_gflop(model)
-    results["model"] = {"architecture": "seed", "input_size": args.size, "gflop_per_cell": round(gflop, 3),
-                        "parameters": int(model.count_params())}
+    results["model"] = {
+        "architecture": "seed",
+        "input_size": args.size,
+        "gflop_per_cell": round(gflop, 3),
+        "parameters": int(model.count_params()),
+    }
 
     log(f"writing {args.cells} synthetic 450x450 BMP cells")
     cells_dir = work / "cells"
@@ -407,19 +454,20 @@ def main() -> None:  # noqa: PLR0915 - one linear script is the clearest form fo
     local = LocalStore()
     e2e["local_sqlite"] = bench_engine(loaded, uris, local.read_bytes, f"sqlite:///{work / 'e2e.db'}", args.batch)
     with pg_database() as pg_url, s3_server() as endpoint:
-        os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                           "AWS_DEFAULT_REGION": "us-east-1"})
+        os.environ.update(
+            {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+        )
         set_env(ALLSCORE_S3_ENDPOINT_URL=endpoint)
         s3 = S3Store()
         s3.ensure_bucket("s3://bench")
         s3_uris = []
         with ThreadPoolExecutor(8) as pool:
-            for uri in pool.map(lambda p: (s3.upload(p, f"s3://bench/cells/{p.name}"),
-                                           f"s3://bench/cells/{p.name}")[1], paths):
+            for uri in pool.map(
+                lambda p: (s3.upload(p, f"s3://bench/cells/{p.name}"), f"s3://bench/cells/{p.name}")[1], paths
+            ):
                 s3_uris.append(uri)
         e2e["local_postgres"] = bench_engine(loaded, uris, local.read_bytes, pg_url, args.batch)
-        e2e["s3_sqlite"] = bench_engine(loaded, s3_uris, s3.read_bytes, f"sqlite:///{work / 'e2e-s3.db'}",
-                                        args.batch)
+        e2e["s3_sqlite"] = bench_engine(loaded, s3_uris, s3.read_bytes, f"sqlite:///{work / 'e2e-s3.db'}", args.batch)
         e2e["s3_postgres"] = bench_engine(loaded, s3_uris, s3.read_bytes, pg_url, args.batch)
         results["engine"] = e2e
         best_e2e = max(v["cells_per_s"] for v in e2e.values())
@@ -433,9 +481,14 @@ def main() -> None:  # noqa: PLR0915 - one linear script is the clearest form fo
 
         log("4. scaling through Redis with real worker processes")
         Registry(store).fetch("bench:v1")
-        env = {"ALLSCORE_HOME": str(work / "home"), "ALLSCORE_DATABASE_URL": pg_url, "ALLSCORE_BROKER_URL": REDIS,
-               "ALLSCORE_MODEL_STORE": store, "ALLSCORE_BATCH_SIZE": str(args.batch),
-               "ALLSCORE_S3_ENDPOINT_URL": endpoint}
+        env = {
+            "ALLSCORE_HOME": str(work / "home"),
+            "ALLSCORE_DATABASE_URL": pg_url,
+            "ALLSCORE_BROKER_URL": REDIS,
+            "ALLSCORE_MODEL_STORE": store,
+            "ALLSCORE_BATCH_SIZE": str(args.batch),
+            "ALLSCORE_S3_ENDPOINT_URL": endpoint,
+        }
         n = 8
         scaling = {
             "one_process_one_core": run_workers([("0", 1, 1)], env, uris, "bench:v1", work, n),
@@ -444,15 +497,20 @@ def main() -> None:  # noqa: PLR0915 - one linear script is the clearest form fo
             "prefork_two_children_one_thread_each": run_workers([(None, 2, 1)], env, uris, "bench:v1", work, n),
         }
         results["scaling"] = scaling
-        results["scale_2_over_1"] = round(scaling["two_processes_two_cores"]["cells_per_s"]
-                                          / scaling["one_process_one_core"]["cells_per_s"], 2)
-        results["split_over_single"] = round(scaling["prefork_two_children_one_thread_each"]["cells_per_s"]
-                                             / scaling["one_process_both_cores"]["cells_per_s"], 2)
+        results["scale_2_over_1"] = round(
+            scaling["two_processes_two_cores"]["cells_per_s"] / scaling["one_process_one_core"]["cells_per_s"], 2
+        )
+        results["split_over_single"] = round(
+            scaling["prefork_two_children_one_thread_each"]["cells_per_s"]
+            / scaling["one_process_both_cores"]["cells_per_s"],
+            2,
+        )
         loads = [s["model_loads"] / s["processes"] for s in scaling.values()]
         results["loads_per_process"] = max(loads)
         results["model_load_seconds"] = sorted(t for s in scaling.values() for t in s["load_seconds"])
-        results["peak_rss_mb_per_worker_process"] = max(r for s in scaling.values()
-                                                        for r in s["peak_rss_mb_per_process"])
+        results["peak_rss_mb_per_worker_process"] = max(
+            r for s in scaling.values() for r in s["peak_rss_mb_per_process"]
+        )
 
     log(f"6. memory soak: {args.soak} cells through the engine")
     results["soak"] = soak_memory(loaded, uris, local.read_bytes, args.batch, args.soak)
@@ -496,24 +554,34 @@ def write_results(results: dict[str, Any]) -> None:
         "|---|---|---|---|",
     ]
     for key, (op, target) in TARGETS.items():
-        lines.append(f"| `{key}` | {results.get(key)} | {op.replace('abs', '|x| ')} {target} | "
-                     f"{_meets(results.get(key), op, target)} |")
-    lines += ["", "| measurement | cells/s |", "|---|---|",
-              f"| raw model, float32 | {results['raw_fp32_cells_per_s']} |",
-              f"| raw model, bfloat16 | {results.get('raw_bf16_cells_per_s')} |",
-              f"| naive `predict` per image | {results['naive_cells_per_s']} |"]
+        lines.append(
+            f"| `{key}` | {results.get(key)} | {op.replace('abs', '|x| ')} {target} | "
+            f"{_meets(results.get(key), op, target)} |"
+        )
+    lines += [
+        "",
+        "| measurement | cells/s |",
+        "|---|---|",
+        f"| raw model, float32 | {results['raw_fp32_cells_per_s']} |",
+        f"| raw model, bfloat16 | {results.get('raw_bf16_cells_per_s')} |",
+        f"| naive `predict` per image | {results['naive_cells_per_s']} |",
+    ]
     for name, run in results.get("engine", {}).items():
         lines.append(f"| engine end to end, {name.replace('_', ' + ')} ({run['cells']} cells) | {run['cells_per_s']} |")
     for name, run in results.get("scaling", {}).items():
         lines.append(f"| workers via Redis: {name.replace('_', ' ')} | {run['cells_per_s']} |")
     soak = results.get("soak", {})
-    lines += ["", f"GFLOP/s achieved: {results.get('gflops_achieved_fp32')} (float32), "
-              f"{results.get('gflops_achieved_bf16')} (bfloat16). PostgreSQL cell rows/s: {results.get('pg_rows_per_s')}.",
-              f"Model load seconds: {results.get('model_load_seconds')}; loads per process: "
-              f"{results.get('loads_per_process')}; peak RSS per worker process: "
-              f"{results.get('peak_rss_mb_per_worker_process')} MiB.",
-              f"Memory soak: {soak.get('cells')} cells, RSS after each 1,000 (MiB): {soak.get('rss_mb')}; growth after "
-              f"warm-up {soak.get('growth_mb_after_warmup')} MiB.", ""]
+    lines += [
+        "",
+        f"GFLOP/s achieved: {results.get('gflops_achieved_fp32')} (float32), "
+        f"{results.get('gflops_achieved_bf16')} (bfloat16). PostgreSQL cell rows/s: {results.get('pg_rows_per_s')}.",
+        f"Model load seconds: {results.get('model_load_seconds')}; loads per process: "
+        f"{results.get('loads_per_process')}; peak RSS per worker process: "
+        f"{results.get('peak_rss_mb_per_worker_process')} MiB.",
+        f"Memory soak: {soak.get('cells')} cells, RSS after each 1,000 (MiB): {soak.get('rss_mb')}; growth after "
+        f"warm-up {soak.get('growth_mb_after_warmup')} MiB.",
+        "",
+    ]
     (RESULTS / "latest.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -39,8 +39,14 @@ class Settings(BaseSettings):
     flag_thresholds: list[float] = Field(default_factory=lambda: [0.05, 0.20, 0.25])
     allowed_roots: list[str] = Field(default_factory=list, description="local folders and s3:// prefixes")
     task_soft_time_limit: int = 1800
+    # On SIGTERM a worker lets running samples finish for this long, then hands the rest back to the queue
+    # and exits (below Docker's default 10 s stop grace period, after which the process is killed).
+    worker_shutdown_grace: float = Field(default=8.0, ge=0, description="seconds running samples get on SIGTERM")
     task_time_limit: int = 2100
     task_max_retries: int = 5
+    # Retry n waits a random time in [0, min(cap, base * 2**n)] seconds (full jitter).
+    task_retry_backoff: float = Field(default=2.0, gt=0, description="seconds: backoff base of a retry")
+    task_retry_backoff_max: float = Field(default=120.0, gt=0, description="seconds: cap of one retry's backoff")
 
     # Image decoding guard: refuse images whose declared size exceeds this many pixels.
     max_image_pixels: int = 40_000_000

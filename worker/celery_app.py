@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from core.settings import Settings, get_settings
 
 TASK_NAME = "allscore.score_sample"
+
+log = logging.getLogger(__name__)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -50,6 +55,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # Cold shutdown (see _sigterm_hands_work_back) waits this long for running tasks before cancelling them.
+        "worker_soft_shutdown_timeout": settings.worker_shutdown_grace,
     }
 
 
@@ -76,3 +83,27 @@ class _SettingsConfig(Mapping[str, Any]):
 
 app = Celery("allscore", include=["worker.tasks"])
 app.config_from_object(_SettingsConfig())
+
+
+@signals.worker_ready.connect
+def _sigterm_hands_work_back(sender: Any = None, **_: Any) -> None:
+    """Make SIGTERM (docker stop, scaling down) a bounded shutdown that requeues the samples still running.
+
+    Celery's SIGTERM is a warm shutdown that waits for every running task however long it takes, so the
+    container is killed when its stop grace period ends, and the killed samples' messages stay invisible
+    on Redis for the whole visibility timeout. Its SIGQUIT is a cold shutdown: running tasks get
+    worker_soft_shutdown_timeout seconds to finish, the rest are cancelled and, being acks_late, go back
+    to the queue at once for another worker. SIGTERM is routed to that, in the prefork pool (the solo pool
+    runs tasks in the main process, which cannot cancel them, so it keeps Celery's warm shutdown).
+    """
+    from celery import platforms
+    from celery.concurrency.prefork import TaskPool
+
+    if not isinstance(getattr(sender, "pool", None), TaskPool):
+        return
+
+    def on_sigterm(*_: Any) -> None:
+        log.warning("SIGTERM: finishing or requeueing running samples, then stopping")
+        os.kill(os.getpid(), signal.SIGQUIT)
+
+    platforms.signals["SIGTERM"] = on_sigterm

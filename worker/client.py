@@ -137,13 +137,16 @@ def submit_samples(
             repository.enqueue_sample(session=session, job_id=job_id, sample_id=sample_id, model_version=version)
     sent = []
     try:
-        for sample_id, uris in expanded.items():
-            app.send_task(
-                TASK_NAME,
-                kwargs={"job_id": job_id, "sample_id": sample_id, "image_uris": uris, "model_ref": version},
-                queue=settings.queue,
-            )
-            sent.append(sample_id)
+        # The broker of these settings (not whichever the app read first), as for the database above.
+        with app.connection_for_write(settings.broker_url) as connection:
+            for sample_id, uris in expanded.items():
+                app.send_task(
+                    TASK_NAME,
+                    kwargs={"job_id": job_id, "sample_id": sample_id, "image_uris": uris, "model_ref": version},
+                    queue=settings.queue,
+                    connection=connection,
+                )
+                sent.append(sample_id)
     except Exception as exc:
         with transaction(sessions) as session:
             for sample_id in expanded:
