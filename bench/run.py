@@ -160,7 +160,7 @@ def train_bench_model(work: Path, size: int, epochs: int) -> tuple[str, Path]:
     store = str(work / "models")
     config = TrainConfig(name="bench", arch="seed", image_size=size, epochs=epochs, patience=epochs, version="v1")
     outcome = train_model(data, config, Console(stderr=True))
-    manifest = publish(outcome, store)
+    publish(outcome, store)
     return store, data
 
 
