@@ -84,6 +84,7 @@ def test_compose_file_is_valid_and_scalable(rendered: dict[str, Any]) -> None:
         assert ":" in image and not image.endswith(":latest"), f"{name} image must be pinned: {image}"
 
 
+@pytest.mark.reliability
 def test_required_secrets_fail_fast(tmp_path: Path) -> None:
     lines = [ln for ln in (REPO_ROOT / ".env.example").read_text().splitlines() if not ln.startswith("REDIS_PASSWORD=")]
     env_file = tmp_path / "env"

@@ -165,6 +165,7 @@ def test_a_redelivered_task_waits_for_the_first_writer(factory: Factory) -> None
     assert (row["status"], row["n_cells"]) == ("done", len(second))
 
 
+@pytest.mark.reliability
 def test_analyst_role_reads_the_views_and_cannot_write(pg_empty_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     password = f"analyst-{uuid.uuid4().hex}'%\\"  # quotes and escapes must survive the migration
     monkeypatch.setenv("ALLSCORE_ANALYST_PASSWORD", password)
