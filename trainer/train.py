@@ -157,6 +157,10 @@ def train_model(data: Path, config: TrainConfig, console: Console | None = None)
             metrics=[keras.metrics.AUC(name="auc")],
         )
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True)
+        # Smaller steps once validation loss stops improving: batch-norm noise otherwise keeps it bouncing.
+        plateau = keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=0.3, patience=max(1, config.patience // 3), min_lr=1e-5
+        )
         history = model.fit(
             _augmented(train.images, train.labels, config.batch_size, config.seed, config.augment),
             validation_data=tf.data.Dataset.from_tensor_slices((val.images, val.labels.astype("float32"))).batch(
@@ -164,7 +168,7 @@ def train_model(data: Path, config: TrainConfig, console: Console | None = None)
             ),
             epochs=config.epochs,
             class_weight=_class_weights(train.labels),
-            callbacks=[stop, _progress_callback(progress, config.epochs)],
+            callbacks=[stop, plateau, _progress_callback(progress, config.epochs)],
             verbose=0,
             shuffle=False,  # the tf.data pipeline shuffles
         )
