@@ -12,10 +12,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
+from core.console import stderr_console, stdout_console
 from core.settings import get_settings, reset_settings_cache
 
 SAMPLES = {"demo-low": 0.05, "demo-mid": 0.25, "demo-high": 0.60}
@@ -33,7 +34,7 @@ def _redis_answers(url: str) -> bool:
         return False
 
 
-def _start_worker(workdir: Path, console: Console) -> subprocess.Popen[bytes]:
+def _start_worker(workdir: Path, console: Any) -> subprocess.Popen[bytes]:
     log = (workdir / "worker.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "allscore", "worker", "--concurrency=2"],
@@ -57,8 +58,8 @@ def _start_worker(workdir: Path, console: Console) -> subprocess.Popen[bytes]:
 
 def run_demo(workdir: Path, *, epochs: int = 30, fresh: bool = False) -> None:
     """Run the whole path under `workdir` and print the report beside the true fractions."""
-    console = Console(stderr=True)
-    out = Console()
+    console = stderr_console()
+    out = stdout_console()
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -122,6 +123,7 @@ def run_demo(workdir: Path, *, epochs: int = 30, fresh: bool = False) -> None:
     table = Table(title=f"job {job}: ALL fraction per sample (model {manifest.ref})")
     for col in ("sample", "status", "cells", "true fraction", "ALL fraction", "95% CI", "corrected", "flags"):
         table.add_column(col)
+    rows.sort(key=lambda r: SAMPLES[r["sample_id"]])
     for r in rows:
         ci = "-" if r["ci_low"] is None else f"{r['ci_low']:.1%} - {r['ci_high']:.1%}"
         table.add_row(
