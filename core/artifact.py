@@ -280,7 +280,7 @@ class Registry:
         local = cache_dir / manifest.name / manifest.version / MODEL_FILE
         if not (local.exists() and sha256_file(local) == manifest.sha256):
             local.parent.mkdir(parents=True, exist_ok=True)
-            self.store.download(uri, local)
+            self._store_of(uri).download(uri, local)
         digest = sha256_file(local)
         if digest != manifest.sha256:
             local.unlink(missing_ok=True)
@@ -290,9 +290,15 @@ class Registry:
             )
         return local, manifest
 
+    def _store_of(self, uri: str) -> ObjectStore:
+        """This registry's store for its own objects; a reference by URI may point at another store."""
+        if uri.startswith(self.root + "/"):
+            return self.store
+        return store_for(uri, self.settings)
+
     def _read_manifest(self, uri: str) -> ModelManifest:
         try:
-            raw = self.store.read_bytes(uri)
+            raw = self._store_of(uri).read_bytes(uri)
         except ObjectNotFound as exc:
             raise ModelNotFound(f"no model manifest at {uri}; see `allscore models list`") from exc
         try:

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from core.errors import AllscoreError
+
 ARCHITECTURES = ("seed", "carpenter", "tiny")
 DEFAULT_SIZES = {"seed": 64, "carpenter": 256, "tiny": 32}
 
 
-class UnknownArchitecture(ValueError):
+class UnknownArchitecture(AllscoreError, ValueError):
     """An --arch that allscore does not build."""
+
+
+def check_architecture(arch: str) -> None:
+    """Raise UnknownArchitecture, naming the choices, unless allscore builds `arch`."""
+    if arch not in ARCHITECTURES:
+        raise UnknownArchitecture(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
 
 
 def build_model(arch: str, image_size: int | None = None, *, seed: int = 0) -> Any:
@@ -17,8 +25,7 @@ def build_model(arch: str, image_size: int | None = None, *, seed: int = 0) -> A
     import keras
     from keras import layers
 
-    if arch not in ARCHITECTURES:
-        raise UnknownArchitecture(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    check_architecture(arch)
     size = image_size or DEFAULT_SIZES[arch]
     keras.utils.set_random_seed(seed)
     inputs = keras.Input(shape=(size, size, 3), dtype="uint8", name="image")

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from core.artifact import ModelManifest, Registry, ValidationMetrics, new_version, sha256_file
 from core.inference import configure_tensorflow, predict_proba
 from core.settings import Settings, get_settings
-from trainer.arch import DEFAULT_SIZES, build_model
+from trainer.arch import DEFAULT_SIZES, build_model, check_architecture
 from trainer.dataset import Dataset, discover, split_by_subject
 from trainer.loading import CellArrays, decode_cells
 from trainer.metrics import choose_threshold, summarize
@@ -50,7 +50,7 @@ class TrainConfig:
     @property
     def size(self) -> int:
         """The model's input size."""
-        return self.image_size or DEFAULT_SIZES[self.arch]
+        return self.image_size or DEFAULT_SIZES.get(self.arch, 64)
 
 
 @dataclass
@@ -132,6 +132,7 @@ def train_model(data: Path, config: TrainConfig, console: Console | None = None)
     import keras
     import tensorflow as tf
 
+    check_architecture(config.arch)  # before minutes of decoding, not after
     console = console or Console(stderr=True)
     started = time.perf_counter()
     settings = get_settings()

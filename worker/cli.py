@@ -74,6 +74,9 @@ def submit_cmd(
     sample_id: Annotated[str | None, typer.Argument(metavar="SAMPLE_ID")] = None,
     uris: Annotated[list[str] | None, typer.Argument(metavar="URI...", help="files, folders, globs, s3://")] = None,
     model: Annotated[str | None, typer.Option(help="model reference; default ALLSCORE_MODEL")] = None,
+    store: Annotated[
+        str | None, typer.Option(help="model store to resolve --model in; default ALLSCORE_MODEL_STORE")
+    ] = None,
     job: Annotated[str | None, typer.Option(help="job id; default a new uuid")] = None,
     manifest: Annotated[Path | None, typer.Option(help="CSV with columns sample_id,uri")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="show progress until done; exit 1 if any failed")] = False,
@@ -90,7 +93,7 @@ def submit_cmd(
         if not sample_id or not uris:
             raise SubmitError("give SAMPLE_ID and at least one URI (or --manifest CSV)")
         samples = {sample_id: uris}
-    job_id = submit_samples(samples, model_ref=model, job_id=job)
+    job_id = submit_samples(samples, model_ref=model, job_id=job, store=store)
     err.print(f"queued {len(samples)} sample(s) as job {job_id}")
     typer.echo(job_id)
     if wait:

@@ -100,9 +100,14 @@ def submit_samples(
     *,
     model_ref: str | None = None,
     job_id: str | None = None,
+    store: str | None = None,
     settings: Settings | None = None,
 ) -> str:
-    """Queue several samples (sample_id -> URIs) as one job; return the job id. All or nothing is queued."""
+    """Queue several samples (sample_id -> URIs) as one job; return the job id. All or nothing is queued.
+
+    The model reference is resolved now and sent pinned: `name:version` in the workers' store, or, when
+    `store` names another one, the full URI of the version folder there.
+    """
     settings = settings or get_settings()
     if not samples:
         raise SubmitError("nothing to submit: give at least one sample")
@@ -117,9 +122,10 @@ def submit_samples(
     for sample_id, uris in expanded.items():
         if not uris:
             raise SubmitError(f"sample {sample_id!r} has no images; give files, a folder, a glob or an s3:// prefix")
-    registry = Registry(settings=settings)
+    registry = Registry(store, settings)
     manifest = registry.resolve(model_ref or settings.model)
     version = manifest.ref
+    pinned = version if store is None else registry.version_uri(manifest.name, manifest.version)
     sessions = session_factory(make_engine(settings.database_url))
     with transaction(sessions) as session:
         repository.ensure_model(
@@ -142,7 +148,7 @@ def submit_samples(
             for sample_id, uris in expanded.items():
                 app.send_task(
                     TASK_NAME,
-                    kwargs={"job_id": job_id, "sample_id": sample_id, "image_uris": uris, "model_ref": version},
+                    kwargs={"job_id": job_id, "sample_id": sample_id, "image_uris": uris, "model_ref": pinned},
                     queue=settings.queue,
                     connection=connection,
                 )
@@ -171,7 +177,8 @@ def submit_sample(
     *,
     model_ref: str | None = None,
     job_id: str | None = None,
+    store: str | None = None,
     settings: Settings | None = None,
 ) -> str:
     """Queue one sample (its image URIs) for scoring; return the job id."""
-    return submit_samples({sample_id: uris}, model_ref=model_ref, job_id=job_id, settings=settings)
+    return submit_samples({sample_id: uris}, model_ref=model_ref, job_id=job_id, store=store, settings=settings)

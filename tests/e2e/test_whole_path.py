@@ -73,6 +73,16 @@ def test_user_path_on_the_embedded_database_with_redis(tmp_path: Path, synth_dat
         manifest.write_text(f"sample_id,uri\nslide-1,{slide}\nreal,{CNMC_SAMPLE}\nbroken,{broken}\n")
         done = run("submit", "--manifest", str(manifest), "--model", "allscore@production", "--wait", env=env)
         job_id = done.stdout.strip().splitlines()[-1]
+
+        # A model from another store than the workers': the task carries the version folder's URI.
+        other = tmp_path / "other-store"
+        show = json.loads(run("models", "show", ref, env=env).stdout)
+        version_dir = tmp_path / "home" / "models" / show["name"] / show["version"]
+        shutil.copytree(version_dir, other / "elsewhere" / "v9")
+        (other / "elsewhere" / "v9" / "manifest.json").write_text(
+            json.dumps({**show, "name": "elsewhere", "version": "v9"})
+        )
+        run("submit", "slide-2", str(slide), "--model", "elsewhere:v9", "--store", str(other), "--wait", env=env)
     finally:
         worker.stop()
 
@@ -82,6 +92,8 @@ def test_user_path_on_the_embedded_database_with_redis(tmp_path: Path, synth_dat
     assert (rows["slide-1"]["n_cells"], rows["real"]["n_cells"], rows["broken"]["n_cells"]) == (20, 24, 2)
     assert rows["broken"]["n_failed"] == 1 and rows["broken"]["all_fraction"] in (0.0, 1.0)
     assert rows["slide-1"]["model_version"] == ref
+    (other_row,) = json.loads(run("report", "slide-2", "--format", "json", env=env).stdout)
+    assert (other_row["status"], other_row["model_version"], other_row["n_cells"]) == ("done", "elsewhere:v9", 20)
     csv = run("report", "slide-1", "--format", "csv", env=env).stdout.splitlines()
     assert csv[0].startswith("sample_id,job_id,status,model_version,n_cells")
 
