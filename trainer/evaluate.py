@@ -7,7 +7,7 @@ from typing import Any
 
 from core.artifact import load_model
 from core.errors import AllscoreError
-from core.inference import configure_tensorflow, predict_proba, with_precision
+from core.inference import ServingModel, configure_tensorflow, predict_proba
 from core.settings import get_settings
 from trainer.dataset import discover
 from trainer.loading import decode_cells
@@ -32,7 +32,7 @@ def evaluate(ref: str, data: Path, *, store: str | None = None) -> dict[str, Any
             "the preliminary test set's CSV"
         )
     arrays = decode_cells(labelled, manifest.input_size)
-    model = with_precision(loaded.model, settings.precision)
+    model = ServingModel(loaded.model, settings.precision)  # exactly what the workers run
     p = predict_proba(model, arrays.images, batch_size=settings.batch_size)
     metrics = summarize(arrays.labels, p, manifest.threshold, arrays.subjects)
     overlap = sorted(set(manifest.train_subjects) & {s for s in arrays.subjects if s})
@@ -41,6 +41,6 @@ def evaluate(ref: str, data: Path, *, store: str | None = None) -> dict[str, Any
         "data": str(data),
         **metrics,
         "n_failed": len(arrays.failed),
-        "precision": settings.precision,
+        "precision": model.precision,
         "subjects_seen_in_training": overlap,
     }

@@ -12,7 +12,7 @@ from functools import lru_cache
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.artifact import LoadedModel, Registry, load_keras, parse_ref
-from core.inference import configure_tensorflow, with_precision
+from core.inference import ServingModel, configure_tensorflow
 from core.settings import Settings, get_settings
 from core.storage import ObjectStore, is_s3, parse_s3, store_for
 from db.engine import make_engine, session_factory
@@ -53,7 +53,7 @@ class WorkerContext:
                 return cached
             started = time.perf_counter()
             path, manifest = self.registry.fetch(ref)
-            model = with_precision(load_keras(path), self.settings.precision)
+            model = ServingModel(load_keras(path), self.settings.precision)
             loaded = LoadedModel(model=model, manifest=manifest, path=path)
             self._models[key] = loaded
         log.info("model loaded: %s in pid %d (%.2fs)", key, os.getpid(), time.perf_counter() - started)

@@ -1,0 +1,56 @@
+"""The served model: batch normalisation folded into the convolutions gives the same probabilities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from keras import layers
+
+from core.inference import ServingModel, cpu_has_bf16, predict_proba, prepare_for_serving
+from trainer.arch import build_model
+
+
+@pytest.fixture(scope="module")
+def seed_model():
+    """A seed network with non-trivial batch-norm statistics and small weights (outputs not saturated)."""
+    model = build_model("seed", 32, seed=1)
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            g, b, mu, v = layer.get_weights()
+            layer.set_weights(
+                [
+                    rng.uniform(1.0, 3.0, g.shape),
+                    rng.normal(0.5, 0.2, b.shape),
+                    rng.normal(0, 0.1, mu.shape),
+                    rng.uniform(0.2, 2.0, v.shape),
+                ]
+            )
+    return model
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    """Images of different brightness and colour, so that the model's outputs differ between them."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 200, (n, 1, 1, 3))
+    return np.clip(base + rng.integers(0, 56, (n, 32, 32, 3)), 0, 255).astype(np.uint8)
+
+
+def test_folding_removes_batch_norm_and_dropout_and_keeps_the_outputs(seed_model) -> None:
+    x = _images(16, 2)
+    served = prepare_for_serving(seed_model, "float32")
+    kinds = {type(layer).__name__ for layer in served.layers}
+    assert "BatchNormalization" not in kinds and "Dropout" not in kinds
+    expected = predict_proba(seed_model, x, 8)
+    assert expected.std() > 0.02  # the check means something only if the outputs vary
+    np.testing.assert_allclose(predict_proba(served, x, 8), expected, atol=1e-5)
+    np.testing.assert_allclose(predict_proba(ServingModel(seed_model), x, 8), expected, atol=1e-5)
+
+
+def test_bfloat16_serving_stays_close(seed_model) -> None:
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no native bfloat16; allscore serves in float32 here")
+    x = _images(16, 3)
+    served = ServingModel(seed_model, "bfloat16")
+    assert served.precision == "bfloat16"
+    np.testing.assert_allclose(predict_proba(served, x, 8), predict_proba(seed_model, x, 8), atol=0.03)
