@@ -156,7 +156,7 @@ def train_bench_model(work: Path, size: int, epochs: int) -> str:
     from trainer.train import TrainConfig, publish, train_model
 
     data = work / "train-data"
-    synthesize(data, subjects=12, cells=40, seed=7)
+    synthesize(data, subjects=12, cells=120, seed=7)
     store = str(work / "models")
     config = TrainConfig(name="bench", arch="seed", image_size=size, epochs=epochs, patience=epochs, version="v1")
     outcome = train_model(data, config, Console(stderr=True))
@@ -386,7 +386,7 @@ def main() -> None:
     parser.add_argument("--soak", type=int, default=10000, help="cells for the memory soak")
     parser.add_argument("--size", type=int, default=128, help="model input size")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=8, help="training epochs of the bench model")
+    parser.add_argument("--epochs", type=int, default=6, help="training epochs of the bench model")
     parser.add_argument("--quick", action="store_true", help="small numbers, to check the script runs")
     args = parser.parse_args()
     if args.quick:
@@ -417,7 +417,7 @@ def main() -> None:
         "architecture": "seed",
         "input_size": args.size,
         "gflop_per_cell": round(gflop, 3),
-        "parameters": int(model.count_params()),
+        "parameters": int(keras_model.count_params()),
     }
 
     log(f"writing {args.cells} synthetic 450x450 BMP cells")

@@ -141,9 +141,10 @@ def decode_image(data: bytes, size: int, *, source: str = "<bytes>", max_pixels:
         rgb = rgb.crop(crop)
     out_image = rgb
     if rgb.size != (size, size):
-        # Shrinks of 3x or more start with a box reduction (450 -> 128 does not): indistinguishable
-        # from a full bilinear pass and much cheaper on large inputs.
-        out_image = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        # Pillow first box-reduces by the largest whole factor (450 -> 150 for 128), then resamples
+        # bilinearly: 0.7 ms instead of 1.5 ms per 450x450 cell here, within 0.2 grey levels of a full
+        # bilinear pass. Decoding runs on the cores the model needs, so its cost shows in cells/s.
+        out_image = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=1.0)
     out = np.array(out_image, dtype=np.uint8)
     expected = (size, size, 3)
     # Pillow's contract, but the model depends on it: fail here rather than deep inside a batch.
