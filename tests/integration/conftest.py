@@ -72,3 +72,18 @@ def sqlite_url(tmp_path: Path) -> str:
     url = f"sqlite:///{tmp_path / 'db' / 'allscore.db'}"
     upgrade(url)
     return url
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The machine's Redis (skips, or fails under CI, when it does not answer)."""
+    import redis
+
+    url = "redis://127.0.0.1:6379/0"
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+        ok, reason = True, ""
+    except redis.RedisError as exc:
+        ok, reason = False, f"no Redis at {url} ({exc})"
+    require_service("Redis", ok, reason)
+    return url

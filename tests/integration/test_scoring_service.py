@@ -17,7 +17,7 @@ from core.settings import Settings, get_settings, reset_settings_cache
 from core.storage import store_for
 from db.engine import make_engine
 from tests.fixtures import PublishedModel
-from tests.helpers import CNMC_SAMPLE, cnmc_cells, require_service
+from tests.helpers import CNMC_SAMPLE, cnmc_cells
 from tests.worker_process import WorkerProcess
 from worker.cli import wait_for_job
 from worker.client import submit_sample, submit_samples
@@ -33,21 +33,6 @@ def _wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return centre - half, centre + half
-
-
-@pytest.fixture
-def redis_url() -> str:
-    """The local Redis (skips, or fails under CI, when it does not answer)."""
-    import redis
-
-    url = "redis://127.0.0.1:6379/0"
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
-        ok, reason = True, ""
-    except redis.RedisError as exc:
-        ok, reason = False, f"no Redis at {url} ({exc})"
-    require_service("Redis", ok, reason)
-    return url
 
 
 @pytest.fixture
