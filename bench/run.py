@@ -220,7 +220,7 @@ def bench_engine(
         )
         repository.create_job(session=session, job_id=sample, n_samples=1)
         repository.enqueue_sample(session=session, job_id=sample, sample_id=sample, model_version=loaded.manifest.ref)
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(_io_threads()) as pool:
         start = time.perf_counter()
         score_sample(
             ScoreRequest(sample, sample, tuple(uris), loaded.manifest.ref),
@@ -232,6 +232,14 @@ def bench_engine(
         )
         seconds = time.perf_counter() - start
     return {"cells": len(uris), "seconds": round(seconds, 2), "cells_per_s": round(len(uris) / seconds, 1)}
+
+
+def _io_threads() -> int:
+    """The fetch/decode threads a worker process would use (ALLSCORE_IO_THREADS or its default)."""
+    from core.settings import get_settings
+    from worker.context import io_threads_for
+
+    return io_threads_for(get_settings())
 
 
 def bench_pg_rows(db_url: str, n: int = 20000) -> float:
@@ -261,7 +269,7 @@ def soak_memory(loaded: Any, uris: list[str], fetch: Callable[[str], bytes], bat
 
     samples: list[tuple[int, float]] = []
     done = 0
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(_io_threads()) as pool:
         while done < total:
             chunk = uris[: min(1000, total - done)]
             score_cells(

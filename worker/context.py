@@ -29,6 +29,14 @@ def tf_threads_for(settings: Settings) -> int:
     return max(1, cores // processes)
 
 
+def io_threads_for(settings: Settings) -> int:
+    """Fetch/decode threads: ALLSCORE_IO_THREADS, else the process's cores (at least 2, so one can wait on I/O)."""
+    if settings.io_threads:
+        return settings.io_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(2, cores)
+
+
 class WorkerContext:
     """Everything a worker process keeps between tasks; the model is loaded once per version."""
 
@@ -37,7 +45,7 @@ class WorkerContext:
         configure_tensorflow(tf_threads_for(settings))
         self.sessions: sessionmaker[Session] = session_factory(make_engine(settings.database_url))
         self.registry = Registry(settings=settings)
-        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="allscore-io")
+        self.pool = ThreadPoolExecutor(max_workers=io_threads_for(settings), thread_name_prefix="allscore-io")
         self._models: dict[str, LoadedModel] = {}
         self._stores: dict[str, ObjectStore] = {}
         self._lock = threading.Lock()
