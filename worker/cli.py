@@ -105,29 +105,28 @@ def submit_cmd(
             sys.exit(1)
 
 
-def _job_rows(job_id: str) -> list[dict[str, Any]]:
+def wait_for_job(job_id: str, n_samples: int, timeout: float) -> list[dict[str, Any]]:
+    """Poll the database until every sample of the job is done or failed (or the timeout passes)."""
     from db import repository
     from db.engine import make_engine, session_factory
 
-    with session_factory(make_engine())() as session:
-        return repository.get_sample_results(session=session, job_id=job_id)
-
-
-def wait_for_job(job_id: str, n_samples: int, timeout: float) -> list[dict[str, Any]]:
-    """Poll the database until every sample of the job is done or failed (or the timeout passes)."""
     deadline = time.monotonic() + timeout
     rows: list[dict[str, Any]] = []
+    engine = make_engine()  # one engine (and pool) for every poll, not one per poll
+    sessions = session_factory(engine)
     with Progress(
         TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
     ) as progress:
         task = progress.add_task("samples", total=n_samples)
         while time.monotonic() < deadline:
-            rows = _job_rows(job_id)
+            with sessions() as session:
+                rows = repository.get_sample_results(session=session, job_id=job_id)
             finished = sum(1 for r in rows if r["status"] in FINAL)
             progress.update(task, completed=finished)
             if finished >= n_samples:
                 break
             time.sleep(0.5)
+    engine.dispose()
     return rows
 
 
