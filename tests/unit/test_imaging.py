@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +222,57 @@ def test_load_image_names_a_missing_file(tmp_path: Path) -> None:
 def test_a_size_below_one_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="size must be"):
         decode_image(encode(solid_rgb(8, 8, (0, 0, 0))), 0)
+
+
+def _top_down(bmp: bytes) -> bytes:
+    """The same 24-bit BMP stored top-down (negative height), as some writers save it."""
+    offset = int.from_bytes(bmp[10:14], "little")
+    width = int.from_bytes(bmp[18:22], "little", signed=True)
+    height = int.from_bytes(bmp[22:26], "little", signed=True)
+    stride = (width * 3 + 3) // 4 * 4
+    rows = [bmp[offset + i * stride : offset + (i + 1) * stride] for i in range(height)]
+    header = bytearray(bmp[:offset])
+    header[22:26] = (-height).to_bytes(4, "little", signed=True)
+    return bytes(header) + b"".join(reversed(rows))
+
+
+def test_a_bmp_cell_gives_the_same_model_input_as_the_same_pixels_in_png(cells: list[Path]) -> None:
+    # Uncompressed 24-bit BMPs (the C-NMC format) are unpacked without Pillow's file plugin; the pixels must
+    # be exactly what the plugin gives, so a lab that converts its cells to PNG sees the same scores.
+    for path in cells[:6]:
+        with Image.open(path) as im:
+            assert (im.format, im.mode) == ("BMP", "RGB")
+            pixels = np.asarray(im.convert("RGB"))
+        data = path.read_bytes()
+        for size in (SIZE, 450):
+            np.testing.assert_array_equal(decode_image(data, size), decode_image(encode(pixels, "PNG"), size))
+        np.testing.assert_array_equal(decode_image(memoryview(data), SIZE), decode_image(data, SIZE))
+
+
+@pytest.mark.parametrize("width,height", [(451, 450), (450, 453), (601, 600), (97, 130)])
+def test_padded_rows_and_top_down_bmps_decode_like_png(width: int, height: int) -> None:
+    # Widths that are not a multiple of 4 pad each BMP row; a negative height stores rows top-down.
+    pixels = np.random.default_rng(width * height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    expected = decode_image(encode(pixels, "PNG"), SIZE)
+    bmp = encode(pixels)
+    np.testing.assert_array_equal(decode_image(bmp, SIZE), expected)
+    np.testing.assert_array_equal(decode_image(_top_down(bmp), SIZE), expected)
+    with Image.open(io.BytesIO(_top_down(bmp))) as im:  # the crafted file is one Pillow reads the same way
+        np.testing.assert_array_equal(np.asarray(im.convert("RGB")), pixels)
+
+
+def test_other_bmp_kinds_still_decode() -> None:
+    rgba = np.full((40, 40, 4), 255, dtype=np.uint8)
+    rgba[..., :3] = (10, 200, 30)  # a 32-bit BMP
+    bmp32 = encode(Image.fromarray(rgba, "RGBA"))
+    assert int.from_bytes(bmp32[28:30], "little") == 32
+    assert (decode_image(bmp32, 40) == (10, 200, 30)).all()
+    gray = np.full((40, 40), 77, dtype=np.uint8)  # 8-bit palette BMP
+    assert (decode_image(encode(Image.fromarray(gray, "L")), 40) == 77).all()
+
+
+def test_a_bmp_with_a_short_pixel_array_is_a_decode_error_naming_it(cells: list[Path]) -> None:
+    data = cells[1].read_bytes()
+    with pytest.raises(DecodeError, match="truncated or corrupt") as caught:
+        decode_image(memoryview(data)[:-1000], SIZE, source="cut.bmp")
+    assert caught.value.source == "cut.bmp"
