@@ -31,6 +31,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "data_folder_in": str(folder),
             "data_folder_out": str(folder),
             "processed_folder": str(folder / "processed"),
+            # Its exchange table; kombu's default is ./control, in whatever folder the command ran from.
+            "control_folder": str(folder / "control"),
             "store_processed": False,
         }
     return {

@@ -118,9 +118,12 @@ def test_user_path_on_the_embedded_database_with_redis(tmp_path: Path, synth_dat
 def test_demo_runs_with_the_embedded_broker(tmp_path: Path) -> None:
     env = {"ALLSCORE_BROKER_URL": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.pop("ALLSCORE_HOME", None)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
     result = subprocess.run(
         [sys.executable, "-m", "allscore", "demo", "--workdir", str(tmp_path / "demo"), "--epochs", "2"],
         env={k: v for k, v in {**os.environ, **env}.items() if k != "ALLSCORE_HOME"},
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=600,
@@ -132,3 +135,4 @@ def test_demo_runs_with_the_embedded_broker(tmp_path: Path) -> None:
         line = next(ln for ln in table.splitlines() if name in ln)
         assert "done" in line
     assert len(list((tmp_path / "demo" / "montages").glob("*.png"))) == 3
+    assert list(cwd.iterdir()) == []  # everything stays under the work folder, nothing lands where it ran
