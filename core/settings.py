@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     tf_threads: int = Field(default=0, ge=0, description="TensorFlow threads per process; 0 = cores/concurrency")
     worker_concurrency: int = Field(default=0, ge=0, description="worker processes; 0 = number of cores")
     # Fetch+decode threads per worker process. They share the cores with TensorFlow: on 2 cores, 2 threads
-    # scored 0.90 of the raw bf16 model end to end against 0.83 with 8. Raise it for a high-latency store.
+    # scored 0.90 of the raw bf16 model end to end against 0.83 with 8 (AMD EPYC). Raise it for a high-latency store.
     io_threads: int = Field(default=0, ge=0, description="fetch/decode threads per process; 0 = cores (min 2)")
     flag_thresholds: list[float] = Field(default_factory=lambda: [0.05, 0.20, 0.25])
     allowed_roots: list[str] = Field(default_factory=list, description="local folders and s3:// prefixes")
