@@ -49,10 +49,13 @@ class Fetcher:
         self._stores: dict[str, ObjectStore] = {}
 
     def __call__(self, uri: str) -> bytes:
-        key = f"s3://{parse_s3(uri)[0]}" if is_s3(uri) else "local"
-        store = self._stores.get(key)
+        if not is_s3(uri):
+            # A local store holds nothing worth reusing; store_for also refuses schemes no store handles.
+            return store_for(uri, self.settings).read_bytes(uri)
+        bucket = parse_s3(uri)[0]
+        store = self._stores.get(bucket)
         if store is None:
-            store = self._stores.setdefault(key, store_for(uri, self.settings))
+            store = self._stores.setdefault(bucket, store_for(uri, self.settings))
         return store.read_bytes(uri)
 
 

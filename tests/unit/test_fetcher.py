@@ -10,7 +10,7 @@ import pytest
 
 from core.imaging import decode_image
 from core.settings import Settings
-from core.storage import ObjectNotFound, StorageError
+from core.storage import InvalidURI, ObjectNotFound
 from tests.helpers import encode
 from worker.context import Fetcher
 
@@ -30,9 +30,9 @@ def test_io_threads_read_each_cell_as_written(tmp_path: Path) -> None:
         np.testing.assert_array_equal(decoded[uri], pixels, err_msg=uri)
 
 
-def test_a_missing_file_or_an_unreadable_uri_is_a_typed_error_naming_it(tmp_path: Path) -> None:
+def test_a_missing_file_and_an_unknown_scheme_are_typed_errors(tmp_path: Path) -> None:
     fetch = Fetcher(Settings())
     with pytest.raises(ObjectNotFound, match=r"nothing\.bmp"):
         fetch(str(tmp_path / "nothing.bmp"))
-    with pytest.raises(StorageError, match="http:"):
+    with pytest.raises(InvalidURI, match="http"):
         fetch("http://lab.example/cell.bmp")
