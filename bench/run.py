@@ -504,7 +504,7 @@ def main() -> None:
     log("2. engine end to end: local store / S3 server x SQLite / PostgreSQL")
     e2e: dict[str, Any] = {}
     from core.settings import get_settings
-    from worker.context import Fetcher
+    from core.storage import Fetcher
 
     # The worker's own reader: one store (and S3 client) per bucket.
     fetch = Fetcher(get_settings())

@@ -142,6 +142,27 @@ def store_for(uri: str, settings: Settings | None = None) -> ObjectStore:
     return LocalStore()
 
 
+class Fetcher:
+    """Reads whole objects by URI from any store: one S3 store (and client) per bucket, safe across threads.
+
+    What the worker's I/O threads and the montage read cells with. Local paths need no state; store_for
+    refuses, on every call, a scheme no store handles.
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings
+        self._buckets: dict[str, ObjectStore] = {}
+
+    def __call__(self, uri: str) -> bytes:
+        if not is_s3(uri):
+            return store_for(uri, self.settings).read_bytes(uri)
+        bucket = parse_s3(uri)[0]
+        store = self._buckets.get(bucket)
+        if store is None:
+            store = self._buckets.setdefault(bucket, store_for(uri, self.settings))
+        return store.read_bytes(uri)
+
+
 def _matches(name: str, suffixes: tuple[str, ...] | None) -> bool:
     if suffixes is None:
         return True

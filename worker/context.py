@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.artifact import LoadedModel, Registry, load_keras, parse_ref
 from core.inference import ServingModel, configure_tensorflow
 from core.settings import Settings, get_settings
-from core.storage import ObjectStore, is_s3, parse_s3, store_for
+from core.storage import Fetcher
 from db.engine import make_engine, session_factory
 
 log = logging.getLogger(__name__)
@@ -39,24 +39,6 @@ def io_threads_for(settings: Settings) -> int:
     if settings.io_threads:
         return settings.io_threads
     return max(2, _cores())
-
-
-class Fetcher:
-    """Reads cell images for the engine: one store (and S3 client) per bucket, shared by the I/O threads."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._stores: dict[str, ObjectStore] = {}
-
-    def __call__(self, uri: str) -> bytes:
-        if not is_s3(uri):
-            # A local store holds nothing worth reusing; store_for also refuses schemes no store handles.
-            return store_for(uri, self.settings).read_bytes(uri)
-        bucket = parse_s3(uri)[0]
-        store = self._stores.get(bucket)
-        if store is None:
-            store = self._stores.setdefault(bucket, store_for(uri, self.settings))
-        return store.read_bytes(uri)
 
 
 class WorkerContext:

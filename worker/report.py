@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from core.imaging import DecodeError, decode_image
 from core.settings import Settings, get_settings
-from core.storage import ObjectStore, StorageError, is_s3, parse_s3, store_for
+from core.storage import Fetcher, StorageError
 
 THUMB = 96
 LABEL_H = 16
@@ -47,14 +47,9 @@ def to_json(rows: Sequence[dict[str, Any]]) -> str:
     return json.dumps([{k: _plain(v) for k, v in row.items()} for row in rows], indent=2)
 
 
-def _thumbnail(uri: str, stores: dict[str, ObjectStore], settings: Settings) -> np.ndarray | None:
-    # One store (and S3 client) per scheme and bucket for the whole montage, not one per cell.
-    key = f"s3://{parse_s3(uri)[0]}" if is_s3(uri) else "local"
-    if key not in stores:
-        stores[key] = store_for(uri, settings)
-    store = stores[key]
+def _thumbnail(uri: str, fetch: Fetcher) -> np.ndarray | None:
     try:
-        return decode_image(store.read_bytes(uri), THUMB, source=uri)
+        return decode_image(fetch(uri), THUMB, source=uri)
     except (StorageError, DecodeError):
         return None
 
@@ -64,7 +59,7 @@ def render_montage(
 ) -> Path:
     """One PNG: the sample's cells sorted by p(ALL), framed by their call, with the probability under each."""
     settings = settings or get_settings()
-    stores: dict[str, ObjectStore] = {}
+    fetch = Fetcher(settings)  # one S3 client per bucket for the whole montage, not one per cell
     ordered = sorted(cells, key=lambda c: (c["p_all"] is None, -(c["p_all"] or 0.0)))
     n = max(1, len(ordered))
     cols = min(12, math.ceil(math.sqrt(n)))
@@ -92,7 +87,7 @@ def render_montage(
         x, y = (i % cols) * tile_w, header + (i // cols) * tile_h
         kind = "error" if cell["p_all"] is None else ("all" if cell["is_all"] else "hem")
         draw.rectangle((x, y, x + tile_w - 1, y + THUMB + 2 * FRAME - 1), fill=COLORS[kind])
-        thumb = _thumbnail(cell["image_uri"], stores, settings) if cell["p_all"] is not None else None
+        thumb = _thumbnail(cell["image_uri"], fetch) if cell["p_all"] is not None else None
         if thumb is not None:
             canvas.paste(Image.fromarray(thumb), (x + FRAME, y + FRAME))
         else:

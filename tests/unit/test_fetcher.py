@@ -1,4 +1,4 @@
-"""worker.context.Fetcher: what the engine reads cells with, from I/O threads."""
+"""core.storage.Fetcher: what the worker's I/O threads and the montage read cells with."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import pytest
 
 from core.imaging import decode_image
 from core.settings import Settings
-from core.storage import InvalidURI, ObjectNotFound
+from core.storage import Fetcher, InvalidURI, ObjectNotFound
 from tests.helpers import encode
-from worker.context import Fetcher
 
 
 def test_io_threads_read_each_cell_as_written(tmp_path: Path) -> None:
