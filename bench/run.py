@@ -169,16 +169,6 @@ def train_bench_model(work: Path, size: int, epochs: int) -> str:
     return store
 
 
-def timed_cells_per_s(fn: Callable[[], int], seconds: float = 8.0, warmup: int = 1) -> float:
-    """Repeat fn (which returns cells done) for about `seconds`; cells per second."""
-    for _ in range(warmup):
-        fn()
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        done += fn()
-    return done / (time.perf_counter() - start)
-
-
 # --- the measurements -------------------------------------------------------------------------------------
 
 

@@ -25,9 +25,6 @@ ALLOWED_FORMATS = ("BMP", "PNG", "JPEG", "TIFF", "GIF", "WEBP")
 
 _HINT = "check that it is a complete BMP, PNG, JPEG or TIFF image of one cell"
 
-# Anything decode_image reads: bytes, or a view of a reused read buffer (worker.context.Fetcher).
-ImageData = bytes | bytearray | memoryview
-
 # BITMAPINFOHEADER and its later versions (V2, V3, V4, V5): width, height, planes, bits, compression follow.
 _BMP_INFO_SIZES = (40, 52, 56, 108, 124)
 
@@ -78,7 +75,7 @@ def _to_rgb(im: Image.Image, source: str) -> Image.Image:
         raise DecodeError(source, f"unsupported pixel mode {mode!r} ({exc})") from exc
 
 
-def _plain_bmp(data: ImageData, limit: int) -> Image.Image | None:
+def _plain_bmp(data: bytes, limit: int) -> Image.Image | None:
     """An uncompressed 24-bit BMP (the C-NMC format) unpacked straight from data, else None.
 
     The same raw BGR unpacking Pillow's BMP plugin does, without the plugin's file object and block reads
@@ -86,7 +83,7 @@ def _plain_bmp(data: ImageData, limit: int) -> Image.Image | None:
     included. Anything else (other depths, compression, bitfields, a short file) returns None and takes
     the general path, which also gives the errors.
     """
-    view = memoryview(data)
+    view = memoryview(data)  # slices without copying
     if len(view) < 54 or view[:2] != b"BM":
         return None
     offset, info_size, width, height, _planes, bits, compression = struct.unpack_from("<I I i i H H I", view, 10)
@@ -109,7 +106,7 @@ def _crop_box(width: int, height: int) -> tuple[int, int, int, int]:
     return (left, top, left + side, top + side)
 
 
-def decode_image(data: ImageData, size: int, *, source: str = "<bytes>", max_pixels: int | None = None) -> np.ndarray:
+def decode_image(data: bytes, size: int, *, source: str = "<bytes>", max_pixels: int | None = None) -> np.ndarray:
     """Decode image bytes into an RGB uint8 array of shape (size, size, 3).
 
     The model sees the central 450x450 field (the C-NMC framing), scaled to size x size with one
@@ -139,7 +136,7 @@ def decode_image(data: ImageData, size: int, *, source: str = "<bytes>", max_pix
     return _resized(rgb, size, source)
 
 
-def _open_rgb(data: ImageData, size: int, source: str, limit: int) -> Image.Image:
+def _open_rgb(data: bytes, size: int, source: str, limit: int) -> Image.Image:
     """Any allowed format through Pillow's plugins: checked, decoded, cropped to the field, as RGB."""
     try:
         # open() only parses the header; pixels are decoded by load() below.

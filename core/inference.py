@@ -37,6 +37,14 @@ def cpu_has_bf16() -> bool:
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
+def _usable_precision(precision: str) -> str:
+    """`precision`, except bfloat16 on a CPU without it, which falls back to float32 with a warning."""
+    if precision == "bfloat16" and not cpu_has_bf16():
+        log.warning("ALLSCORE_PRECISION=bfloat16 but this CPU lacks AVX512_BF16/AMX: scoring in float32")
+        return "float32"
+    return precision
+
+
 def _is_chain(model: Any) -> bool:
     """Whether every layer feeds only the next one (all allscore architectures are chains)."""
     config = model.get_config()
@@ -81,9 +89,7 @@ def prepare_for_serving(model: Any, precision: str = "float32") -> Any:
     import keras
     from keras import layers as kl
 
-    if precision == "bfloat16" and not cpu_has_bf16():
-        log.warning("ALLSCORE_PRECISION=bfloat16 but this CPU lacks AVX512_BF16/AMX: scoring in float32")
-        precision = "float32"
+    precision = _usable_precision(precision)
     if not _is_chain(model):
         return with_precision(model, precision)
     policy = "mixed_bfloat16" if precision == "bfloat16" else "float32"
@@ -113,10 +119,7 @@ def prepare_for_serving(model: Any, precision: str = "float32") -> Any:
 
 def with_precision(model: Any, precision: str) -> Any:
     """The same model computing in `precision`: float32 as loaded, or mixed bfloat16 (float32 output layer)."""
-    if precision != "bfloat16":
-        return model
-    if not cpu_has_bf16():
-        log.warning("ALLSCORE_PRECISION=bfloat16 but this CPU lacks AVX512_BF16/AMX: scoring in float32")
+    if _usable_precision(precision) != "bfloat16":
         return model
     import keras
 

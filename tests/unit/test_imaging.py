@@ -246,7 +246,6 @@ def test_a_bmp_cell_gives_the_same_model_input_as_the_same_pixels_in_png(cells: 
         data = path.read_bytes()
         for size in (SIZE, 450):
             np.testing.assert_array_equal(decode_image(data, size), decode_image(encode(pixels, "PNG"), size))
-        np.testing.assert_array_equal(decode_image(memoryview(data), SIZE), decode_image(data, SIZE))
 
 
 @pytest.mark.parametrize("width,height", [(451, 450), (450, 453), (601, 600), (97, 130)])
@@ -274,5 +273,5 @@ def test_other_bmp_kinds_still_decode() -> None:
 def test_a_bmp_with_a_short_pixel_array_is_a_decode_error_naming_it(cells: list[Path]) -> None:
     data = cells[1].read_bytes()
     with pytest.raises(DecodeError, match="truncated or corrupt") as caught:
-        decode_image(memoryview(data)[:-1000], SIZE, source="cut.bmp")
+        decode_image(data[:-1000], SIZE, source="cut.bmp")
     assert caught.value.source == "cut.bmp"
