@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from core.settings import get_settings
-from core.storage import S3Store, is_s3
+from core.storage import LocalStore, S3Store, is_s3
 
 store_app = typer.Typer(help="The object store.", no_args_is_help=True)
 
@@ -19,10 +18,5 @@ def init_cmd(
 ) -> None:
     """Create the bucket (s3://) or folder of the model store unless it exists."""
     target = uri or get_settings().model_store
-    if is_s3(target):
-        created = S3Store().ensure_bucket(target)
-    else:
-        path = Path(target.removeprefix("file://")).expanduser()
-        created = not path.exists()
-        path.mkdir(parents=True, exist_ok=True)
+    created = S3Store().ensure_bucket(target) if is_s3(target) else LocalStore().ensure_folder(target)
     typer.echo(f"{target}: {'created' if created else 'exists'}")

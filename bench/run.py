@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from worker.context import available_cores
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("ALLSCORE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -58,7 +60,7 @@ def machine() -> dict[str, Any]:
 
     return {
         "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
+        "cores": available_cores(),
         "flags": flags,
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
@@ -430,7 +432,7 @@ def main() -> None:
     set_env(ALLSCORE_HOME=str(work / "home"))
     from core.inference import configure_tensorflow
 
-    configure_tensorflow(len(os.sched_getaffinity(0)))
+    configure_tensorflow(available_cores())
     results: dict[str, Any] = {"machine": machine(), "args": vars(args)}
     log(f"work folder {work}; machine {results['machine']['cpu']}, {results['machine']['cores']} cores")
 

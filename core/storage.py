@@ -189,6 +189,14 @@ class LocalStore:
         """Whether a file (not a folder) exists at uri."""
         return _local_path(uri).is_file()
 
+    def ensure_folder(self, uri: str) -> bool:
+        """Create the folder at uri (a path or file:// URI) unless it exists; return True when it was created."""
+        path = _local_path(uri)
+        with self._errors(uri):
+            created = not path.exists()
+            path.mkdir(parents=True, exist_ok=True)
+        return created
+
     def list(self, prefix_uri: str, *, suffixes: tuple[str, ...] | None = None) -> list[str]:
         """All files under the folder prefix_uri (recursive, sorted), in the same form as prefix_uri."""
         root = _local_path(prefix_uri)

@@ -36,7 +36,9 @@ def worker_cmd(
         os.environ["ALLSCORE_WORKER_CONCURRENCY"] = str(concurrency)
         reset_settings_cache()
     settings = get_settings()
-    n = settings.worker_concurrency or len(os.sched_getaffinity(0))
+    from worker.context import available_cores
+
+    n = settings.worker_concurrency or available_cores()
     # Children read this to split the cores between them (see worker.context.tf_threads_for).
     os.environ["ALLSCORE_WORKER_CONCURRENCY"] = str(n)
     from worker.celery_app import app

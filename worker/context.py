@@ -20,7 +20,7 @@ from db.engine import make_engine, session_factory
 log = logging.getLogger(__name__)
 
 
-def _cores() -> int:
+def available_cores() -> int:
     """The cores this process may run on (its CPU affinity, e.g. under taskset or a container limit)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -29,7 +29,7 @@ def tf_threads_for(settings: Settings) -> int:
     """This process's share of the cores: ALLSCORE_TF_THREADS, else cores / worker processes."""
     if settings.tf_threads:
         return settings.tf_threads
-    cores = _cores()
+    cores = available_cores()
     processes = settings.worker_concurrency or cores
     return max(1, cores // processes)
 
@@ -38,7 +38,7 @@ def io_threads_for(settings: Settings) -> int:
     """Fetch/decode threads: ALLSCORE_IO_THREADS, else the process's cores (at least 2, so one can wait on I/O)."""
     if settings.io_threads:
         return settings.io_threads
-    return max(2, _cores())
+    return max(2, available_cores())
 
 
 class WorkerContext:

@@ -321,3 +321,17 @@ def test_the_client_is_built_lazily_from_settings() -> None:
     # Two attempts in all: the first try and one retry.
     assert client.meta.config.retries == {"total_max_attempts": 2, "mode": "standard"}
     assert store.client is client
+
+
+def test_store_init_creates_a_local_store_folder_once(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from allscore.cli import app
+
+    folder = tmp_path / "model store"  # a space: the file:// URI quotes it as %20
+    first = CliRunner().invoke(app, ["store", "init", folder.as_uri()])
+    assert first.exit_code == 0, first.output
+    assert folder.is_dir() and first.output.strip().endswith("created")
+    assert not (tmp_path / "model%20store").exists()
+    again = CliRunner().invoke(app, ["store", "init", str(folder)])
+    assert again.exit_code == 0 and again.output.strip().endswith("exists")
