@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import struct
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -72,3 +74,15 @@ def png_header_only(width: int, height: int) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
     )
+
+
+def stop_process_group(proc: subprocess.Popen[bytes] | None, timeout: float, kill_wait: float = 10.0) -> None:
+    """SIGTERM a process started with start_new_session=True; SIGKILL its whole group if it outlives timeout."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(kill_wait)

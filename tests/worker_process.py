@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+
+from tests.helpers import stop_process_group
 
 
 class WorkerProcess:
@@ -55,10 +56,5 @@ class WorkerProcess:
         """SIGTERM (warm shutdown), then SIGKILL of the whole group if it hangs."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        stop_process_group(self.proc, timeout)
         self._log.close()

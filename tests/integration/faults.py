@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
+
+from tests.helpers import stop_process_group
 
 LOCALHOST = "127.0.0.1"
 
@@ -212,14 +212,7 @@ class RedisServer:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM (redis flushes the append-only file and exits), SIGKILL if it hangs."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
+        stop_process_group(self.proc, timeout, kill_wait=5)
 
     def restart(self) -> None:
         """Stop and start again on the same port and folder."""
