@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import yaml
 
 from core.settings import Settings, reset_settings_cache
 from tests.helpers import REPO_ROOT, require_service
+from tests.integration.faults import free_port
 from tests.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -92,12 +92,6 @@ def test_required_secrets_fail_fast(tmp_path: Path) -> None:
     result = _config(env_file)
     assert result.returncode != 0
     assert "REDIS_PASSWORD" in result.stderr
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _local_env(service: dict[str, Any], overrides: dict[str, str]) -> dict[str, str]:
@@ -193,7 +187,7 @@ def test_each_service_command_runs_on_the_host(
         worker.stop()
 
     # flower: its command serves the dashboard behind basic auth.
-    port = _free_port()
+    port = free_port()
     flower_cmd = [part.replace("--port=5555", f"--port={port}") for part in services["flower"]["command"]]
     flower_env = {
         **os.environ,
