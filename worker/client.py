@@ -125,14 +125,15 @@ def submit_samples(
     registry = Registry(store, settings)
     manifest = registry.resolve(model_ref or settings.model)
     version = manifest.ref
-    pinned = version if store is None else registry.version_uri(manifest.name, manifest.version)
+    version_uri = registry.version_uri(manifest.name, manifest.version)
+    pinned = version if store is None else version_uri
     sessions = session_factory(make_engine(settings.database_url))
     with transaction(sessions) as session:
         repository.ensure_model(
             session=session,
             name=manifest.name,
             version=manifest.version,
-            uri=registry.version_uri(manifest.name, manifest.version),
+            uri=version_uri,
             sha256=manifest.sha256,
             sensitivity=manifest.validation.sensitivity,
             specificity=manifest.validation.specificity,
