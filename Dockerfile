@@ -13,8 +13,12 @@ RUN groupadd --gid 10001 allscore \
  && useradd --uid 10001 --gid allscore --create-home --home-dir /home/allscore allscore
 WORKDIR /home/allscore
 
-# Build the wheel once; the runtime stages install it with the extras they need.
+# Build the wheel once; the runtime stages install it with the extras they need. The wheel holds the compiled
+# decode kernel (core/_cellkernel.c), so this stage, and only this one, needs a C compiler.
 FROM base AS wheel
+RUN apt-get update \
+ && apt-get install --yes --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY allscore ./allscore

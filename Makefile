@@ -7,8 +7,9 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: venv test lint unit demo bench clean
 
-# The venv is (re)built whenever pyproject.toml changes.
-$(STAMP): pyproject.toml
+# The venv is (re)built whenever pyproject.toml or the C decode kernel changes (an editable install compiles
+# core/_cellkernel.c into core/ itself).
+$(STAMP): pyproject.toml core/_cellkernel.c
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "allscore needs Python 3.11 or newer")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip

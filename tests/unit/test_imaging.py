@@ -260,6 +260,56 @@ def test_padded_rows_and_top_down_bmps_decode_like_png(width: int, height: int) 
         np.testing.assert_array_equal(np.asarray(im.convert("RGB")), pixels)
 
 
+def _pillow_model_input(pixels: np.ndarray, size: int) -> np.ndarray:
+    """What Pillow itself makes of these pixels: the central field, box-reduced and resampled bilinearly."""
+    height, width = pixels.shape[:2]
+    side = min(width, height, 450)
+    left, top = (width - side) // 2, (height - side) // 2
+    im = Image.fromarray(pixels, "RGB").crop((left, top, left + side, top + side))
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=1.0)
+    return np.asarray(im)
+
+
+@pytest.mark.parametrize("size", [8, 32, 100, 128, 150, 224, 450])
+@pytest.mark.parametrize("width,height", [(450, 450), (451, 450), (601, 600), (97, 130), (8, 8)])
+def test_the_bmp_kernel_gives_pillows_pixels_bit_for_bit(width: int, height: int, size: int) -> None:
+    # 24-bit BMPs are decoded by core/_cellkernel.c, not Pillow; it must give Pillow's output exactly: the
+    # same model input in training and serving, and the same as any other format. The sizes cover box
+    # reduces with partial last boxes (450 -> 32 reduces by 14, 450 -> 100 by 4), none (450 -> 224), an
+    # exact reduce with nothing left to resample (450 -> 150), upscaling (97 -> 128) and a copy (450 -> 450).
+    pixels = np.random.default_rng(width * 1000 + size).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    bmp = encode(pixels)
+    np.testing.assert_array_equal(decode_image(bmp, size), _pillow_model_input(pixels, size))
+    np.testing.assert_array_equal(decode_image(_top_down(bmp), size), _pillow_model_input(pixels, size))
+
+
+def test_the_bmp_kernel_decodes_real_cells_like_pillow(cells: list[Path]) -> None:
+    for path in cells:
+        with Image.open(path) as im:
+            pixels = np.asarray(im.convert("RGB"))
+        np.testing.assert_array_equal(decode_image(path.read_bytes(), SIZE), _pillow_model_input(pixels, SIZE))
+
+
+def test_the_bmp_kernel_refuses_arguments_outside_its_buffers() -> None:
+    # decode_image checks the header first; the kernel checks again rather than read or write out of bounds.
+    from core import _cellkernel
+
+    bmp = encode(solid_rgb(16, 16, (1, 2, 3)))
+    out = np.empty((8, 8, 3), dtype=np.uint8)
+    _cellkernel.bmp24_field(bmp, 54, 48, True, 16, 0, 0, 16, 2, 8.0, 8, out)
+    assert (out == (1, 2, 3)).all()
+    for args in (
+        (bmp[:-1], 54, 48, True, 16, 0, 0, 16, 2, 8.0, 8, out),  # pixel array one byte short
+        (bmp, 54, 48, True, 16, 1, 0, 16, 2, 8.0, 8, out),  # field wider than the rows
+        (bmp, 54, 48, True, 16, 0, 1, 16, 2, 8.0, 8, out),  # field taller than the image
+        (bmp, 54, 48, True, 16, 0, 0, 16, 2, 8.0, 9, out),  # output buffer of the wrong size
+        (bmp, 54, 48, True, 16, 0, 0, 16, 2, 9.0, 8, out),  # resample box beyond the reduced field
+    ):
+        with pytest.raises(ValueError, match="outside the bitmap or the output"):
+            _cellkernel.bmp24_field(*args)
+
+
 def test_other_bmp_kinds_still_decode() -> None:
     rgba = np.full((40, 40, 4), 255, dtype=np.uint8)
     rgba[..., :3] = (10, 200, 30)  # a 32-bit BMP
