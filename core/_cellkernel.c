@@ -129,26 +129,29 @@ field_row(const uint8_t *src, Py_ssize_t offset, Py_ssize_t stride, int bottom_u
  * One row of the box reduce. colsum holds the sums of `rows` BMP rows (BGR, side pixels); write the rsize RGB
  * pixels of the reduced row, each the rounded mean of a factor x rows box, the last one of a partial box when
  * side is not a multiple of factor (Pillow's ImagingReduceNxN and ImagingReduceCorners), pixel x at
- * o + x * step. scratch holds side * 3 values.
+ * o + x * step. scratch holds side * 3 values; mean3x3, where given, is the table of 3x3 means.
  */
 HOT void
-reduce_row(const uint16_t *restrict colsum, int side, int factor, int rows, int rsize, uint32_t *restrict scratch,
-           uint8_t *restrict o, int step) {
+reduce_row(const uint16_t *restrict colsum, int side, int factor, int rows, int rsize, const uint8_t *mean3x3,
+           uint16_t *restrict scratch, uint8_t *restrict o, int step) {
     const int full = side / factor;
     const uint32_t multiplier = division_uint32(factor * rows, 8);
     const uint32_t amend = (uint32_t)(factor * rows) / 2;
-    if (factor == 3) {
-        /* The C-NMC case (450 -> 150). Every box mean, and two thirds that are never used, in one loop the
-           compiler vectorises; then pick the used ones. */
+    if (mean3x3 && factor == 3 && rows == 3) {
+        /* The C-NMC case (450 -> 150). Sum each channel over three pixels at every offset, in 16 bits, in one
+           loop the compiler vectorises (two thirds of the sums are never used), then look the used ones up in
+           the table of Pillow's rounded means of 9 values. */
         const int n = 9 * full - 6;
+        uint16_t *restrict sum = scratch;
+        const uint8_t *restrict mean = mean3x3;
         for (int i = 0; i < n; i++) {
-            scratch[i] = ((amend + colsum[i] + colsum[i + 3] + colsum[i + 6]) * multiplier) >> 24;
+            sum[i] = (uint16_t)(colsum[i] + colsum[i + 3] + colsum[i + 6]);
         }
         for (int x = 0; x < full; x++) {
-            const uint32_t *d = scratch + x * 9;
-            o[x * step + 0] = (uint8_t)d[2];
-            o[x * step + 1] = (uint8_t)d[1];
-            o[x * step + 2] = (uint8_t)d[0];
+            const uint16_t *d = sum + x * 9;
+            o[x * step + 0] = mean[d[2]];
+            o[x * step + 1] = mean[d[1]];
+            o[x * step + 2] = mean[d[0]];
         }
     } else {
         for (int x = 0; x < full; x++) {
@@ -184,8 +187,8 @@ reduce_row(const uint16_t *restrict colsum, int side, int factor, int rows, int 
 /* Row y (0 <= y < rsize) of the reduced field as RGB, pixel x at o + x * step; factor 1 is the field's row. */
 HOT void
 reduced_row(const uint8_t *src, Py_ssize_t offset, Py_ssize_t stride, int bottom_up, int height, int left, int top,
-            int side, int factor, int rsize, int y, uint16_t *restrict colsum, uint32_t *restrict scratch,
-            uint8_t *restrict o, int step) {
+            int side, int factor, int rsize, int y, const uint8_t *mean3x3, uint16_t *restrict colsum,
+            uint16_t *restrict scratch, uint8_t *restrict o, int step) {
     const int cols = side * 3;
     if (factor == 1) {
         const uint8_t *restrict line = field_row(src, offset, stride, bottom_up, height, left, top + y);
@@ -199,16 +202,27 @@ reduced_row(const uint8_t *src, Py_ssize_t offset, Py_ssize_t stride, int bottom
     const int full = side / factor;
     const int rows = (y < full) ? factor : side - full * factor;
     const uint8_t *restrict line = field_row(src, offset, stride, bottom_up, height, left, top + y * factor);
-    for (int i = 0; i < cols; i++) {
-        colsum[i] = line[i];
+    int r = 1;
+    if (rows >= 3) {
+        /* Three rows in one pass: a third of the loads and stores of colsum. */
+        const uint8_t *restrict line1 = field_row(src, offset, stride, bottom_up, height, left, top + y * factor + 1);
+        const uint8_t *restrict line2 = field_row(src, offset, stride, bottom_up, height, left, top + y * factor + 2);
+        for (int i = 0; i < cols; i++) {
+            colsum[i] = (uint16_t)(line[i] + line1[i] + line2[i]);
+        }
+        r = 3;
+    } else {
+        for (int i = 0; i < cols; i++) {
+            colsum[i] = line[i];
+        }
     }
-    for (int r = 1; r < rows; r++) {
+    for (; r < rows; r++) {
         line = field_row(src, offset, stride, bottom_up, height, left, top + y * factor + r);
         for (int i = 0; i < cols; i++) {
             colsum[i] += line[i];
         }
     }
-    reduce_row(colsum, side, factor, rows, rsize, scratch, o, step);
+    reduce_row(colsum, side, factor, rows, rsize, mean3x3, scratch, o, step);
 }
 
 /* Reduced rows are resampled horizontally BLOCK at a time, stored transposed (pixel x of row j at
@@ -232,15 +246,22 @@ decode_field(const uint8_t *src, Py_ssize_t offset, Py_ssize_t stride, int botto
     int32_t *hk = NULL, *vk = NULL, *acc = NULL;
     uint8_t *block = NULL, *tmp = NULL;
     uint16_t *colsum = malloc((size_t)side * 3 * sizeof(uint16_t));
-    uint32_t *scratch = malloc((size_t)side * 3 * sizeof(uint32_t));
+    uint16_t *scratch = malloc((size_t)side * 3 * sizeof(uint16_t));
     if (!colsum || !scratch) {
         goto end;
+    }
+    uint8_t mean3x3[9 * 255 + 1];
+    if (factor == 3) {
+        const uint32_t multiplier = division_uint32(9, 8);
+        for (uint32_t t = 0; t < sizeof(mean3x3); t++) {
+            mean3x3[t] = (uint8_t)(((t + 9 / 2) * multiplier) >> 24);
+        }
     }
     if (rsize == size && extent == (float)size) {
         /* Nothing left to resample (Pillow skips both passes): the reduced field is the output. */
         for (int y = 0; y < size; y++) {
-            reduced_row(src, offset, stride, bottom_up, height, left, top, side, factor, rsize, y, colsum, scratch,
-                        out + (size_t)y * cols, 3);
+            reduced_row(src, offset, stride, bottom_up, height, left, top, side, factor, rsize, y, mean3x3, colsum,
+                        scratch, out + (size_t)y * cols, 3);
         }
         rc = 0;
         goto end;
@@ -262,8 +283,8 @@ decode_field(const uint8_t *src, Py_ssize_t offset, Py_ssize_t stride, int botto
     for (int y0 = first; y0 < last; y0 += BLOCK) {
         const int rows = last - y0 < BLOCK ? last - y0 : BLOCK;
         for (int j = 0; j < rows; j++) {
-            reduced_row(src, offset, stride, bottom_up, height, left, top, side, factor, rsize, y0 + j, colsum,
-                        scratch, block + j * 3, LANES);
+            reduced_row(src, offset, stride, bottom_up, height, left, top, side, factor, rsize, y0 + j, mean3x3,
+                        colsum, scratch, block + j * 3, LANES);
         }
         for (int xx = 0; xx < size; xx++) {
             const int xmin = hb[xx * 2 + 0];
