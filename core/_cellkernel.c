@@ -2,12 +2,13 @@
  * allscore's decode kernel for the C-NMC file format: an uncompressed 24-bit BMP, cropped to a square field,
  * box-reduced by a whole factor and resampled bilinearly (with antialiasing) to the model's input size.
  *
- * It computes exactly what Pillow 10-13 computes for
+ * It computes exactly what Pillow computes for
  *     Image.frombuffer("RGB", ..., "raw", "BGR", stride, direction).crop(field)
  *          .resize((size, size), Image.Resampling.BILINEAR, reducing_gap=1.0)
- * (libImaging/Reduce.c and libImaging/Resample.c: the same integer rounding, the same fixed-point
- * coefficients, the same 8-bit intermediate image), bit for bit; tests/unit/test_imaging.py compares the two
- * on real C-NMC cells and on synthetic images of many sizes. It differs in how, not what: it reads the BGR
+ * (written from Pillow 13.0's libImaging/Reduce.c and libImaging/Resample.c: the same integer rounding, the
+ * same fixed-point coefficients, the same 8-bit intermediate image), bit for bit. tests/unit/test_imaging.py
+ * compares the two, with the Pillow installed, on real C-NMC cells and on synthetic images of many sizes, so a
+ * Pillow that changed its arithmetic would fail the tests rather than shift the model's inputs unnoticed. It differs in how, not what: it reads the BGR
  * bytes in place instead of unpacking them into a 4-byte-per-pixel image first, sums the reduce's rows with
  * vectorisable loops, and runs without the GIL, so the worker's I/O threads decode in parallel with each other
  * and leave more of the cores to the model.
@@ -234,7 +235,8 @@ reduced_row(const uint8_t *src, Py_ssize_t offset, Py_ssize_t stride, int bottom
 /*
  * The whole decode: the side x side field at (left, top), box-reduced by factor to rsize x rsize, then
  * resampled bilinearly over [0, extent) to size x size, horizontal pass first, as Pillow's
- * ImagingResampleInner does for a square image. Returns -1 when out of memory.
+ * ImagingResampleInner does for a square image. Returns -1 when out of memory. Compiled twice, for AVX2 and
+ * for the x86-64 baseline; the loader picks one for the CPU (gcc's target_clones).
  */
 __attribute__((target_clones("avx2", "default"))) static int
 decode_field(const uint8_t *src, Py_ssize_t offset, Py_ssize_t stride, int bottom_up, int height, int left, int top,
@@ -242,8 +244,8 @@ decode_field(const uint8_t *src, Py_ssize_t offset, Py_ssize_t stride, int botto
     const int rsize = (side - 1) / factor + 1;
     const int cols = size * 3;
     int rc = -1;
-    int *hb = NULL, *vb = NULL;
-    int32_t *hk = NULL, *vk = NULL, *acc = NULL;
+    int *bounds = NULL;
+    int32_t *kk = NULL, *acc = NULL;
     uint8_t *block = NULL, *tmp = NULL;
     uint16_t *colsum = malloc((size_t)side * 3 * sizeof(uint16_t));
     uint16_t *scratch = malloc((size_t)side * 3 * sizeof(uint16_t));
@@ -266,13 +268,13 @@ decode_field(const uint8_t *src, Py_ssize_t offset, Py_ssize_t stride, int botto
         rc = 0;
         goto end;
     }
-    const int ksize_v = precompute_coeffs(rsize, 0.0f, extent, size, &vb, &vk);
-    const int ksize_h = ksize_v ? precompute_coeffs(rsize, 0.0f, extent, size, &hb, &hk) : 0;
-    if (!ksize_h) {
+    /* The field is square, so both passes use the same coefficients. */
+    const int ksize = precompute_coeffs(rsize, 0.0f, extent, size, &bounds, &kk);
+    if (!ksize) {
         goto end;
     }
-    const int first = vb[0];
-    const int last = vb[size * 2 - 2] + vb[size * 2 - 1];
+    const int first = bounds[0];
+    const int last = bounds[size * 2 - 2] + bounds[size * 2 - 1];
     tmp = malloc((size_t)(last - first) * cols);
     block = calloc((size_t)rsize, LANES);
     acc = malloc((size_t)(cols > LANES ? cols : LANES) * sizeof(int32_t));
@@ -287,9 +289,9 @@ decode_field(const uint8_t *src, Py_ssize_t offset, Py_ssize_t stride, int botto
                         colsum, scratch, block + j * 3, LANES);
         }
         for (int xx = 0; xx < size; xx++) {
-            const int xmin = hb[xx * 2 + 0];
-            const int xmax = hb[xx * 2 + 1];
-            const int32_t *k = &hk[xx * ksize_h];
+            const int xmin = bounds[xx * 2 + 0];
+            const int xmax = bounds[xx * 2 + 1];
+            const int32_t *k = &kk[xx * ksize];
             uint8_t px[LANES];
             for (int l = 0; l < LANES; l++) {
                 acc[l] = 1 << (PRECISION_BITS - 1);
@@ -311,9 +313,9 @@ decode_field(const uint8_t *src, Py_ssize_t offset, Py_ssize_t stride, int botto
     }
     /* The vertical pass, a whole row at a time, which vectorises. */
     for (int yy = 0; yy < size; yy++) {
-        const int ymin = vb[yy * 2 + 0] - first;
-        const int ymax = vb[yy * 2 + 1];
-        const int32_t *k = &vk[yy * ksize_v];
+        const int ymin = bounds[yy * 2 + 0] - first;
+        const int ymax = bounds[yy * 2 + 1];
+        const int32_t *k = &kk[yy * ksize];
         for (int i = 0; i < cols; i++) {
             acc[i] = 1 << (PRECISION_BITS - 1);
         }
@@ -336,10 +338,8 @@ end:
     free(block);
     free(tmp);
     free(acc);
-    free(vb);
-    free(vk);
-    free(hb);
-    free(hk);
+    free(bounds);
+    free(kk);
     return rc;
 }
 
