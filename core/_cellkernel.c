@@ -21,6 +21,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* On x86-64 Linux with glibc, the hot function is compiled twice, for AVX2 and for the x86-64 baseline, and the
+   loader picks one for the CPU (gcc's and clang's target_clones, through glibc's ifunc). Elsewhere (ARM, macOS,
+   musl) it is compiled once, for the compiler's default target. */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__)
+#define CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CLONES
+#endif
+
 /* libImaging/Resample.c */
 #define PRECISION_BITS (32 - 8 - 2)
 
@@ -235,10 +244,9 @@ reduced_row(const uint8_t *src, Py_ssize_t offset, Py_ssize_t stride, int bottom
 /*
  * The whole decode: the side x side field at (left, top), box-reduced by factor to rsize x rsize, then
  * resampled bilinearly over [0, extent) to size x size, horizontal pass first, as Pillow's
- * ImagingResampleInner does for a square image. Returns -1 when out of memory. Compiled twice, for AVX2 and
- * for the x86-64 baseline; the loader picks one for the CPU (gcc's target_clones).
+ * ImagingResampleInner does for a square image. Returns -1 when out of memory.
  */
-__attribute__((target_clones("avx2", "default"))) static int
+CLONES static int
 decode_field(const uint8_t *src, Py_ssize_t offset, Py_ssize_t stride, int bottom_up, int height, int left, int top,
              int side, int factor, float extent, int size, uint8_t *out) {
     const int rsize = (side - 1) / factor + 1;
