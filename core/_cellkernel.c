@@ -135,6 +135,20 @@ field_row(const uint8_t *src, Py_ssize_t offset, Py_ssize_t stride, int bottom_u
     return src + offset + (Py_ssize_t)sy * stride + (Py_ssize_t)left * 3;
 }
 
+/* One reduced pixel: the mean of `width` column sums (BGR) starting at c, rounded as Pillow does, as RGB at o. */
+HOT void
+box_mean(const uint16_t *c, int width, uint32_t amend, uint32_t multiplier, uint8_t *o) {
+    uint32_t b = amend, g = amend, r = amend;
+    for (int k = 0; k < width; k++) {
+        b += c[k * 3 + 0];
+        g += c[k * 3 + 1];
+        r += c[k * 3 + 2];
+    }
+    o[0] = (uint8_t)((r * multiplier) >> 24);
+    o[1] = (uint8_t)((g * multiplier) >> 24);
+    o[2] = (uint8_t)((b * multiplier) >> 24);
+}
+
 /*
  * One row of the box reduce. colsum holds the sums of `rows` BMP rows (BGR, side pixels); write the rsize RGB
  * pixels of the reduced row, each the rounded mean of a factor x rows box, the last one of a partial box when
@@ -165,32 +179,13 @@ reduce_row(const uint16_t *restrict colsum, int side, int factor, int rows, int 
         }
     } else {
         for (int x = 0; x < full; x++) {
-            const uint16_t *c = colsum + (size_t)x * factor * 3;
-            uint32_t b = amend, g = amend, r = amend;
-            for (int k = 0; k < factor; k++) {
-                b += c[k * 3 + 0];
-                g += c[k * 3 + 1];
-                r += c[k * 3 + 2];
-            }
-            o[x * step + 0] = (uint8_t)((r * multiplier) >> 24);
-            o[x * step + 1] = (uint8_t)((g * multiplier) >> 24);
-            o[x * step + 2] = (uint8_t)((b * multiplier) >> 24);
+            box_mean(colsum + (size_t)x * factor * 3, factor, amend, multiplier, o + x * step);
         }
     }
     if (full < rsize) {
         const int width = side - full * factor;
-        const uint32_t m = division_uint32(width * rows, 8);
-        const uint32_t a = (uint32_t)(width * rows) / 2;
-        const uint16_t *c = colsum + (size_t)full * factor * 3;
-        uint32_t b = a, g = a, r = a;
-        for (int k = 0; k < width; k++) {
-            b += c[k * 3 + 0];
-            g += c[k * 3 + 1];
-            r += c[k * 3 + 2];
-        }
-        o[full * step + 0] = (uint8_t)((r * m) >> 24);
-        o[full * step + 1] = (uint8_t)((g * m) >> 24);
-        o[full * step + 2] = (uint8_t)((b * m) >> 24);
+        box_mean(colsum + (size_t)full * factor * 3, width, (uint32_t)(width * rows) / 2,
+                 division_uint32(width * rows, 8), o + full * step);
     }
 }
 
