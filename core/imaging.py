@@ -33,6 +33,9 @@ _BMP_INFO_SIZES = (40, 52, 56, 108, 124)
 # Pillow box-reduces by the whole factor that leaves at least this many times the output size.
 _REDUCING_GAP = 1.0
 
+# The kernel sums up to this many BMP rows in 16 bits (255 x 255 fits).
+_KERNEL_MAX_FACTOR = 255
+
 
 class DecodeError(AllscoreError):
     """An image could not be turned into a model input; names the source and the reason."""
@@ -91,11 +94,12 @@ class _PlainBmp:
     bottom_up: bool
 
 
-def _plain_bmp(data: bytes, limit: int) -> _PlainBmp | None:
+def _plain_bmp(data: bytes, limit: int, size: int) -> _PlainBmp | None:
     """The layout of an uncompressed 24-bit BMP (the C-NMC format) whose pixel array is complete, else None.
 
     Anything else (other depths, compression, bitfields, a short file) returns None and takes Pillow's
-    general path, which also gives the errors.
+    general path, which also gives the errors; so does a reduce the kernel does not take (a model input
+    under 2x2 pixels).
     """
     if len(data) < 54 or data[:2] != b"BM":
         return None
@@ -107,6 +111,8 @@ def _plain_bmp(data: bytes, limit: int) -> _PlainBmp | None:
     stride = (width * 3 + 3) // 4 * 4
     if offset < 14 + info_size or offset + stride * abs(height) > len(data):
         return None
+    if _reduce_factor(min(width, abs(height), NOMINAL_SIDE), size) > _KERNEL_MAX_FACTOR:
+        return None
     # Rows are stored bottom-up unless the height is negative.
     return _PlainBmp(offset, stride, width, abs(height), bottom_up=height > 0)
 
@@ -116,18 +122,24 @@ def _decode_plain_bmp(data: bytes, bmp: _PlainBmp, size: int) -> np.ndarray:
 
     It computes what ``_resized`` computes with Pillow for the same field (box-reduce by the whole factor
     Pillow's ``reducing_gap=1.0`` picks, then one bilinear pass), bit for bit, straight from the BGR bytes and
-    without the GIL: 0.2 instead of 0.74 ms of CPU per 450x450 cell here, read included, which matters when
-    the model itself needs about 2 ms (bfloat16 on AMX).
+    without the GIL: with the file read, 0.25 instead of 0.75-1.1 ms of CPU per 450x450 cell on the worker's
+    two I/O threads (bench/README.md, runs 7 and 8), which matters when the model itself needs 2 ms (bfloat16
+    on AMX) to 10 ms.
     """
     left, top, right, _bottom = _crop_box(bmp.width, bmp.height)
     side = right - left
-    factor = int(side / size / _REDUCING_GAP) or 1  # Image.resize's own choice
+    factor = _reduce_factor(side, size)
     extent = side / factor  # the reduced field's width, as Image.resize passes it on (a float)
     out = np.empty((size, size, 3), dtype=np.uint8)
     _cellkernel.bmp24_field(
         data, bmp.offset, bmp.stride, bmp.bottom_up, bmp.height, left, top, side, factor, extent, size, out
     )
     return out
+
+
+def _reduce_factor(side: int, size: int) -> int:
+    """The whole factor Image.resize box-reduces a side-pixel field by before resampling it to size."""
+    return int(side / size / _REDUCING_GAP) or 1
 
 
 def _crop_box(width: int, height: int) -> tuple[int, int, int, int]:
@@ -157,7 +169,7 @@ def decode_image(data: bytes, size: int, *, source: str = "<bytes>", max_pixels:
     if not data:
         raise DecodeError(source, "the file is empty")
     limit = get_settings().max_image_pixels if max_pixels is None else max_pixels
-    bmp = _plain_bmp(data, limit)
+    bmp = _plain_bmp(data, limit, size)
     if bmp is not None:
         return _decode_plain_bmp(data, bmp, size)
     return _resized(_open_rgb(data, size, source, limit), size, source)

@@ -284,6 +284,12 @@ def test_the_bmp_kernel_gives_pillows_pixels_bit_for_bit(width: int, height: int
     np.testing.assert_array_equal(decode_image(_top_down(bmp), size), _pillow_model_input(pixels, size))
 
 
+def test_a_bmp_reduced_beyond_the_kernels_factor_still_decodes_like_pillow() -> None:
+    # A 1x1 model input reduces a 450x450 field by 450, more than the kernel sums in 16 bits: Pillow's path.
+    pixels = np.random.default_rng(1).integers(0, 256, (450, 450, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(decode_image(encode(pixels), 1), _pillow_model_input(pixels, 1))
+
+
 def test_the_bmp_kernel_decodes_real_cells_like_pillow(cells: list[Path]) -> None:
     for path in cells:
         with Image.open(path) as im:
