@@ -11,8 +11,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from core import _cellkernel
 from core.errors import AllscoreError
+
+try:
+    from core import _cellkernel
+except ImportError as exc:  # a source tree that was never installed, or a kernel built for another Python
+    raise ImportError(
+        f"allscore's image decode kernel (core/_cellkernel.c) is not built for this Python ({exc}); install the "
+        "package with `pip install -e .` or `make venv`, which compile it (a C compiler is needed)"
+    ) from exc
 from core.settings import get_settings
 
 # The C-NMC framing: a 450x450 field around one cell. Larger images are cropped to it, not shrunk.
