@@ -364,9 +364,11 @@ bmp24_field(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     PyObject *result = NULL;
     int rsize = factor > 0 ? (side - 1) / factor + 1 : 0;
-    if (side < 1 || size < 1 || factor < 1 || left < 0 || top < 0 || top + side > height || stride < (left + side) * 3 ||
-        offset < 0 || offset + stride * (Py_ssize_t)height > data.len || out.len != (Py_ssize_t)size * size * 3 ||
-        factor > 255 || !(extent > 0.0f) || extent > (float)rsize) {
+    /* In 64 bits, so that no product of the arguments overflows. */
+    if (side < 1 || size < 1 || factor < 1 || factor > 255 || left < 0 || top < 0 ||
+        (Py_ssize_t)top + side > height || stride < ((Py_ssize_t)left + side) * 3 || offset < 0 || height < 1 ||
+        stride > (data.len - offset) / height || out.len != (Py_ssize_t)size * size * 3 || !(extent > 0.0f) ||
+        extent > (float)rsize) {
         PyErr_SetString(PyExc_ValueError, "bmp24_field: arguments outside the bitmap or the output");
         goto done;
     }

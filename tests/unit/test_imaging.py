@@ -311,6 +311,8 @@ def test_the_bmp_kernel_refuses_arguments_outside_its_buffers() -> None:
         (bmp, 54, 48, True, 16, 0, 1, 16, 2, 8.0, 8, out),  # field taller than the image
         (bmp, 54, 48, True, 16, 0, 0, 16, 2, 8.0, 9, out),  # output buffer of the wrong size
         (bmp, 54, 48, True, 16, 0, 0, 16, 2, 9.0, 8, out),  # resample box beyond the reduced field
+        (bmp, 54, 48, True, 16, 0, 1, 2**31 - 1, 2, 8.0, 8, out),  # a field whose bottom overflows an int
+        (bmp, 54, 2**62, True, 16, 0, 0, 16, 2, 8.0, 8, out),  # rows whose total overflows the buffer's length
     ):
         with pytest.raises(ValueError, match="outside the bitmap or the output"):
             _cellkernel.bmp24_field(*args)
