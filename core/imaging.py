@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from core.errors import AllscoreError
+from core.settings import get_settings
 
 try:
     from core import _cellkernel
@@ -20,7 +21,6 @@ except ImportError as exc:  # a source tree that was never installed, or a kerne
         f"allscore's image decode kernel (core/_cellkernel.c) is not built for this Python ({exc}); install the "
         "package with `pip install -e .` or `make venv`, which compile it (a C compiler is needed)"
     ) from exc
-from core.settings import get_settings
 
 # The C-NMC framing: a 450x450 field around one cell. Larger images are cropped to it, not shrunk.
 NOMINAL_SIDE = 450
@@ -91,18 +91,21 @@ def _to_rgb(im: Image.Image, source: str) -> Image.Image:
 
 
 @dataclass(frozen=True)
-class _PlainBmp:
-    """Where the pixels of an uncompressed 24-bit BMP lie in its bytes."""
+class _BmpField:
+    """An uncompressed 24-bit BMP's pixel array, and the field of it the model sees, as the kernel takes them."""
 
     offset: int
     stride: int
-    width: int
     height: int
     bottom_up: bool
+    left: int
+    top: int
+    side: int
+    factor: int  # the box reduce, as Image.resize would choose it
 
 
-def _plain_bmp(data: bytes, limit: int, size: int) -> _PlainBmp | None:
-    """The layout of an uncompressed 24-bit BMP (the C-NMC format) whose pixel array is complete, else None.
+def _plain_bmp(data: bytes, limit: int, size: int) -> _BmpField | None:
+    """Where the field of an uncompressed 24-bit BMP (the C-NMC format) lies, if its pixel array is complete.
 
     Anything else (other depths, compression, bitfields, a short file) returns None and takes Pillow's
     general path, which also gives the errors; so does a reduce the kernel does not take (a model input
@@ -113,40 +116,48 @@ def _plain_bmp(data: bytes, limit: int, size: int) -> _PlainBmp | None:
     offset, info_size, width, height, _planes, bits, compression = struct.unpack_from("<I I i i H H I", data, 10)
     if info_size not in _BMP_INFO_SIZES or bits != 24 or compression != 0:
         return None
-    if width < MIN_SIDE or abs(height) < MIN_SIDE or width * abs(height) > limit:
+    rows = abs(height)
+    if width < MIN_SIDE or rows < MIN_SIDE or width * rows > limit:
         return None  # the general path refuses it with the reason
     stride = (width * 3 + 3) // 4 * 4
-    if offset < 14 + info_size or offset + stride * abs(height) > len(data):
+    if offset < 14 + info_size or offset + stride * rows > len(data):
         return None
-    if _reduce_factor(min(width, abs(height), NOMINAL_SIDE), size) > _KERNEL_MAX_FACTOR:
+    left, top, right, _bottom = _crop_box(width, rows)
+    side = right - left
+    factor = int(side / size / _REDUCING_GAP) or 1  # Image.resize's own choice
+    if factor > _KERNEL_MAX_FACTOR:
         return None
     # Rows are stored bottom-up unless the height is negative.
-    return _PlainBmp(offset, stride, width, abs(height), bottom_up=height > 0)
+    return _BmpField(offset, stride, rows, height > 0, left, top, side, factor)
 
 
-def _decode_plain_bmp(data: bytes, bmp: _PlainBmp, size: int) -> np.ndarray:
+def _decode_plain_bmp(data: bytes, bmp: _BmpField, size: int) -> np.ndarray:
     """The model input of a plain 24-bit BMP, through the native kernel (core/_cellkernel.c).
 
     It computes what ``_resized`` computes with Pillow for the same field (box-reduce by the whole factor
     Pillow's ``reducing_gap=1.0`` picks, then one bilinear pass), bit for bit, straight from the BGR bytes and
-    without the GIL: with the file read, 0.25 instead of 0.75-1.1 ms of CPU per 450x450 cell on the worker's
-    two I/O threads (bench/README.md, runs 7 and 8), which matters when the model itself needs 2 ms (bfloat16
-    on AMX) to 10 ms.
+    without the GIL: with the file read, 0.23-0.26 instead of 0.75-0.86 ms of CPU per 450x450 cell on the
+    worker's two I/O threads (bench/README.md, runs 7 and 8), which matters when the model itself needs 2 ms
+    (bfloat16 on AMX) to 10 ms.
     """
-    left, top, right, _bottom = _crop_box(bmp.width, bmp.height)
-    side = right - left
-    factor = _reduce_factor(side, size)
-    extent = side / factor  # the reduced field's width, as Image.resize passes it on (a float)
     out = np.empty((size, size, 3), dtype=np.uint8)
+    # The reduced field's width goes on as a float, as Image.resize passes it to the resample.
+    extent = bmp.side / bmp.factor
     _cellkernel.bmp24_field(
-        data, bmp.offset, bmp.stride, bmp.bottom_up, bmp.height, left, top, side, factor, extent, size, out
+        data,
+        bmp.offset,
+        bmp.stride,
+        bmp.bottom_up,
+        bmp.height,
+        bmp.left,
+        bmp.top,
+        bmp.side,
+        bmp.factor,
+        extent,
+        size,
+        out,
     )
     return out
-
-
-def _reduce_factor(side: int, size: int) -> int:
-    """The whole factor Image.resize box-reduces a side-pixel field by before resampling it to size."""
-    return int(side / size / _REDUCING_GAP) or 1
 
 
 def _crop_box(width: int, height: int) -> tuple[int, int, int, int]:
