@@ -43,6 +43,18 @@ division_uint32(int divider, int result_bits) {
 
 #define HOT static inline __attribute__((always_inline))
 
+/* Pillow's rounded mean of 9 values for every sum of them (the 3x3 reduce of a C-NMC cell), filled once when
+   the module loads and only read after. */
+static uint8_t MEAN3X3[9 * 255 + 1];
+
+static void
+fill_mean3x3(void) {
+    const uint32_t multiplier = division_uint32(9, 8);
+    for (uint32_t t = 0; t < sizeof(MEAN3X3); t++) {
+        MEAN3X3[t] = (uint8_t)(((t + 9 / 2) * multiplier) >> 24);
+    }
+}
+
 HOT uint8_t
 clip8(int32_t in) {
     /* Pillow clips through a lookup table; a clamp gives the same and vectorises. */
@@ -153,21 +165,21 @@ box_mean(const uint16_t *c, int width, uint32_t amend, uint32_t multiplier, uint
  * One row of the box reduce. colsum holds the sums of `rows` BMP rows (BGR, side pixels); write the rsize RGB
  * pixels of the reduced row, each the rounded mean of a factor x rows box, the last one of a partial box when
  * side is not a multiple of factor (Pillow's ImagingReduceNxN and ImagingReduceCorners), pixel x at
- * o + x * step. scratch holds side * 3 values; mean3x3, where given, is the table of 3x3 means.
+ * o + x * step. scratch holds side * 3 values.
  */
 HOT void
-reduce_row(const uint16_t *restrict colsum, int side, int factor, int rows, int rsize, const uint8_t *mean3x3,
-           uint16_t *restrict scratch, uint8_t *restrict o, int step) {
+reduce_row(const uint16_t *restrict colsum, int side, int factor, int rows, int rsize, uint16_t *restrict scratch,
+           uint8_t *restrict o, int step) {
     const int full = side / factor;
     const uint32_t multiplier = division_uint32(factor * rows, 8);
     const uint32_t amend = (uint32_t)(factor * rows) / 2;
-    if (mean3x3 && factor == 3 && rows == 3) {
+    if (factor == 3 && rows == 3) {
         /* The C-NMC case (450 -> 150). Sum each channel over three pixels at every offset, in 16 bits, in one
            loop the compiler vectorises (two thirds of the sums are never used), then look the used ones up in
            the table of Pillow's rounded means of 9 values. */
         const int n = 9 * full - 6;
         uint16_t *restrict sum = scratch;
-        const uint8_t *restrict mean = mean3x3;
+        const uint8_t *restrict mean = MEAN3X3;
         for (int i = 0; i < n; i++) {
             sum[i] = (uint16_t)(colsum[i] + colsum[i + 3] + colsum[i + 6]);
         }
@@ -192,7 +204,7 @@ reduce_row(const uint16_t *restrict colsum, int side, int factor, int rows, int 
 /* Row y (0 <= y < rsize) of the reduced field as RGB, pixel x at o + x * step; factor 1 is the field's row. */
 HOT void
 reduced_row(const uint8_t *src, Py_ssize_t offset, Py_ssize_t stride, int bottom_up, int height, int left, int top,
-            int side, int factor, int rsize, int y, const uint8_t *mean3x3, uint16_t *restrict colsum,
+            int side, int factor, int rsize, int y, uint16_t *restrict colsum,
             uint16_t *restrict scratch, uint8_t *restrict o, int step) {
     const int cols = side * 3;
     if (factor == 1) {
@@ -227,7 +239,7 @@ reduced_row(const uint8_t *src, Py_ssize_t offset, Py_ssize_t stride, int bottom
             colsum[i] += line[i];
         }
     }
-    reduce_row(colsum, side, factor, rows, rsize, mean3x3, scratch, o, step);
+    reduce_row(colsum, side, factor, rows, rsize, scratch, o, step);
 }
 
 /* Reduced rows are resampled horizontally BLOCK at a time, stored transposed (pixel x of row j at
@@ -255,17 +267,10 @@ decode_field(const uint8_t *src, Py_ssize_t offset, Py_ssize_t stride, int botto
     if (!colsum || !scratch) {
         goto end;
     }
-    uint8_t mean3x3[9 * 255 + 1];
-    if (factor == 3) {
-        const uint32_t multiplier = division_uint32(9, 8);
-        for (uint32_t t = 0; t < sizeof(mean3x3); t++) {
-            mean3x3[t] = (uint8_t)(((t + 9 / 2) * multiplier) >> 24);
-        }
-    }
     if (rsize == size && extent == (float)size) {
         /* Nothing left to resample (Pillow skips both passes): the reduced field is the output. */
         for (int y = 0; y < size; y++) {
-            reduced_row(src, offset, stride, bottom_up, height, left, top, side, factor, rsize, y, mean3x3, colsum,
+            reduced_row(src, offset, stride, bottom_up, height, left, top, side, factor, rsize, y, colsum,
                         scratch, out + (size_t)y * cols, 3);
         }
         rc = 0;
@@ -288,7 +293,7 @@ decode_field(const uint8_t *src, Py_ssize_t offset, Py_ssize_t stride, int botto
     for (int y0 = first; y0 < last; y0 += BLOCK) {
         const int rows = last - y0 < BLOCK ? last - y0 : BLOCK;
         for (int j = 0; j < rows; j++) {
-            reduced_row(src, offset, stride, bottom_up, height, left, top, side, factor, rsize, y0 + j, mean3x3,
+            reduced_row(src, offset, stride, bottom_up, height, left, top, side, factor, rsize, y0 + j,
                         colsum, scratch, block + j * 3, LANES);
         }
         for (int xx = 0; xx < size; xx++) {
@@ -399,5 +404,6 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC
 PyInit__cellkernel(void) {
+    fill_mean3x3();
     return PyModule_Create(&module);
 }
