@@ -65,10 +65,9 @@ def render_montage(
     cols = min(12, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / cols)
     tile_w, tile_h = THUMB + 2 * FRAME, THUMB + 2 * FRAME + LABEL_H
-    header = 34
-    canvas = Image.new("RGB", (max(cols * tile_w, 420), header + rows * tile_h), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
+    header = 40
+    # Pillow's bundled font; at its default 10 px the spaces nearly vanish ("not scored" read as one word).
+    font = ImageFont.load_default(size=12)
     fraction = sample.get("all_fraction")
     title = f"{sample['sample_id']}  {sample.get('model_version', '')}"
     if fraction is not None:
@@ -76,13 +75,13 @@ def render_montage(
             f"   ALL {fraction:.1%} (95% CI {sample['ci_low']:.1%}-{sample['ci_high']:.1%}), "
             f"{sample['n_all']}/{sample['n_cells'] - sample['n_failed']} cells"
         )
+    legend = "red frame = called ALL, green = normal (hem), grey = not scored"
+    # As wide as the grid, or as the header's lines when a small sample makes the grid narrower.
+    width = max(cols * tile_w, math.ceil(max(font.getlength(title), font.getlength(legend))) + 8)
+    canvas = Image.new("RGB", (width, header + rows * tile_h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
     draw.text((4, 4), title, fill=(0, 0, 0), font=font)
-    draw.text(
-        (4, 18),
-        "red frame = called ALL, green = normal (hem), grey = not scored",
-        fill=(90, 90, 90),
-        font=font,
-    )
+    draw.text((4, 21), legend, fill=(90, 90, 90), font=font)
     for i, cell in enumerate(ordered):
         x, y = (i % cols) * tile_w, header + (i // cols) * tile_h
         kind = "error" if cell["p_all"] is None else ("all" if cell["is_all"] else "hem")
