@@ -242,6 +242,27 @@ reduced_row(const uint8_t *src, Py_ssize_t offset, Py_ssize_t stride, int bottom
     reduce_row(colsum, side, factor, rows, rsize, scratch, o, step);
 }
 
+/* One output line of a resample pass, n bytes wide: the weighted sum of `taps` input lines `pitch` apart
+   starting at in, rounded and clipped to 8 bits as Pillow does. Both passes use it, each on whole lines (the
+   horizontal pass on transposed columns), so the inner loop vectorises. */
+HOT void
+weighted_sum(const uint8_t *restrict in, size_t pitch, const int32_t *restrict k, int taps, int n,
+             int32_t *restrict acc, uint8_t *restrict o) {
+    for (int i = 0; i < n; i++) {
+        acc[i] = 1 << (PRECISION_BITS - 1);
+    }
+    for (int t = 0; t < taps; t++) {
+        const uint8_t *restrict line = in + (size_t)t * pitch;
+        const int32_t w = k[t];
+        for (int i = 0; i < n; i++) {
+            acc[i] += line[i] * w;
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        o[i] = clip8(acc[i]);
+    }
+}
+
 /* Reduced rows are resampled horizontally BLOCK at a time, stored transposed (pixel x of row j at
    x * LANES + j * 3), so that each output pixel is a weighted sum of whole LANES-byte columns, which
    vectorises across the rows; one row at a time, three channels wide, it would not. */
@@ -299,21 +320,8 @@ decode_field(const uint8_t *src, Py_ssize_t offset, Py_ssize_t stride, int botto
         for (int xx = 0; xx < size; xx++) {
             const int xmin = bounds[xx * 2 + 0];
             const int xmax = bounds[xx * 2 + 1];
-            const int32_t *k = &kk[xx * ksize];
             uint8_t px[LANES];
-            for (int l = 0; l < LANES; l++) {
-                acc[l] = 1 << (PRECISION_BITS - 1);
-            }
-            for (int x = 0; x < xmax; x++) {
-                const uint8_t *restrict column = block + (size_t)(xmin + x) * LANES;
-                const int32_t w = k[x];
-                for (int l = 0; l < LANES; l++) {
-                    acc[l] += column[l] * w;
-                }
-            }
-            for (int l = 0; l < LANES; l++) {
-                px[l] = clip8(acc[l]);
-            }
+            weighted_sum(block + (size_t)xmin * LANES, LANES, &kk[xx * ksize], xmax, LANES, acc, px);
             for (int j = 0; j < rows; j++) {
                 memcpy(tmp + (size_t)(y0 - first + j) * cols + xx * 3, px + j * 3, 3);
             }
@@ -323,21 +331,7 @@ decode_field(const uint8_t *src, Py_ssize_t offset, Py_ssize_t stride, int botto
     for (int yy = 0; yy < size; yy++) {
         const int ymin = bounds[yy * 2 + 0] - first;
         const int ymax = bounds[yy * 2 + 1];
-        const int32_t *k = &kk[yy * ksize];
-        for (int i = 0; i < cols; i++) {
-            acc[i] = 1 << (PRECISION_BITS - 1);
-        }
-        for (int y = 0; y < ymax; y++) {
-            const uint8_t *restrict line = tmp + (size_t)(y + ymin) * cols;
-            const int32_t w = k[y];
-            for (int i = 0; i < cols; i++) {
-                acc[i] += line[i] * w;
-            }
-        }
-        uint8_t *restrict o = out + (size_t)yy * cols;
-        for (int i = 0; i < cols; i++) {
-            o[i] = clip8(acc[i]);
-        }
+        weighted_sum(tmp + (size_t)ymin * cols, cols, &kk[yy * ksize], ymax, cols, acc, out + (size_t)yy * cols);
     }
     rc = 0;
 end:
