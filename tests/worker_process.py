@@ -54,7 +54,7 @@ class WorkerProcess:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM (warm shutdown), then SIGKILL of the whole group if it hangs."""
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
             return
-        stop_process_group(self.proc, timeout)
+        stop_process_group(self.proc, timeout)  # nothing to signal if it already exited; its log still closes
         self._log.close()

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from tests.helpers import encode
-from worker.report import COLORS, FRAME, THUMB, render_montage
+from worker.report import COLORS, FRAME, LABEL_H, THUMB, render_montage
 
 
 def _sample(sample_id: str, n_all: int, n_cells: int, n_failed: int) -> dict[str, object]:
@@ -37,10 +37,10 @@ def test_cells_are_framed_by_their_call_highest_probability_first(tmp_path: Path
     cells = _cells(tmp_path, [0.2, None, 0.9])
     png = render_montage(_sample("SLIDE-1", 1, 3, 1), cells, tmp_path / "out")
     image = np.asarray(Image.open(png).convert("RGB"))
-    header = image.shape[0] - 2 * (THUMB + 2 * FRAME + 16)  # two rows of tiles under the header
     tile = THUMB + 2 * FRAME
+    header = image.shape[0] - 2 * (tile + LABEL_H)  # two rows of tiles under the header
     # Order: 0.9 (ALL, red), 0.2 (hem, green), then the unreadable cell (grey), two tiles a row.
-    frames = [image[header + 1, 1], image[header + 1, tile + 1], image[header + tile + 16 + 1, 1]]
+    frames = [image[header + 1, 1], image[header + 1, tile + 1], image[header + tile + LABEL_H + 1, 1]]
     assert [tuple(int(v) for v in f) for f in frames] == [COLORS["all"], COLORS["hem"], COLORS["error"]]
 
 
