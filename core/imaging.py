@@ -136,9 +136,9 @@ def _decode_plain_bmp(data: bytes, bmp: _BmpField, size: int) -> np.ndarray:
 
     It computes what ``_resized`` computes with Pillow for the same field (box-reduce by the whole factor
     Pillow's ``reducing_gap=1.0`` picks, then one bilinear pass), bit for bit, straight from the BGR bytes and
-    without the GIL: with the file read, 0.23-0.26 instead of 0.75-0.86 ms of CPU per 450x450 cell on the
-    worker's two I/O threads (bench/README.md, runs 7 and 8), which matters when the model itself needs 2 ms
-    (bfloat16 on AMX) to 10 ms.
+    without the GIL: with the file read, 0.15-0.26 instead of 0.75-0.86 ms of CPU per 450x450 cell on the
+    worker's two I/O threads, depending on the machine (bench/README.md, runs 7-11), which matters when the
+    model itself needs 2 ms (bfloat16 on AMX) to 20 ms.
     """
     out = np.empty((size, size, 3), dtype=np.uint8)
     # The reduced field's width goes on as a float, as Image.resize passes it to the resample.
