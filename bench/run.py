@@ -222,10 +222,11 @@ def bench_naive(model: Any, images: list[Path], size: int, n: int) -> float:
 
 def bench_engine(loaded: Any, uris: list[str], fetch: Fetch, db_url: str, batch: int) -> dict[str, Any]:
     """The worker's engine end to end (fetch + decode + infer + database write), in this process."""
+    from core.contract import ScoreMessage
     from db import repository
     from db.engine import make_engine, session_factory, transaction
     from db.migrate import upgrade
-    from worker.engine import ScoreRequest, score_sample
+    from worker.engine import score_sample
 
     upgrade(db_url)
     sessions = session_factory(make_engine(db_url))
@@ -242,11 +243,19 @@ def bench_engine(loaded: Any, uris: list[str], fetch: Fetch, db_url: str, batch:
             threshold=loaded.manifest.threshold,
         )
         repository.create_job(session=session, job_id=sample, n_samples=1)
-        repository.enqueue_sample(session=session, job_id=sample, sample_id=sample, model_version=loaded.manifest.ref)
+        queued = repository.enqueue_sample(
+            session=session, job_id=sample, sample_id=sample, model_version=loaded.manifest.ref
+        )
     with ThreadPoolExecutor(_io_threads()) as pool:
         start = time.perf_counter()
         score_sample(
-            ScoreRequest(sample, sample, tuple(uris), loaded.manifest.ref),
+            ScoreMessage(
+                job_id=sample,
+                sample_id=sample,
+                image_uris=tuple(uris),
+                model_version=loaded.manifest.ref,
+                submission=queued.submission,
+            ),
             loaded=loaded,
             fetch=fetch,
             sessions=sessions,

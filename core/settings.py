@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.contract import DEFAULT_STORE, STORE_NAME_RE
+
 
 class Settings(BaseSettings):
     """allscore configuration; every field is ALLSCORE_<NAME> in the environment."""
@@ -20,6 +22,9 @@ class Settings(BaseSettings):
     database_url: str = Field(default="", description="SQLAlchemy URL; default sqlite file under home")
     broker_url: str = Field(default="", description="Celery broker; default redis://127.0.0.1:6379/0")
     model_store: str = Field(default="", description="model registry root: a folder or s3://bucket/prefix")
+    # Further stores a submission may name (`submit --store NAME`), as JSON: {"archive": "s3://old-models"}.
+    # A task message names a store, never a path; the worker resolves the name here.
+    model_stores: dict[str, str] = Field(default_factory=dict, description="extra model stores by name")
     cache_dir: Path = Field(default=Path(""), description="local cache of downloaded models")
 
     # S3 (any S3-compatible endpoint). Credentials come from the standard AWS_* variables.
@@ -53,9 +58,22 @@ class Settings(BaseSettings):
 
     # Image decoding guard: refuse images whose declared size exceeds this many pixels.
     max_image_pixels: int = 40_000_000
+    # Submissions over this many images per sample are refused at submit (split the slide into samples).
+    max_images_per_sample: int = Field(default=20_000, ge=1)
+
+    # PostgreSQL: a hung database is a transient fault, not a hung task.
+    db_connect_timeout: int = Field(default=10, ge=1, description="seconds to wait for a connection")
+    db_statement_timeout_ms: int = Field(default=120_000, ge=0, description="0 = none")
+    db_lock_timeout_ms: int = Field(default=60_000, ge=0, description="0 = none")
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:
+        if self.task_soft_time_limit >= self.task_time_limit:
+            raise ValueError(
+                f"ALLSCORE_TASK_SOFT_TIME_LIMIT ({self.task_soft_time_limit} s) must be below "
+                f"ALLSCORE_TASK_TIME_LIMIT ({self.task_time_limit} s): the soft limit lets a sample fail cleanly "
+                "before the hard limit kills the process"
+            )
         self.home = self.home.expanduser()
         if not self.database_url:
             self.database_url = f"sqlite:///{self.home / 'allscore.db'}"
@@ -66,7 +84,17 @@ class Settings(BaseSettings):
         if not str(self.cache_dir) or str(self.cache_dir) == ".":
             self.cache_dir = self.home / "cache"
         self.cache_dir = self.cache_dir.expanduser()
+        for name in self.model_stores:
+            if not STORE_NAME_RE.match(name) or name == DEFAULT_STORE:
+                raise ValueError(
+                    f"ALLSCORE_MODEL_STORES: store name {name!r} must be lower-case letters, digits, '_' or '-' "
+                    f"and not {DEFAULT_STORE!r} (that is ALLSCORE_MODEL_STORE)"
+                )
         return self
+
+    def stores(self) -> dict[str, str]:
+        """Every model store a submission may name: the default store plus ALLSCORE_MODEL_STORES."""
+        return {DEFAULT_STORE: self.model_store, **self.model_stores}
 
 
 @lru_cache(maxsize=1)

@@ -13,7 +13,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 from db.errors import DatabaseUrlError
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,19 @@ def _configure_sqlite(engine: Engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def make_engine(url: str | None = None) -> Engine:
+def postgres_connect_args(settings: Settings) -> dict[str, Any]:
+    """Connect, statement and lock timeouts, so a hung database is a transient fault rather than a hung task."""
+    options = [
+        f"-c statement_timeout={settings.db_statement_timeout_ms}",
+        f"-c lock_timeout={settings.db_lock_timeout_ms}",
+    ]
+    return {"connect_timeout": settings.db_connect_timeout, "options": " ".join(options)}
+
+
+def make_engine(url: str | None = None, settings: Settings | None = None) -> Engine:
     """An engine for `url` (default: settings' database_url), tuned for SQLite or PostgreSQL."""
-    parsed = parse_url(url if url is not None else get_settings().database_url)
+    settings = settings or get_settings()
+    parsed = parse_url(url if url is not None else settings.database_url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         path = _sqlite_file(parsed)
@@ -80,7 +90,7 @@ def make_engine(url: str | None = None) -> Engine:
         _configure_sqlite(engine)
     elif backend == "postgresql":
         # Connections die across database restarts and idle timeouts; check before use.
-        engine = create_engine(parsed, pool_pre_ping=True)
+        engine = create_engine(parsed, pool_pre_ping=True, connect_args=postgres_connect_args(settings))
     else:
         engine = create_engine(parsed)
     log.debug("database engine for %s", parsed.render_as_string(hide_password=True))

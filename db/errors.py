@@ -29,6 +29,10 @@ class SampleNotFoundError(DatabaseError, LookupError):
     """No sample row for this (sample_id, model_version)."""
 
 
+class StaleDelivery(DatabaseError):
+    """A delivery whose submission is no longer the sample's current one, or whose sample has already ended."""
+
+
 class ModelConflictError(DatabaseError):
     """A model version is registered already with a different artifact."""
 

@@ -111,6 +111,9 @@ class Sample(Base):
     error: Mapped[str | None] = mapped_column(Text)
     # Times a worker started on this sample since it was (re)submitted; >1 means redelivery or retry.
     attempts: Mapped[int] = mapped_column(Integer)
+    # The fencing token: bumped by every (re)submission. A delivery writes only while its message's
+    # (job_id, submission) is the row's, so a stale one never touches a newer result (core.contract).
+    submission: Mapped[int] = mapped_column(Integer, server_default="1")
 
 
 class Cell(Base):

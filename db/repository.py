@@ -4,12 +4,14 @@ the caller owns the transaction (db.engine.transaction)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from core import contract
 from db.coltypes import utcnow
 from db.errors import (
     DatabaseUrlError,
@@ -19,6 +21,7 @@ from db.errors import (
     ModelConflictError,
     ResultMismatchError,
     SampleNotFoundError,
+    StaleDelivery,
 )
 from db.models import (
     JOB_ID_MAX_LENGTH,
@@ -51,18 +54,26 @@ _NO_SUMMARY: dict[str, Any] = {
 
 
 def check_identifier(kind: str, value: str, max_length: int) -> str:
-    """Return `value` if it can serve as a `kind` id (non-empty, printable, short enough), else raise."""
-    if not isinstance(value, str) or not value:
-        raise InvalidIdentifierError(f"{kind} must be a non-empty string, got {value!r}")
-    if len(value) > max_length:
-        raise InvalidIdentifierError(
-            f"{kind} {value[:40]!r}... is {len(value)} characters long; use at most {max_length}"
-        )
-    if not value.isprintable() or value != value.strip():
-        raise InvalidIdentifierError(
-            f"{kind} {value!r} holds control characters or surrounding spaces; use printable text"
-        )
-    return value
+    """Return `value` if it can serve as a `kind` id (the one rule of core.contract), else raise."""
+    try:
+        return contract.check_identifier(value, kind, max_length)
+    except contract.InvalidIdentifier as exc:
+        raise InvalidIdentifierError(str(exc)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Who writes: the job and submission of the task message (the fencing token); None = legacy message."""
+
+    job_id: str
+    submission: int | None
+
+
+class Enqueued(NamedTuple):
+    """A queued sample row: its primary key and its submission number (the message's fencing token)."""
+
+    pk: int
+    submission: int
 
 
 def _insert(session: Session, entity: type[Any]) -> postgresql.Insert | sqlite.Insert:
@@ -130,11 +141,12 @@ def create_job(*, session: Session, job_id: str, n_samples: int) -> None:
         raise JobExistsError(f"job {job_id!r} exists already; submit under a new job id (or let one be made)")
 
 
-def enqueue_sample(*, session: Session, job_id: str, sample_id: str, model_version: str) -> int:
-    """Queue `sample_id` for `model_version` under `job_id`; a resubmission resets the row. Returns its pk.
+def enqueue_sample(*, session: Session, job_id: str, sample_id: str, model_version: str) -> Enqueued:
+    """Queue `sample_id` for `model_version` under `job_id`; a resubmission resets the row.
 
     Resubmitting the same (sample_id, model_version) clears the previous result and its cells, so a
-    queued sample never shows stale numbers; another model version is a separate result set.
+    queued sample never shows stale numbers, and bumps its submission number, so deliveries of the old
+    submission can no longer write; another model version is a separate result set.
     """
     check_identifier("sample id", sample_id, SAMPLE_ID_MAX_LENGTH)
     check_identifier("model version", model_version, MODEL_VERSION_MAX_LENGTH)
@@ -152,13 +164,16 @@ def enqueue_sample(*, session: Session, job_id: str, sample_id: str, model_versi
     }
     stmt = (
         _insert(session, Sample)
-        .values(sample_id=sample_id, model_version=model_version, **fresh)
-        .on_conflict_do_update(index_elements=["sample_id", "model_version"], set_=fresh)
-        .returning(Sample.id)
+        .values(sample_id=sample_id, model_version=model_version, submission=1, **fresh)
+        .on_conflict_do_update(
+            index_elements=["sample_id", "model_version"], set_={**fresh, "submission": Sample.submission + 1}
+        )
+        .returning(Sample.id, Sample.submission)
     )
-    pk = int(session.execute(stmt).scalar_one())
+    row = session.execute(stmt).one()
+    pk = int(row.id)
     session.execute(delete(Cell).where(Cell.sample_pk == pk).execution_options(**_NO_SYNC))
-    return pk
+    return Enqueued(pk, int(row.submission))
 
 
 def _not_found(sample_id: str, model_version: str) -> SampleNotFoundError:
@@ -167,17 +182,30 @@ def _not_found(sample_id: str, model_version: str) -> SampleNotFoundError:
     )
 
 
-def _lock_sample(session: Session, sample_id: str, model_version: str) -> Any:
+def _lock_sample(session: Session, sample_id: str, model_version: str, delivery: Delivery | None = None) -> Any:
     # FOR UPDATE serializes two deliveries of one sample on PostgreSQL (SQLite: BEGIN IMMEDIATE
-    # already does), so the loser rewrites the winner's cells instead of colliding with them.
+    # already does), so the fence below is checked and the write made in one transaction.
     row = session.execute(
-        select(Sample.id, Sample.started_at)
+        select(Sample.id, Sample.started_at, Sample.job_id, Sample.submission, Sample.status)
         .where(Sample.sample_id == sample_id, Sample.model_version == model_version)
         .with_for_update()
     ).one_or_none()
     if row is None:
         raise _not_found(sample_id, model_version)
+    if delivery is not None:
+        _check_fence(row, sample_id, model_version, delivery)
     return row
+
+
+def _check_fence(row: Any, sample_id: str, model_version: str, delivery: Delivery) -> None:
+    where = f"sample {sample_id!r} (model {model_version!r})"
+    if row.job_id != delivery.job_id or (delivery.submission is not None and row.submission != delivery.submission):
+        raise StaleDelivery(
+            f"{where}: this delivery (job {delivery.job_id!r}, submission {delivery.submission}) was superseded by "
+            f"job {row.job_id!r}, submission {row.submission}; it writes nothing"
+        )
+    if row.status in (SampleStatus.DONE, SampleStatus.FAILED):
+        raise StaleDelivery(f"{where}: already {row.status} for this submission; a repeated delivery writes nothing")
 
 
 def get_sample_status(*, session: Session, sample_id: str, model_version: str) -> SampleStatus | None:
@@ -188,8 +216,13 @@ def get_sample_status(*, session: Session, sample_id: str, model_version: str) -
     return None if status is None else SampleStatus(status)
 
 
-def mark_running(*, session: Session, sample_id: str, model_version: str) -> int:
-    """Mark the sample running now; return how many times a worker has started it (1 on the first)."""
+def mark_running(*, session: Session, sample_id: str, model_version: str, delivery: Delivery | None = None) -> int:
+    """Mark the sample running now; return how many times a worker has started it (1 on the first).
+
+    With a `delivery`, raise StaleDelivery unless it is the sample's current, unfinished submission.
+    """
+    if delivery is not None:
+        _lock_sample(session, sample_id, model_version, delivery)
     stmt = (
         update(Sample)
         .where(Sample.sample_id == sample_id, Sample.model_version == model_version)
@@ -235,10 +268,14 @@ def record_sample_result(
     model_version: str,
     cells: Sequence[CellResult],
     summary: SampleSummary,
+    delivery: Delivery | None = None,
 ) -> None:
-    """Replace the sample's cell rows with `cells` (one bulk insert) and mark it done with `summary`."""
+    """Replace the sample's cell rows with `cells` (one bulk insert) and mark it done with `summary`.
+
+    With a `delivery`, nothing is written (StaleDelivery) unless it is the current, unfinished submission.
+    """
     _check_result(sample_id, model_version, cells, summary)
-    sample = _lock_sample(session, sample_id, model_version)
+    sample = _lock_sample(session, sample_id, model_version, delivery)
     now = utcnow()
     session.execute(delete(Cell).where(Cell.sample_pk == sample.id).execution_options(**_NO_SYNC))
     if cells:
@@ -278,9 +315,14 @@ def record_sample_result(
     )
 
 
-def mark_failed(*, session: Session, sample_id: str, model_version: str, error: str) -> None:
-    """Mark the sample failed with `error`; any earlier result of it is cleared, never left half-valid."""
-    sample = _lock_sample(session, sample_id, model_version)
+def mark_failed(
+    *, session: Session, sample_id: str, model_version: str, error: str, delivery: Delivery | None = None
+) -> None:
+    """Mark the sample failed with `error`; any earlier result of it is cleared, never left half-valid.
+
+    With a `delivery`, nothing is written (StaleDelivery) unless it is the current, unfinished submission.
+    """
+    sample = _lock_sample(session, sample_id, model_version, delivery)
     session.execute(delete(Cell).where(Cell.sample_pk == sample.id).execution_options(**_NO_SYNC))
     session.execute(
         update(Sample)

@@ -9,13 +9,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from core.artifact import Registry
+from core.contract import DEFAULT_STORE, InvalidIdentifier, Kind, ScoreMessage, check_identifier
 from core.errors import AllscoreError
 from core.settings import Settings, get_settings
 from core.storage import is_s3, parse_s3, store_for
 from db import repository
 from db.engine import make_engine, session_factory, transaction
 from worker.celery_app import TASK_NAME, app
-from worker.messages import InvalidMessage, check_identifier
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +95,37 @@ def expand_uris(uris: Sequence[str], settings: Settings | None = None) -> list[s
     return unique
 
 
+def store_name(store: str | None, settings: Settings) -> str:
+    """The name of a listed model store, given its name or its root; other stores are refused."""
+    stores = settings.stores()
+    if store is None:
+        return DEFAULT_STORE
+    if store in stores:
+        return store
+    for name, root in stores.items():
+        if store.rstrip("/") == root.rstrip("/"):
+            return name
+    raise SubmitError(
+        f"model store {store!r} is not one the workers know ({', '.join(f'{n}={r}' for n, r in stores.items())}); "
+        "give one of those names, or add the store to ALLSCORE_MODEL_STORES on the workers and the submitter"
+    )
+
+
 def submit_samples(
     samples: Mapping[str, Sequence[str]],
     *,
     model_ref: str | None = None,
     job_id: str | None = None,
     store: str | None = None,
+    kind: Kind | Mapping[str, Kind] = "cells",
+    um_per_px: float | None = None,
     settings: Settings | None = None,
 ) -> str:
     """Queue several samples (sample_id -> URIs) as one job; return the job id. All or nothing is queued.
 
-    The model reference is resolved now and sent pinned: `name:version` in the workers' store, or, when
-    `store` names another one, the full URI of the version folder there.
+    The model reference is resolved now, in the named store (a name from settings.stores(), default the
+    workers' own), and sent pinned as `name:version` with that store's name. `kind` says whether the images
+    are single-cell crops ("cells") or microscope fields ("fields"), for every sample or per sample.
     """
     settings = settings or get_settings()
     if not samples:
@@ -116,18 +135,26 @@ def submit_samples(
         check_identifier(job_id, "job id")
         for sample_id in samples:
             check_identifier(sample_id, "sample id")
-    except InvalidMessage as exc:
+    except InvalidIdentifier as exc:
         raise SubmitError(str(exc)) from exc
+    if um_per_px is not None and not 0 < um_per_px <= 100:
+        raise SubmitError(f"um per pixel {um_per_px} must be above 0 and at most 100 (a typical field: 0.05-0.5)")
+    kinds = {sample_id: kind if isinstance(kind, str) else kind.get(sample_id, "cells") for sample_id in samples}
     expanded = {sample_id: expand_uris(uris, settings) for sample_id, uris in samples.items()}
     for sample_id, uris in expanded.items():
         if not uris:
             raise SubmitError(f"sample {sample_id!r} has no images; give files, a folder, a glob or an s3:// prefix")
-    registry = Registry(store, settings)
+        if len(uris) > settings.max_images_per_sample:
+            raise SubmitError(
+                f"sample {sample_id!r} has {len(uris)} images; the limit is {settings.max_images_per_sample} "
+                "(ALLSCORE_MAX_IMAGES_PER_SAMPLE): split the slide into several samples or raise the limit"
+            )
+    store_key = store_name(store, settings)
+    registry = Registry(settings.stores()[store_key], settings)
     manifest = registry.resolve(model_ref or settings.model)
     version = manifest.ref
     version_uri = registry.version_uri(manifest.name, manifest.version)
-    pinned = version if store is None else version_uri
-    sessions = session_factory(make_engine(settings.database_url))
+    sessions = session_factory(make_engine(settings.database_url, settings))
     with transaction(sessions) as session:
         repository.ensure_model(
             session=session,
@@ -140,29 +167,38 @@ def submit_samples(
             threshold=manifest.threshold,
         )
         repository.create_job(session=session, job_id=job_id, n_samples=len(expanded))
-        for sample_id in expanded:
-            repository.enqueue_sample(session=session, job_id=job_id, sample_id=sample_id, model_version=version)
+        messages = [
+            ScoreMessage(
+                job_id=job_id,
+                sample_id=sample_id,
+                image_uris=tuple(uris),
+                model_version=version,
+                model_store=store_key,
+                submission=repository.enqueue_sample(
+                    session=session, job_id=job_id, sample_id=sample_id, model_version=version
+                ).submission,
+                kind=kinds[sample_id],
+                um_per_px=um_per_px,
+            )
+            for sample_id, uris in expanded.items()
+        ]
     sent = []
     try:
         # The broker of these settings (not whichever the app read first), as for the database above.
         with app.connection_for_write(settings.broker_url) as connection:
-            for sample_id, uris in expanded.items():
-                app.send_task(
-                    TASK_NAME,
-                    kwargs={"job_id": job_id, "sample_id": sample_id, "image_uris": uris, "model_ref": pinned},
-                    queue=settings.queue,
-                    connection=connection,
-                )
-                sent.append(sample_id)
+            for message in messages:
+                app.send_task(TASK_NAME, kwargs=message.to_kwargs(), queue=settings.queue, connection=connection)
+                sent.append(message.sample_id)
     except Exception as exc:
         with transaction(sessions) as session:
-            for sample_id in expanded:
-                if sample_id not in sent:
+            for message in messages:
+                if message.sample_id not in sent:
                     repository.mark_failed(
                         session=session,
-                        sample_id=sample_id,
+                        sample_id=message.sample_id,
                         model_version=version,
                         error=f"could not be queued: {exc}",
+                        delivery=repository.Delivery(job_id, message.submission),
                     )
         raise SubmitError(
             f"the broker at {settings.broker_url} did not take the job ({exc}); {len(sent)} of "
@@ -179,7 +215,17 @@ def submit_sample(
     model_ref: str | None = None,
     job_id: str | None = None,
     store: str | None = None,
+    kind: Kind = "cells",
+    um_per_px: float | None = None,
     settings: Settings | None = None,
 ) -> str:
     """Queue one sample (its image URIs) for scoring; return the job id."""
-    return submit_samples({sample_id: uris}, model_ref=model_ref, job_id=job_id, store=store, settings=settings)
+    return submit_samples(
+        {sample_id: uris},
+        model_ref=model_ref,
+        job_id=job_id,
+        store=store,
+        kind=kind,
+        um_per_px=um_per_px,
+        settings=settings,
+    )

@@ -11,7 +11,8 @@ from functools import lru_cache
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.artifact import LoadedModel, Registry, load_keras, parse_ref
+from core.artifact import LoadedModel, ModelError, ModelNotFound, Registry, load_keras, parse_ref
+from core.contract import DEFAULT_STORE
 from core.inference import ServingModel, configure_tensorflow
 from core.settings import Settings, get_settings
 from core.storage import Fetcher
@@ -48,27 +49,47 @@ class WorkerContext:
         self.settings = settings
         configure_tensorflow(tf_threads_for(settings))
         self.sessions: sessionmaker[Session] = session_factory(make_engine(settings.database_url))
-        self.registry = Registry(settings=settings)
+        self.stores = settings.stores()
         self.pool = ThreadPoolExecutor(max_workers=io_threads_for(settings), thread_name_prefix="allscore-io")
-        self._models: dict[str, LoadedModel] = {}
+        self._models: dict[tuple[str, str], LoadedModel] = {}
         self.fetch = Fetcher(settings)
         self._lock = threading.Lock()
 
-    def model(self, ref: str) -> LoadedModel:
-        """The model for a reference, loaded on first use and cached by version."""
-        parsed = parse_ref(ref)
-        # A pinned name:version (what `submit` sends) needs no store round trip once cached.
-        key = f"{parsed.name}:{parsed.version}" if parsed.version else self.registry.resolve(parsed).ref
+    def model(self, version: str, store: str = DEFAULT_STORE) -> LoadedModel:
+        """Model `name:version` from the named store, loaded on first use and cached by (store, version).
+
+        Only this worker's own stores (ALLSCORE_MODEL_STORE and ALLSCORE_MODEL_STORES) are read, by name: a
+        message cannot point the worker at a model anywhere else, and a model cached for one store is never
+        served for another.
+        """
+        parsed = parse_ref(version)
+        if parsed.version is None or parsed.name is None:
+            raise ModelError(f"model {version!r} is not pinned; a task names name:version")
+        root = self.stores.get(store)
+        if root is None:
+            raise ModelNotFound(
+                f"model store {store!r} is not one of this worker's stores ({', '.join(sorted(self.stores))}); "
+                "add it to ALLSCORE_MODEL_STORES on the workers, or submit with a listed --store"
+            )
+        key = (store, f"{parsed.name}:{parsed.version}")
         with self._lock:
             cached = self._models.get(key)
             if cached is not None:
                 return cached
             started = time.perf_counter()
-            path, manifest = self.registry.fetch(ref)
+            path, manifest = Registry(root, self.settings).fetch(parsed)
+            if manifest.ref != key[1]:
+                raise ModelError(f"store {store!r} answered {version} with model {manifest.ref}; republish it")
             model = ServingModel(load_keras(path), self.settings.precision)
             loaded = LoadedModel(model=model, manifest=manifest, path=path)
             self._models[key] = loaded
-        log.info("model loaded: %s in pid %d (%.2fs)", key, os.getpid(), time.perf_counter() - started)
+        log.info(
+            "model loaded: %s from store %s in pid %d (%.2fs)",
+            key[1],
+            store,
+            os.getpid(),
+            time.perf_counter() - started,
+        )
         return loaded
 
 

@@ -12,28 +12,20 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.artifact import LoadedModel
+from core.artifact import LoadedModel, ModelError
+from core.contract import ScoreMessage
 from core.imaging import DecodeError, decode_image
 from core.inference import predict_batch
 from core.storage import ObjectNotFound, StorageError, StorageUnavailable
 from db import repository
 from db.engine import transaction
 from db.records import CellResult, SampleSummary
+from db.repository import Delivery
 from worker.summary import summarize_sample
 
 log = logging.getLogger(__name__)
 
 Fetch = Callable[[str], bytes]
-
-
-@dataclass(frozen=True)
-class ScoreRequest:
-    """One sample to score: what the task message carries (ids and URIs, never pixels)."""
-
-    job_id: str
-    sample_id: str
-    image_uris: tuple[str, ...]
-    model_ref: str
 
 
 @dataclass
@@ -102,7 +94,7 @@ def score_cells(
 
 
 def score_sample(
-    request: ScoreRequest,
+    request: ScoreMessage,
     *,
     loaded: LoadedModel,
     fetch: Fetch,
@@ -112,12 +104,19 @@ def score_sample(
     flag_thresholds: Sequence[float] = (0.05, 0.20, 0.25),
     max_pixels: int = 40_000_000,
 ) -> SampleSummary:
-    """Mark the sample running, score its cells, and write cells + summary in one transaction."""
+    """Mark the sample running, score its cells, and write cells + summary in one transaction.
+
+    Both writes are fenced by the message's (job_id, submission): a stale delivery raises StaleDelivery and
+    writes nothing (db.repository).
+    """
     manifest = loaded.manifest
-    version = manifest.ref
+    version = request.model_version
+    if manifest.ref != version:
+        raise ModelError(f"sample {request.sample_id!r} asks for model {version} but {manifest.ref} was loaded")
+    delivery = Delivery(request.job_id, request.submission)
     started = time.perf_counter()
     with transaction(sessions) as session:
-        repository.mark_running(session=session, sample_id=request.sample_id, model_version=version)
+        repository.mark_running(session=session, sample_id=request.sample_id, model_version=version, delivery=delivery)
     cells = score_cells(
         request.image_uris,
         model=loaded.model,
@@ -136,7 +135,12 @@ def score_sample(
     )
     with transaction(sessions) as session:
         repository.record_sample_result(
-            session=session, sample_id=request.sample_id, model_version=version, cells=cells, summary=summary
+            session=session,
+            sample_id=request.sample_id,
+            model_version=version,
+            cells=cells,
+            summary=summary,
+            delivery=delivery,
         )
     log.info(
         "sample %s: %d cells (%d failed) in %.2fs, ALL fraction %s",

@@ -1,4 +1,9 @@
-"""Thin Celery tasks: check the message, hand it to the engine, retry transient faults, record failures."""
+"""Thin Celery tasks: check the message, hand it to the engine, retry transient faults, record failures.
+
+Every sample ends `done` or `failed`: a transient fault retries (and, past the retry limit, fails the sample);
+any other exception fails the sample with its reason. The message is only acked once that is written, or once
+the database has said the delivery is stale (a newer submission owns the row, or this one already ended).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,16 @@ from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from core.contract import InvalidMessage, ScoreMessage, parse_message
 from core.errors import AllscoreError
 from core.storage import StorageUnavailable
 from db import repository
 from db.engine import transaction
+from db.errors import StaleDelivery
+from db.repository import Delivery
 from worker.celery_app import TASK_NAME, app
 from worker.context import get_context
 from worker.engine import score_sample
-from worker.messages import InvalidMessage, parse_message
 
 log = logging.getLogger(__name__)
 
@@ -35,47 +42,64 @@ def backoff(retries: int, base: float = 2.0, cap: float = 120.0) -> float:
     return random.uniform(0, min(cap, base * 2**retries))
 
 
-def _mark_failed(sample_id: str, model_version: str, reason: str) -> bool:
+def _mark_failed(sample_id: str, model_version: str, delivery: Delivery, reason: str) -> bool:
     """Record the sample as failed; False when the database is unreachable, so nothing could be recorded."""
     try:
         with transaction(get_context().sessions) as session:
-            repository.mark_failed(session=session, sample_id=sample_id, model_version=model_version, error=reason)
+            repository.mark_failed(
+                session=session, sample_id=sample_id, model_version=model_version, error=reason, delivery=delivery
+            )
     except OperationalError as exc:
         log.error("could not mark sample %s failed (%s): the database is unreachable: %s", sample_id, reason, exc)
         return False
+    except StaleDelivery as exc:
+        log.warning("sample %s: not marked failed (%s): %s", sample_id, reason, exc)
     except (DBAPIError, AllscoreError) as exc:
         log.error("could not mark sample %s failed (%s): %s", sample_id, reason, exc)
     return True
 
 
+def _refused(task: Task, exc: InvalidMessage) -> None:
+    """A message that breaks the contract is never run; the sample it names, if it can be told, fails."""
+    log.error("rejected message %s: %s", task.request.id, exc)
+    if exc.key is None:
+        return
+    job_id, sample_id, version, submission = exc.key
+    if not _mark_failed(sample_id, version, Delivery(job_id, submission), f"the task message was refused: {exc}"):
+        raise task.retry(countdown=get_context().settings.task_retry_backoff_max)
+
+
 # max_retries=None: no limit by default; transient faults pass settings.task_max_retries explicitly.
 @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def score_sample_task(self: Task, *args: Any, **kwargs: Any) -> None:
-    """Score one sample: {job_id, sample_id, image_uris, model_ref}."""
+    """Score one sample: a core.contract.ScoreMessage as keyword arguments."""
     try:
-        request = parse_message(args, kwargs)
+        message = parse_message(args, kwargs)
     except InvalidMessage as exc:
-        # Not retried and not run: a malformed message is logged and dropped (acked).
-        log.error("rejected message %s: %s", self.request.id, exc)
+        _refused(self, exc)
         return
+    run_scoring(self, message)
+
+
+def run_scoring(task: Task, message: ScoreMessage) -> None:
+    """Score a valid message; whatever happens, the sample ends done or failed, or the message is retried."""
     ctx = get_context()
     settings = ctx.settings
-    model_version = request.model_ref
+    delivery = Delivery(message.job_id, message.submission)
 
     def fail(reason: str) -> None:
-        if _mark_failed(request.sample_id, model_version, reason):
+        if _mark_failed(message.sample_id, message.model_version, delivery, reason):
             return
         # Acking now would leave the sample `running` with nothing left on the queue to finish it: keep the
         # message, past task_max_retries, until the database is back to take the result or the failure.
         delay = settings.task_retry_backoff_max
-        log.warning("sample %s: database unreachable; retry in %.1fs", request.sample_id, delay)
-        raise self.retry(countdown=delay)
+        log.warning("sample %s: database unreachable; retry in %.1fs", message.sample_id, delay)
+        raise task.retry(countdown=delay)
 
     try:
-        loaded = ctx.model(request.model_ref)
-        model_version = loaded.manifest.ref
+        loaded = ctx.model(message.model_version, message.model_store)
         score_sample(
-            request,
+            message,
             loaded=loaded,
             fetch=ctx.fetch,
             sessions=ctx.sessions,
@@ -84,15 +108,20 @@ def score_sample_task(self: Task, *args: Any, **kwargs: Any) -> None:
             flag_thresholds=settings.flag_thresholds,
             max_pixels=settings.max_image_pixels,
         )
+    except StaleDelivery as exc:
+        log.warning("sample %s: stale delivery, nothing written: %s", message.sample_id, exc)
     except TRANSIENT as exc:
-        retries = self.request.retries
+        retries = task.request.retries
         if retries >= settings.task_max_retries:
             fail(f"gave up after {retries} retries: {exc}")
             return
         delay = backoff(retries, settings.task_retry_backoff, settings.task_retry_backoff_max)
-        log.warning("sample %s: transient fault (%s); retry %d in %.1fs", request.sample_id, exc, retries + 1, delay)
-        raise self.retry(exc=exc, countdown=delay, max_retries=settings.task_max_retries) from exc
+        log.warning("sample %s: transient fault (%s); retry %d in %.1fs", message.sample_id, exc, retries + 1, delay)
+        raise task.retry(exc=exc, countdown=delay, max_retries=settings.task_max_retries) from exc
     except SoftTimeLimitExceeded:
         fail("time limit exceeded: split the sample or raise the limit")
     except AllscoreError as exc:
         fail(str(exc))
+    except Exception as exc:
+        log.exception("sample %s: unexpected error", message.sample_id)
+        fail(f"unexpected error ({type(exc).__name__}): {exc}")

@@ -210,8 +210,8 @@ def scenario_resubmit(factory: Factory) -> None:
     with transaction(factory) as s:
         pk_before = s.execute(select(Sample.id).where(Sample.sample_id == "S1")).scalar_one()
         repo.create_job(session=s, job_id="job-b", n_samples=1)
-        pk_again = repo.enqueue_sample(session=s, job_id="job-b", sample_id="S1", model_version="cnn:1")
-    assert pk_again == pk_before
+        again = repo.enqueue_sample(session=s, job_id="job-b", sample_id="S1", model_version="cnn:1")
+    assert (again.pk, again.submission) == (pk_before, 2)
     (requeued,) = results(factory, sample_ids=["S1"])
     assert (requeued["status"], requeued["job_id"], requeued["n_cells"]) == ("queued", "job-b", None)
     assert cells_of(factory, "S1") == [], "a queued sample must not show the previous result's cells"

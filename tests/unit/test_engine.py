@@ -13,11 +13,13 @@ from PIL import Image
 from sqlalchemy import text
 
 from core.artifact import LoadedModel, ModelManifest, ValidationMetrics
+from core.contract import ScoreMessage
 from core.storage import LocalStore
 from db import repository
 from db.engine import make_engine, session_factory, transaction
+from db.errors import StaleDelivery
 from db.migrate import upgrade
-from worker.engine import ScoreRequest, score_sample
+from worker.engine import score_sample
 
 SIZE = 16
 
@@ -74,6 +76,10 @@ def sessions(tmp_path: Path):
     return factory
 
 
+def _message(uris: tuple[str, ...]) -> ScoreMessage:
+    return ScoreMessage(job_id="job1", sample_id="S1", image_uris=uris, model_version="fake:1", submission=1)
+
+
 def _write_cells(folder: Path, values: list[int]) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     uris = []
@@ -99,7 +105,7 @@ def test_engine_writes_counts_fraction_interval_and_correction(tmp_path: Path, s
     store = LocalStore()
     with ThreadPoolExecutor(4) as pool:
         summary = score_sample(
-            ScoreRequest("job1", "S1", tuple(uris), "fake:1"),
+            _message(tuple(uris)),
             loaded=LoadedModel(model=model, manifest=_manifest(), path=tmp_path),
             fetch=store.read_bytes,
             sessions=sessions,
@@ -126,19 +132,25 @@ def test_engine_writes_counts_fraction_interval_and_correction(tmp_path: Path, s
     assert all(c["p_all"] is None and c["is_all"] is None for c in cells if c["error"])
 
 
-def test_rescoring_the_same_version_replaces_rows(tmp_path: Path, sessions) -> None:
+def test_a_duplicate_delivery_after_done_writes_nothing(tmp_path: Path, sessions) -> None:
     uris = _write_cells(tmp_path / "cells", [200, 20, 20])
     loaded = LoadedModel(model=BrightnessModel(), manifest=_manifest(), path=tmp_path)
     with ThreadPoolExecutor(2) as pool:
-        for _ in range(2):  # a redelivered task runs the same sample twice
+
+        def run() -> None:
             score_sample(
-                ScoreRequest("job1", "S1", tuple(uris), "fake:1"),
+                _message(tuple(uris)),
                 loaded=loaded,
                 fetch=LocalStore().read_bytes,
                 sessions=sessions,
                 pool=pool,
                 batch_size=8,
             )
+
+        run()
+        # A duplicate delivery of the same submission, after it ended, writes nothing.
+        with pytest.raises(StaleDelivery, match="already done"):
+            run()
     with sessions() as session:
         n_rows = session.execute(text("SELECT count(*) FROM cell_results WHERE sample_id = 'S1'")).scalar_one()
         n_samples = session.execute(text("SELECT count(*) FROM sample_results WHERE sample_id = 'S1'")).scalar_one()
@@ -151,7 +163,7 @@ def test_sample_with_no_readable_cell_is_done_with_no_fraction(tmp_path: Path, s
     loaded = LoadedModel(model=BrightnessModel(), manifest=_manifest(), path=tmp_path)
     with ThreadPoolExecutor(1) as pool:
         summary = score_sample(
-            ScoreRequest("job1", "S1", (str(bad),), "fake:1"),
+            _message((str(bad),)),
             loaded=loaded,
             fetch=LocalStore().read_bytes,
             sessions=sessions,

@@ -1,0 +1,166 @@
+"""The scoring contract: the one task message every part shares, and the one rule for identifiers.
+
+The client builds a ScoreMessage, the broker carries it as JSON keyword arguments, the task validates it once
+(`parse_message`) and the engine and repository take it as it is. It carries ids and URIs, never pixels:
+
+- ``job_id``, ``sample_id``: who asked, and which slide;
+- ``image_uris``: the images (single cells, or microscope fields when ``kind`` is ``fields``);
+- ``model_version``: the pinned ``name:version``, which is also the result key of the sample's row;
+- ``model_store``: the *name* of the store the model lives in, from the worker's own list
+  (ALLSCORE_MODEL_STORES); never a path, so a message cannot point a worker at a model of its choosing;
+- ``submission``: the fencing token. Each (re)submission of a sample bumps a counter in its row; a delivery
+  writes only while its (job_id, submission) is the row's current one, so a stale or duplicate delivery can
+  never overwrite or delete a newer result;
+- ``kind`` and ``um_per_px``: single-cell crops or fields, and the fields' scale when the submitter knows it.
+
+Unknown extra fields are ignored, so a newer client can talk to an older worker during a rolling upgrade. A
+message from a client before this contract (``model_ref`` instead of ``model_version``, no ``submission``) is
+still read when its ``model_ref`` is a pinned ``name:version`` in the default store.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from core.errors import AllscoreError
+
+SAMPLE_ID_MAX = 128
+JOB_ID_MAX = 128
+MODEL_VERSION_MAX = 256
+URI_MAX = 4096
+DEFAULT_STORE = "default"
+STORE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_MODEL_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}:[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+Kind = Literal["cells", "fields"]
+
+
+class InvalidIdentifier(AllscoreError, ValueError):
+    """A sample, job or model id that is empty, too long, or holds control characters or edge spaces."""
+
+
+class InvalidMessage(AllscoreError):
+    """A task message that breaks the contract. `key` is set when the sample it names could still be told."""
+
+    def __init__(self, message: str, key: tuple[str, str, str, int | None] | None = None) -> None:
+        super().__init__(message)
+        self.key = key  # (job_id, sample_id, model_version, submission)
+
+
+def check_identifier(value: object, what: str, limit: int = SAMPLE_ID_MAX) -> str:
+    """`value` if it can serve as an id: a non-empty printable string of at most `limit` characters."""
+    if not isinstance(value, str) or not value:
+        raise InvalidIdentifier(f"{what} must be a non-empty string, got {value!r}")
+    if len(value) > limit:
+        raise InvalidIdentifier(f"{what} {value[:40]!r}... is {len(value)} characters long; use at most {limit}")
+    if not value.isprintable() or value != value.strip():
+        raise InvalidIdentifier(f"{what} {value!r} holds control characters or surrounding spaces; use printable text")
+    return value
+
+
+def check_model_version(value: object) -> str:
+    """A pinned model reference `name:version` (the result key), else InvalidIdentifier."""
+    text = check_identifier(value, "model version", MODEL_VERSION_MAX)
+    if not _MODEL_VERSION_RE.match(text):
+        raise InvalidIdentifier(f"model version {text!r} must be a pinned name:version (letters, digits, . _ -)")
+    return text
+
+
+def check_store_name(value: object) -> str:
+    """A store name as listed in ALLSCORE_MODEL_STORES: lower-case letters, digits, '_' and '-'."""
+    if not isinstance(value, str) or not STORE_NAME_RE.match(value):
+        raise InvalidIdentifier(
+            f"model store {value!r} must be a store name (lower-case letters, digits, '_', '-'), not a path or URI"
+        )
+    return value
+
+
+class ScoreMessage(BaseModel):
+    """One sample to score; see the module docstring for each field."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+
+    job_id: str
+    sample_id: str
+    image_uris: tuple[str, ...] = Field(min_length=1)
+    model_version: str
+    model_store: str = DEFAULT_STORE
+    submission: int | None = Field(default=None, ge=1)
+    kind: Kind = "cells"
+    um_per_px: float | None = Field(default=None, gt=0, le=100)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_model_ref(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "model_version" not in data and "model_ref" in data:
+            return {**data, "model_version": data["model_ref"]}
+        return data
+
+    @field_validator("job_id")
+    @classmethod
+    def _job_id(cls, value: str) -> str:
+        return check_identifier(value, "job id", JOB_ID_MAX)
+
+    @field_validator("sample_id")
+    @classmethod
+    def _sample_id(cls, value: str) -> str:
+        return check_identifier(value, "sample id", SAMPLE_ID_MAX)
+
+    @field_validator("model_version")
+    @classmethod
+    def _model_version(cls, value: str) -> str:
+        return check_model_version(value)
+
+    @field_validator("model_store")
+    @classmethod
+    def _model_store(cls, value: str) -> str:
+        return check_store_name(value)
+
+    @field_validator("image_uris", mode="before")
+    @classmethod
+    def _image_uris(cls, value: Any) -> Any:
+        # JSON has no tuples: a list is the wire form. A bare string is refused (it is not a list of URIs).
+        if not isinstance(value, list | tuple):
+            raise ValueError("image_uris must be a list of URI strings")
+        for uri in value:
+            if not isinstance(uri, str) or not uri or len(uri) > URI_MAX:
+                raise ValueError(f"each image URI must be a non-empty string of at most {URI_MAX} characters")
+        return tuple(value)
+
+    @field_validator("um_per_px", mode="before")
+    @classmethod
+    def _um_per_px(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """The message as the task's JSON keyword arguments."""
+        return self.model_dump(mode="json")
+
+
+def _key_of(kwargs: Mapping[str, Any]) -> tuple[str, str, str, int | None] | None:
+    """(job_id, sample_id, model_version, submission) when those parts of a broken message are sound."""
+    try:
+        job_id = check_identifier(kwargs.get("job_id"), "job id", JOB_ID_MAX)
+        sample_id = check_identifier(kwargs.get("sample_id"), "sample id")
+        version = check_model_version(kwargs.get("model_version", kwargs.get("model_ref")))
+    except InvalidIdentifier:
+        return None
+    submission = kwargs.get("submission")
+    if submission is not None and (not isinstance(submission, int) or isinstance(submission, bool) or submission < 1):
+        return None
+    return job_id, sample_id, version, submission
+
+
+def parse_message(args: Sequence[Any], kwargs: Mapping[str, Any]) -> ScoreMessage:
+    """Validate a task's arguments into a ScoreMessage, or raise InvalidMessage saying what is wrong."""
+    if args:
+        raise InvalidMessage(f"positional arguments are not accepted (got {len(args)}); send keyword arguments")
+    try:
+        return ScoreMessage.model_validate(dict(kwargs))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in exc.errors())
+        raise InvalidMessage(f"message breaks the contract: {problems}", key=_key_of(kwargs)) from None
