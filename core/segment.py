@@ -1,0 +1,319 @@
+"""Find the white (nucleated) cells in a microscope field of a stained blood or marrow smear.
+
+Pure numpy / scipy.ndimage / scikit-image; no model, no weights. Used by the trainer and the worker.
+
+Method (every size is in um, converted through the field's um per pixel, so the result does not depend on the
+magnification):
+
+1. Scale: the caller's ``um_per_px``, else :func:`estimate_um_per_px` (the median diameter of single, round red
+   cells is taken as ``RBC_DIAMETER_UM``), else ``CNMC_UM_PER_PX`` (a field with no red cells, such as a C-NMC crop).
+2. Detection runs on a copy shrunk by a whole factor to about ``_WORK_UM`` um per pixel. Colour is measured as
+   optical density against the field's own background (its brightest pixels; white where the field has no bright
+   background, e.g. black-backed C-NMC crops). Near-black pixels are "no specimen", never stain.
+   The stain score is ``OD(green) - OD(blue)``: high in Romanowsky-stained nuclei (which absorb green and pass blue),
+   low in red cells (eosin absorbs green and blue alike) and zero on background.
+3. Nucleus pixels: stain score above ``_NUC_SCORE``. Lobes closer than ``_LOBE_GAP_UM`` are one nucleus (the lobes
+   of a neutrophil). Cytoplasm: pixels within ``_CYTO_REACH_UM`` of a nucleus whose stain score is above
+   ``_CYTO_SCORE`` (pale blue/lilac; red cells and background fall below it). A watershed on the distance map of
+   that mask, seeded by the nuclei, splits touching white cells.
+4. Rejected: nuclei under ``_MIN_NUC_UM2`` (platelets, debris) and cells under ``_MIN_CELL_UM2``; a cell cut by the
+   field's border is kept and marked ``edge``.
+
+Kind rule (``lymphoid`` vs ``other``), from the nucleus and cytoplasm inside each cell:
+``lymphoid`` when the nucleus is one round, solid body and fills most of the cell -- see :func:`_kind` for the
+thresholds; lobed or segmented nuclei (neutrophils, eosinophils), kidney-shaped nuclei with ample cytoplasm
+(monocytes), and low nucleus-to-cytoplasm ratios give ``other``.
+
+C-NMC scale (``CNMC_UM_PER_PX``): C-NMC does not publish it. The 24 real cells of cnmc-sample have a whole-cell
+equivalent diameter (non-black mask) of median 199 px (hem, normal B-lymphoid; 162-239 px) and 232 px (all,
+lymphoblasts; 206-252 px). Textbook sizes (Bain, *Blood Cells: A Practical Guide*, 5th ed.; Hoffbrand's *Essential
+Haematology*): small mature lymphocytes 7-10 um, lymphoblasts 10-18 um (FAB L1, the common childhood form, up to
+twice a small lymphocyte). hem at 7-10 um needs 0.035-0.050 um/px; all at 10-18 um needs 0.043-0.078 um/px; the
+overlap is 0.043-0.050, and we take 0.046 (hem median 9.2 um, blasts median 10.7 um).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+from scipy import ndimage as ndi
+from skimage.segmentation import watershed
+
+from core.errors import AllscoreError
+
+CROP_SIZE = 450
+RBC_DIAMETER_UM = 7.5
+CNMC_UM_PER_PX = 0.046
+LYMPHOID, OTHER = "lymphoid", "other"
+
+_WORK_UM = 0.3  # detection scale, um per pixel of the shrunk copy
+_NEAR_BLACK = 24  # a pixel whose brightest channel is at most this holds no specimen
+_NUC_SCORE = 0.33  # OD(green) - OD(blue) of nuclei
+_CYTO_SCORE = 0.09  # ... of cytoplasm
+_LOBE_GAP_UM = 1.2
+_CYTO_REACH_UM = 6.0
+_MIN_NUC_UM2 = 10.0
+_MIN_CELL_UM2 = 20.0
+_EST_SIDE = 512  # the scale estimate looks at a copy about this many pixels on its longer side
+_RBC_MIN_COUNT = 5
+
+
+class SegmentationError(AllscoreError):
+    """A field that is not an (H, W, 3) uint8 RGB array, or a scale that is not a positive number."""
+
+
+@dataclass(frozen=True)
+class FoundCell:
+    index: int
+    bbox: tuple[int, int, int, int]
+    centroid: tuple[float, float]
+    area_um2: float
+    kind: str
+    edge: bool
+    mask: np.ndarray
+
+
+@dataclass(frozen=True)
+class FieldSegmentation:
+    cells: tuple[FoundCell, ...]
+    um_per_px: float
+    scale_source: str
+    height: int
+    width: int
+
+
+def _check(rgb: object) -> NDArray[np.uint8]:
+    if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        desc = f"{type(rgb).__name__} {getattr(rgb, 'shape', '')} {getattr(rgb, 'dtype', '')}".strip()
+        raise SegmentationError(f"a field must be an (H, W, 3) uint8 RGB array, got {desc}; convert it to RGB uint8")
+    return rgb
+
+
+def _shrink(rgb: NDArray[np.uint8], k: int) -> NDArray[np.float32]:
+    """Mean of four samples per k x k block (cheap anti-aliasing); the partial blocks at the far edges are dropped."""
+    if k <= 1:
+        return rgb.astype(np.float32)
+    h, w = rgb.shape[0] // k, rgb.shape[1] // k
+    offs = (0, k // 2)
+    acc = np.zeros((h, w, 3), np.float32)
+    for a in offs:
+        for b in offs:
+            acc += rgb[a : a + h * k : k, b : b + w * k : k]
+    acc *= 0.25
+    return acc
+
+
+def _stain(img: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.bool_]]:
+    """Stain score OD(G) - OD(B), mean optical density, and the specimen mask (not near-black)."""
+    specimen = img.max(axis=2) > _NEAR_BLACK
+    bright = img.mean(axis=2)
+    bg = np.array([255.0, 255.0, 255.0], np.float32)
+    if specimen.sum() >= 16:
+        vals = bright[specimen]
+        hi = float(np.percentile(vals, 97))
+        if hi > 120:
+            bg = np.median(img[specimen & (bright >= hi)], axis=0).astype(np.float32)
+    od = np.log(bg + 1.0) - np.log(img + 1.0)
+    score = (od[..., 1] - od[..., 2]).astype(np.float32)
+    dens = od.mean(axis=2).astype(np.float32)
+    score[~specimen] = 0.0
+    dens[~specimen] = 0.0
+    return score, dens, specimen
+
+
+def _disk(r: float) -> NDArray[np.bool_]:
+    n = max(0, math.floor(r))
+    yy, xx = np.mgrid[-n : n + 1, -n : n + 1]
+    return np.asarray(xx * xx + yy * yy <= r * r + 1e-9)
+
+
+def estimate_um_per_px(rgb: np.ndarray) -> float | None:
+    """um per pixel from the median diameter of the field's single, round red cells; None if under five are seen."""
+    rgb = _check(rgb)
+    f = max(1, math.ceil(max(rgb.shape[:2]) / _EST_SIDE))
+    for _ in range(2):
+        diam = _rbc_diameter(_shrink(rgb, f))
+        if diam is None:
+            return None
+        if diam >= 14 or f == 1:
+            return RBC_DIAMETER_UM / (diam * f)
+        f = max(1, int(f * diam / 24))
+    return RBC_DIAMETER_UM / (diam * f)
+
+
+def _rbc_diameter(img: NDArray[np.float32]) -> float | None:
+    from skimage.measure import regionprops
+
+    if min(img.shape[:2]) < 8:
+        return None
+    score, dens, specimen = _stain(img)
+    if not specimen.any() or float(np.percentile(img.mean(axis=2)[specimen], 97)) <= 120:
+        return None  # no bright background: no red cells to measure (e.g. a C-NMC crop)
+    red = specimen & (dens > 0.09) & (score < _NUC_SCORE * 0.6)
+    red = ndi.binary_opening(red, _disk(1.5))
+    red = ndi.binary_fill_holes(red)
+    lab, n = ndi.label(red)
+    if n < _RBC_MIN_COUNT:
+        return None
+    h, w = red.shape
+    diams = []
+    for p in regionprops(lab):
+        y0, x0, y1, x1 = p.bbox
+        if y0 == 0 or x0 == 0 or y1 == h or x1 == w or p.area < 30:
+            continue
+        if p.solidity < 0.9 or p.eccentricity > 0.75:
+            continue
+        diams.append(math.sqrt(4.0 * p.area_convex / math.pi))
+    if len(diams) < _RBC_MIN_COUNT:
+        return None
+    return float(np.median(diams))
+
+
+def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSegmentation:
+    """Find the white cells of one field; see the module docstring for the method and the kind rule."""
+    rgb = _check(rgb)
+    height, width = rgb.shape[:2]
+    if um_per_px is not None:
+        if not (isinstance(um_per_px, int | float) and math.isfinite(um_per_px) and um_per_px > 0):
+            raise SegmentationError(f"um_per_px must be a positive number, got {um_per_px!r}")
+        scale, source = float(um_per_px), "given"
+    else:
+        est = estimate_um_per_px(rgb) if min(height, width) >= 8 else None
+        scale, source = (est, "estimated") if est is not None else (CNMC_UM_PER_PX, "default")
+    k = max(1, round(_WORK_UM / scale))
+    if height // k < 4 or width // k < 4:
+        return FieldSegmentation((), scale, source, height, width)
+    img = _shrink(rgb, k)
+    wum = scale * k  # um per working pixel
+    px_area = wum * wum
+    score, _dens, specimen = _stain(img)
+    score = ndi.uniform_filter(score, 3) if wum < 0.45 else score
+
+    nuc = (score > _NUC_SCORE) & specimen
+    nuc = ndi.binary_opening(nuc, _disk(0.6 / wum)) if 0.6 / wum >= 1 else nuc
+    if not nuc.any():
+        return FieldSegmentation((), scale, source, height, width)
+    groups, _ng = ndi.label(ndi.binary_dilation(nuc, _disk(max(1.0, _LOBE_GAP_UM / 2 / wum))))
+    markers = np.where(nuc, groups, 0)
+
+    near = ndi.distance_transform_edt(~nuc) * wum <= _CYTO_REACH_UM
+    cand = ((score > _CYTO_SCORE) & specimen & near) | nuc
+    cand = ndi.binary_fill_holes(ndi.binary_opening(cand, _disk(max(1.0, 0.8 / wum))) | nuc)
+    elev = -ndi.distance_transform_edt(cand)
+    labels = watershed(elev, markers, mask=cand)
+
+    hw, ww = labels.shape
+    found: list[tuple[float, float, dict[str, object]]] = []
+    objs = ndi.find_objects(labels)
+    for lab_id, sl in enumerate(objs, start=1):
+        if sl is None:
+            continue
+        reg = labels[sl] == lab_id
+        reg = ndi.binary_fill_holes(reg)
+        nreg = nuc[sl] & reg
+        nuc_um2 = float(nreg.sum()) * px_area
+        cell_um2 = float(reg.sum()) * px_area
+        if nuc_um2 < _MIN_NUC_UM2 or cell_um2 < _MIN_CELL_UM2:
+            continue
+        edge = sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == hw or sl[1].stop == ww
+        kind = _kind(nreg, reg, score[sl], img[sl], wum)
+        fy0, fx0 = sl[0].start * k, sl[1].start * k
+        fy1 = height if sl[0].stop == hw else min(height, sl[0].stop * k)
+        fx1 = width if sl[1].stop == ww else min(width, sl[1].stop * k)
+        full = _upsample(reg, k, fy1 - fy0, fx1 - fx0)
+        full &= rgb[fy0:fy1, fx0:fx1].max(axis=2) > _NEAR_BLACK
+        if not full.any():
+            continue
+        ys, xs = np.nonzero(full)
+        y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+        mask = full[y0:y1, x0:x1].copy()
+        cy, cx = float(ys.mean()) + fy0, float(xs.mean()) + fx0
+        info = {
+            "bbox": (x0 + fx0, y0 + fy0, x1 + fx0, y1 + fy0),
+            "area": float(mask.sum()) * scale * scale,
+            "kind": kind,
+            "edge": bool(edge or fy0 + y0 == 0 or fx0 + x0 == 0 or fy0 + y1 == height or fx0 + x1 == width),
+            "mask": mask,
+        }
+        found.append((cy, cx, info))
+    found.sort(key=lambda t: (t[0], t[1]))
+    cells = tuple(
+        FoundCell(
+            index=i,
+            bbox=info["bbox"],  # type: ignore[arg-type]
+            centroid=(cx, cy),
+            area_um2=info["area"],  # type: ignore[arg-type]
+            kind=info["kind"],  # type: ignore[arg-type]
+            edge=info["edge"],  # type: ignore[arg-type]
+            mask=info["mask"],  # type: ignore[arg-type]
+        )
+        for i, (cy, cx, info) in enumerate(found)
+    )
+    return FieldSegmentation(cells, scale, source, height, width)
+
+
+def _upsample(reg: NDArray[np.bool_], k: int, h: int, w: int) -> NDArray[np.bool_]:
+    """A working-scale mask at full resolution, with smooth (bilinear) rather than blocky edges."""
+    if k == 1:
+        return reg[:h, :w].copy()
+    im = Image.fromarray(reg.astype(np.uint8) * 255).resize((reg.shape[1] * k, reg.shape[0] * k), Image.BILINEAR)
+    out = np.zeros((h, w), bool)
+    arr = np.asarray(im)[:h, :w] >= 128
+    out[: arr.shape[0], : arr.shape[1]] = arr
+    return out
+
+
+def _kind(
+    nuc: NDArray[np.bool_], cell: NDArray[np.bool_], score: NDArray[np.float32], img: NDArray[np.float32], wum: float
+) -> str:
+    """``lymphoid`` for one round solid nucleus filling most of the cell; ``other`` otherwise (see module doc)."""
+    from skimage.measure import label, regionprops
+
+    nc = float(nuc.sum()) / max(1.0, float(cell.sum()))
+    lab = label(nuc)
+    props = regionprops(lab)
+    big = [p for p in props if p.area * wum * wum >= 2.0]
+    if not big:
+        return OTHER
+    main = max(big, key=lambda p: p.area)
+    solidity = float(main.solidity)
+    if len(big) == 1 and solidity >= 0.88 and nc >= 0.45:
+        return LYMPHOID
+    return OTHER
+
+
+def cut_cell(
+    rgb: np.ndarray, cell: FoundCell, *, field_um_per_px: float, target_um_per_px: float, size: int = CROP_SIZE
+) -> np.ndarray:
+    """The cell at ``target_um_per_px``, black outside its mask, its mask centroid at the centre; clipped, not fit."""
+    rgb = _check(rgb)
+    if not (field_um_per_px > 0 and target_um_per_px > 0 and size > 0):
+        raise SegmentationError("cut_cell needs positive scales and size")
+    x0, y0, x1, y1 = cell.bbox
+    sub = rgb[y0:y1, x0:x1].copy()
+    sub[~cell.mask] = 0
+    f = field_um_per_px / target_um_per_px
+    nw, nh = max(1, round((x1 - x0) * f)), max(1, round((y1 - y0) * f))
+    if (nw, nh) != (x1 - x0, y1 - y0):
+        big = np.asarray(Image.fromarray(sub).resize((nw, nh), Image.LANCZOS if f < 1 else Image.BILINEAR))
+        m = np.asarray(Image.fromarray(cell.mask.astype(np.uint8) * 255).resize((nw, nh), Image.BILINEAR)) >= 128
+        sub = np.where(m[..., None], big, 0).astype(np.uint8)
+        fx, fy = nw / (x1 - x0), nh / (y1 - y0)
+    else:
+        fx = fy = 1.0
+    cx, cy = cell.centroid
+    # mask centroid in the resized crop's pixel indices, placed at the output's centre pixel
+    ox = round((size - 1) / 2 - ((cx - x0 + 0.5) * fx - 0.5))
+    oy = round((size - 1) / 2 - ((cy - y0 + 0.5) * fy - 0.5))
+    out = np.zeros((size, size, 3), np.uint8)
+    sy0, sx0 = max(0, -oy), max(0, -ox)
+    dy0, dx0 = max(0, oy), max(0, ox)
+    hh = min(sub.shape[0] - sy0, size - dy0)
+    ww = min(sub.shape[1] - sx0, size - dx0)
+    if hh > 0 and ww > 0:
+        out[dy0 : dy0 + hh, dx0 : dx0 + ww] = sub[sy0 : sy0 + hh, sx0 : sx0 + ww]
+    return out
