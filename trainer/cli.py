@@ -38,6 +38,25 @@ def synth_cmd(
     typer.echo(str(out_dir))
 
 
+@data_app.command("synth-fields")
+def synth_fields_cmd(
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="folder to write the fields into")],
+    fields: Annotated[int, typer.Option(help="fields (1024x768 PNG, each at its own scale)")] = 12,
+    cells_per_field: Annotated[int, typer.Option(help="white cells per field")] = 12,
+    all_fraction: Annotated[float, typer.Option(help="probability that a white cell is malignant")] = 0.3,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    crops: Annotated[bool, typer.Option(help="also write each white cell's 450x450 crop")] = False,
+) -> None:
+    """Write SYNTHETIC smear fields (fields/*.png) with known white cells (truth.csv) and optional crops."""
+    from trainer.synth_fields import synthesize_fields
+
+    summary = synthesize_fields(
+        out_dir, fields=fields, cells_per_field=cells_per_field, all_fraction=all_fraction, seed=seed, crops=crops
+    )
+    err.print(f"wrote {summary.describe()}")
+    typer.echo(str(out_dir))
+
+
 def train_cmd(
     data: Annotated[Path, typer.Argument(metavar="DATA", help="C-NMC layout root (folds found by walking it)")],
     out_store: Annotated[

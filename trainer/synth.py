@@ -69,6 +69,9 @@ DRAW_FACTOR = 3
 HEALTHY_CELL_FRACTION = 0.5
 FOLDS = 3
 _ANGLES = 256
+# The scale the cells are drawn at, in micrometres per pixel of a 450x450 image: that of the C-NMC crops they
+# imitate. TODO: take CNMC_UM_PER_PX from core.segment once it lands there.
+SYNTH_UM_PER_PX = 0.046
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,17 @@ def render_cell(
     rng: np.random.Generator, malignant: bool, tint: np.ndarray | None = None, size: int = 450
 ) -> np.ndarray:
     """One synthetic stained cell on black as a (size, size, 3) uint8 RGB array."""
+    return render_cell_with_alpha(rng, malignant, tint, size)[0]
+
+
+def render_cell_with_alpha(
+    rng: np.random.Generator, malignant: bool, tint: np.ndarray | None = None, size: int = 450
+) -> tuple[np.ndarray, np.ndarray]:
+    """render_cell's image (the same for the same rng state) and the cell's coverage: float32 0..1, (size, size).
+
+    The image is the cell's colour premultiplied by that coverage (black where there is no cell), so the cell
+    goes onto another background as ``image + (1 - alpha) * background``.
+    """
     draw = max(32, size // DRAW_FACTOR)
     # The hidden atypia score: class mean 0 (normal) or 1 (malignant), overlapping tails.
     atypia = float(malignant) + rng.standard_normal() / CLASS_SEPARATION
@@ -155,9 +169,11 @@ def render_cell(
     cell_gain = gains * (1.0 + 0.04 * rng.standard_normal())  # slide-to-slide focus and illumination
     pixels = np.clip(colour * cell_alpha[..., None] * cell_gain, 0, 255).astype(np.uint8)
     image = Image.fromarray(pixels)
+    alpha = Image.fromarray(cell_alpha)
     if draw != size:
         image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image)
+        alpha = alpha.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image), np.asarray(alpha)
 
 
 def _blob(
