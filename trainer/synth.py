@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from core.segment import CNMC_UM_PER_PX
 from trainer.dataset import CLASS_NAMES, DatasetError
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,8 @@ HEALTHY_CELL_FRACTION = 0.5
 FOLDS = 3
 _ANGLES = 256
 # The scale the cells are drawn at, in micrometres per pixel of a 450x450 image: that of the C-NMC crops they
-# imitate. TODO: take CNMC_UM_PER_PX from core.segment once it lands there.
-SYNTH_UM_PER_PX = 0.046
+# imitate (so a synthetic cell's size in um is a real one's; trainer.synth_fields puts them into fields by it).
+SYNTH_UM_PER_PX = CNMC_UM_PER_PX
 
 
 @dataclass(frozen=True)
@@ -109,16 +110,17 @@ def render_cell(
     rng: np.random.Generator, malignant: bool, tint: np.ndarray | None = None, size: int = 450
 ) -> np.ndarray:
     """One synthetic stained cell on black as a (size, size, 3) uint8 RGB array."""
-    return render_cell_with_alpha(rng, malignant, tint, size)[0]
+    return render_cell_layers(rng, malignant, tint, size)[0]
 
 
-def render_cell_with_alpha(
+def render_cell_layers(
     rng: np.random.Generator, malignant: bool, tint: np.ndarray | None = None, size: int = 450
-) -> tuple[np.ndarray, np.ndarray]:
-    """render_cell's image (the same for the same rng state) and the cell's coverage: float32 0..1, (size, size).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """render_cell's image (the same for the same rng state), the cell's coverage and the nucleus's coverage.
 
-    The image is the cell's colour premultiplied by that coverage (black where there is no cell), so the cell
-    goes onto another background as ``image + (1 - alpha) * background``.
+    Coverages are float32 0..1, (size, size); the nucleus's lies within the cell's. The image is the cell's colour
+    premultiplied by the cell's coverage (black where there is no cell), so the cell goes onto another background
+    as ``image + (1 - alpha) * background``.
     """
     draw = max(32, size // DRAW_FACTOR)
     # The hidden atypia score: class mean 0 (normal) or 1 (malignant), overlapping tails.
@@ -169,11 +171,12 @@ def render_cell_with_alpha(
     cell_gain = gains * (1.0 + 0.04 * rng.standard_normal())  # slide-to-slide focus and illumination
     pixels = np.clip(colour * cell_alpha[..., None] * cell_gain, 0, 255).astype(np.uint8)
     image = Image.fromarray(pixels)
-    alpha = Image.fromarray(cell_alpha)
+    alpha, nucleus_cover = Image.fromarray(cell_alpha), Image.fromarray(nucleus_alpha)
     if draw != size:
         image = image.resize((size, size), Image.Resampling.BILINEAR)
         alpha = alpha.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image), np.asarray(alpha)
+        nucleus_cover = nucleus_cover.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image), np.asarray(alpha), np.asarray(nucleus_cover)
 
 
 def _blob(

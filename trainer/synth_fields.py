@@ -5,9 +5,11 @@ pinkish-cream background with gentle vignetting and sensor noise, red cells (pin
 a paler centre, some overlapping one another) covering 30-50% of it, a few platelets (small purple granular dots)
 and a given number of white cells. The white cells are trainer.synth's C-NMC-like lymphoid cells: each is drawn
 by render_cell at the C-NMC crops' scale (SYNTH_UM_PER_PX), rescaled to the field's own scale (drawn per field
-from a range, so a cell keeps its size in micrometres) and laid over the background by its coverage. About
-``touching`` of them touch another white cell, some red cells overlap white cells' edges (over or under them)
-and a few white cells are cut by the field's edge on purpose. Nothing made here is a real cell.
+from a range, so a cell keeps its size in micrometres) and laid over the background by its coverage, the nucleus
+opaque and the cytoplasm partly see-through (CYTOPLASM_OPACITY: on a smear it is a thin, paler layer, where the
+C-NMC crops show it as dark as the nucleus). About ``touching`` of them touch another white cell (outlines meeting,
+not overlapping), some red cells overlap white cells' edges (over or under them) and a few white cells are cut by
+the field's edge on purpose. Nothing made here is a real cell.
 
 Layout under OUT:
 
@@ -36,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from trainer.dataset import CLASS_NAMES, DatasetError
-from trainer.synth import SYNTH_UM_PER_PX, render_cell_with_alpha, subject_tint
+from trainer.synth import SYNTH_UM_PER_PX, render_cell_layers, subject_tint
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ VIGNETTE = (0.06, 0.16)  # brightness lost in the corners
 # --- White cells ------------------------------------------------------------------------------------
 EDGE_PROBABILITY = 0.06  # a white cell is placed cut by the field's edge
 WHITE_GAP_UM = 2.0  # least gap between white cells that are not placed touching
+CYTOPLASM_OPACITY = 0.45  # the cytoplasm's colour over the background's: lilac on a smear, not the crops' purple
 OVER_RBC_REACH = 0.22  # how far (in red-cell diameters) a red cell drawn over a white cell reaches into it
 _TRIES = 96
 
@@ -93,8 +96,9 @@ class _WhiteCell:
 
     malignant: bool
     crop: np.ndarray  # the 450x450 render_cell image
-    colour: np.ndarray  # (3, h, w) float32, premultiplied by alpha
-    alpha: np.ndarray  # (h, w) float32
+    colour: np.ndarray  # (3, h, w) float32, premultiplied by opacity
+    alpha: np.ndarray  # (h, w) float32: where the cell is (its outline, for the truth and for placing it)
+    opacity: np.ndarray  # (h, w) float32: how much of the background it hides (less in the cytoplasm)
     cx: float  # centroid within colour/alpha
     cy: float
     radius: float  # equivalent-circle radius, pixels
@@ -229,23 +233,30 @@ def make_field(
 
 
 def _white_cell(rng: np.random.Generator, malignant: bool, tint: np.ndarray | None, um_per_px: float) -> _WhiteCell:
-    crop, alpha = render_cell_with_alpha(rng, malignant, tint, CROP_SIZE)
+    crop, alpha, nucleus = render_cell_layers(rng, malignant, tint, CROP_SIZE)
     side = max(8, round(CROP_SIZE * SYNTH_UM_PER_PX / um_per_px))
     # The crop is already premultiplied by its coverage: resample colour and coverage together, linearly
     # ("RGBa" is Pillow's premultiplied mode, which it resamples as it is).
     rgba = np.dstack([crop, np.round(alpha * 255.0).astype(np.uint8)])
     small = np.asarray(Image.fromarray(rgba, "RGBa").resize((side, side), Image.Resampling.BILINEAR), np.float32)
+    nuc = Image.fromarray(np.round(nucleus * 255.0).astype(np.uint8)).resize((side, side), Image.Resampling.BILINEAR)
     cover = small[..., 3] / 255.0
     rows, cols = np.nonzero(cover > 0.002)
     y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     cover = np.ascontiguousarray(cover[y0:y1, x0:x1])
-    colour = np.minimum(small[y0:y1, x0:x1, :3], cover[..., None] * 255.0).transpose(2, 0, 1).copy()
+    colour = np.minimum(small[y0:y1, x0:x1, :3], cover[..., None] * 255.0).transpose(2, 0, 1)
+    # On a smear the cytoplasm is a thin, paler layer over the background; the nucleus hides it.
+    nuc_cover = np.minimum(np.asarray(nuc, np.float32)[y0:y1, x0:x1] / 255.0, cover)
+    inside = np.divide(nuc_cover, cover, out=np.zeros_like(cover), where=cover > 0)
+    keep = inside + (1.0 - inside) * CYTOPLASM_OPACITY
+    colour = (colour * keep[None]).copy()
+    opacity = cover * keep
     yy, xx = np.mgrid[0 : cover.shape[0], 0 : cover.shape[1]]
     total = float(cover.sum())
     cx, cy = float((cover * xx).sum() / total), float((cover * yy).sum() / total)
     inside = cover > 0.002
     reach = float(np.hypot(xx[inside] + 0.5 - cx, yy[inside] + 0.5 - cy).max())
-    return _WhiteCell(malignant, crop, colour, cover, cx, cy, math.sqrt(total / math.pi), reach)
+    return _WhiteCell(malignant, crop, colour, cover, opacity, cx, cy, math.sqrt(total / math.pi), reach)
 
 
 def _place_white_cells(
@@ -304,9 +315,9 @@ def _place_apart(
 def _place_at_edge(
     rng: np.random.Generator, cell: _WhiteCell, placed: list[_WhiteCell], width: int, height: int, gap: float
 ) -> bool:
-    """Centroid 0.2 radius outside to 0.5 radius inside one side: the edge cuts off about a third to two thirds."""
+    """Centroid up to 0.6 radius inside one side: the edge cuts off about a quarter to a half of the cell."""
     side = rng.integers(4, size=_TRIES)
-    depth = rng.uniform(-0.2, 0.5, _TRIES) * cell.radius
+    depth = rng.uniform(0.0, 0.6, _TRIES) * cell.radius
     along_x, along_y = rng.uniform(cell.reach, width - cell.reach, _TRIES), rng.uniform(0, height, _TRIES)
     along_y = np.clip(along_y, cell.reach, height - cell.reach)
     x = np.select([side == 0, side == 1], [depth, width - depth], along_x)
@@ -354,7 +365,7 @@ def _place_touching(
                 lo = mid
             else:
                 hi = mid
-        x, y = np.array([ax + (hi - 1.0) * dx]), np.array([ay + (hi - 1.0) * dy])  # a pixel into contact
+        x, y = np.array([ax + hi * dx]), np.array([ay + hi * dy])  # in contact: the outlines meet, no overlap
         if _fits(cell, x, y, width, height)[0] and _clear_of(cell, x, y, others, gap)[0]:
             _set_centre(cell, float(x[0]), float(y[0]))
             return True
@@ -381,8 +392,8 @@ def _composite(field: np.ndarray, cell: _WhiteCell) -> None:
     if xs1 <= xs0 or ys1 <= ys0:
         return
     region = field[:, cell.y0 + ys0 : cell.y0 + ys1, cell.x0 + xs0 : cell.x0 + xs1]
-    alpha = cell.alpha[ys0:ys1, xs0:xs1]
-    region[...] = cell.colour[:, ys0:ys1, xs0:xs1] + (1.0 - alpha)[None] * region
+    opacity = cell.opacity[ys0:ys1, xs0:xs1]
+    region[...] = cell.colour[:, ys0:ys1, xs0:xs1] + (1.0 - opacity)[None] * region
 
 
 def _add_red_cells(
