@@ -57,9 +57,11 @@ _CYTO_SCORE = 0.09  # ... of cytoplasm
 _LOBE_GAP_UM = 1.2
 _CYTO_REACH_UM = 6.0
 _MIN_NUC_UM2 = 10.0
+_MAX_NUC_UM2 = 120.0
 _MIN_CELL_UM2 = 20.0
 _EST_SIDE = 256  # the scale estimate looks at a copy about this many pixels on its longer side
 _RBC_MIN_COUNT = 5
+_RBC_BOX_RATIO = 0.92  # the distance-map diameter over the BCCD red-cell boxes' side (median)
 
 
 class SegmentationError(AllscoreError):
@@ -152,8 +154,9 @@ def estimate_um_per_px(rgb: np.ndarray) -> float | None:
 def _rbc_diameter(img: NDArray[np.float32]) -> float | None:
     """Red-cell diameter in pixels of ``img``, scale-free: red-cell pixels are the denser (Otsu) non-nucleus pixels
     (pale centres filled); for a disk of radius R, 90 % of its pixels lie within 0.684 R of its edge, so the 90th
-    percentile of the distance map over red pixels gives R even where red cells touch. On BCCD this reads 0.85 of the
-    hand-drawn red-cell boxes (which circumscribe cells that are seldom round), and we divide by that."""
+    percentile of the distance map over red pixels gives R even where red cells touch. On BCCD this reads 0.92 of the
+    hand-drawn red-cell boxes (which circumscribe cells that are seldom round), and we divide by that. Where fused
+    masses of red cells leave too few cells' worth of pixels, the masses are left out."""
     from skimage.filters import threshold_otsu
 
     if min(img.shape[1:]) < 8:
@@ -167,11 +170,23 @@ def _rbc_diameter(img: NDArray[np.float32]) -> float | None:
     red = specimen & (dens > threshold_otsu(vals)) & (score < _NUC_SCORE)
     red = ndi.binary_fill_holes(ndi.binary_opening(red, _disk(1.5)))
     edt = ndi.distance_transform_edt(red)
-    e = edt[red]
+    diam = _p90_diameter(edt[red], _RBC_MIN_COUNT)
+    if diam is None:  # fused masses of red cells: measure the chains and singles only
+        lab, n = ndi.label(red)
+        idx = np.arange(1, n + 1)
+        r = np.maximum(np.asarray(ndi.maximum(edt, lab, idx)), 1.0)
+        area = np.asarray(ndi.sum(red, lab, idx))
+        keep = np.zeros(n + 1, bool)
+        keep[1:] = area < 3.0 * math.pi * r * r
+        diam = _p90_diameter(edt[keep[lab] & red], 3)
+    return diam
+
+
+def _p90_diameter(e: NDArray[np.float64], min_cells: int) -> float | None:
     if e.size < 64:
         return None
-    diam = 2.0 * float(np.percentile(e, 90)) / 0.684 / 0.85
-    if diam < 3 or e.size < _RBC_MIN_COUNT * math.pi * diam * diam / 4:
+    diam = 2.0 * float(np.percentile(e, 90)) / 0.684 / _RBC_BOX_RATIO
+    if diam < 3 or e.size < min_cells * math.pi * diam * diam / 4:
         return None
     return diam
 
@@ -200,8 +215,7 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
     nuc = ndi.binary_opening(nuc, _disk(0.6 / wum)) if 0.6 / wum >= 1 else nuc
     if not nuc.any():
         return FieldSegmentation((), scale, source, height, width)
-    groups, _ng = ndi.label(ndi.binary_dilation(nuc, _disk(max(1.0, _LOBE_GAP_UM / 2 / wum))))
-    markers = np.where(nuc, groups, 0)
+    markers = _nucleus_markers(nuc, wum)
 
     near = ndi.distance_transform_edt(~nuc) * wum <= _CYTO_REACH_UM
     cand = ((score > _CYTO_SCORE) & specimen & near) | nuc
@@ -257,6 +271,21 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
         for i, (cy, cx, info) in enumerate(found)
     )
     return FieldSegmentation(cells, scale, source, height, width)
+
+
+def _nucleus_markers(nuc: NDArray[np.bool_], wum: float) -> NDArray[np.int32]:
+    """One label per nucleus: lobes closer than ``_LOBE_GAP_UM`` join, unless together they are larger than any one
+    nucleus (``_MAX_NUC_UM2``: two white cells side by side), when each solid part stays its own."""
+    comps, nc = ndi.label(nuc)
+    groups, ng = ndi.label(ndi.binary_dilation(nuc, _disk(max(1.0, _LOBE_GAP_UM / 2 / wum))))
+    idx = np.arange(1, nc + 1)
+    comp_group = np.asarray(ndi.maximum(groups, comps, idx), np.int64)
+    comp_area = np.asarray(ndi.sum(nuc, comps, idx)) * wum * wum
+    group_area = np.bincount(comp_group, weights=comp_area, minlength=ng + 1)
+    big = group_area[comp_group] > _MAX_NUC_UM2
+    lut = np.zeros(nc + 1, np.int32)
+    lut[1:] = np.where(big, ng + idx, comp_group)
+    return lut[comps]
 
 
 def _upsample(reg: NDArray[np.bool_], k: int, h: int, w: int) -> NDArray[np.bool_]:
