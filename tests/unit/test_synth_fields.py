@@ -189,3 +189,45 @@ def test_the_command_writes_fields(tmp_path: Path) -> None:
     assert len(rows) == 3 and {r["label"] for r in rows} == {"all"}
     assert (out / "fields" / "field_001.png").is_file()
     assert len(list((out / "crops" / "all").glob("*.bmp"))) == 3
+
+
+@pytest.mark.parametrize(
+    "scale_given",
+    [
+        True,
+        pytest.param(
+            False,
+            marks=pytest.mark.xfail(
+                reason="core.segment 31e9832: estimate_um_per_px takes Otsu over nuclei too and finds no red cells "
+                "in fields with several white cells (see the notes to the lead); drop this mark once fixed",
+                strict=False,
+            ),
+        ),
+    ],
+)
+def test_the_field_segmenter_finds_the_white_cells(tmp_path: Path, scale_given: bool) -> None:
+    # Cells apart (touching ones are a harder case, measured separately): every white cell found once, near its
+    # true centroid, with and without being told the scale.
+    segment = pytest.importorskip("core.segment")
+    summary = synthesize_fields(
+        tmp_path / "out", fields=3, cells_per_field=4, width=640, height=480, touching=0.0, seed=5, um_per_px=SCALES
+    )
+    rows = _truth(summary.root)
+    matched = found = 0
+    for field in sorted({r["field"] for r in rows}):
+        truth = [r for r in rows if r["field"] == field]
+        scale = float(truth[0]["um_per_px"])
+        pixels = _pixels(summary.root, field).astype(np.uint8)
+        result = segment.segment_field(pixels, um_per_px=scale if scale_given else None)
+        hits: set[int] = set()
+        for cell in result.cells:
+            found += 1
+            distances = [math.dist(cell.centroid, (float(r["x"]), float(r["y"]))) for r in truth]
+            nearest = int(np.argmin(distances))
+            if distances[nearest] <= float(truth[nearest]["radius_px"]) and nearest not in hits:
+                hits.add(nearest)
+                assert distances[nearest] * scale < 3.0  # um
+                assert cell.edge == (truth[nearest]["edge"] == "1")
+        matched += len(hits)
+    assert matched / len(rows) >= 0.95  # recall
+    assert matched / found >= 0.95  # precision
