@@ -58,6 +58,10 @@ _LOBE_GAP_UM = 1.2
 _CYTO_REACH_UM = 6.0
 _MIN_NUC_UM2 = 10.0
 _MAX_NUC_UM2 = 120.0
+_NUC_SPLIT = 0.55  # the cell's nucleus is its Otsu upper class when the lower (cytoplasm) is under 0.55 of it
+_LYMPH_SOLIDITY = 0.84
+_LYMPH_NC = 0.275
+_KIND_UM = 0.2  # the kind's measurements are taken at about this many um per pixel
 _MIN_CELL_UM2 = 20.0
 _EST_SIDE = 256  # the scale estimate looks at a copy about this many pixels on its longer side
 _RBC_MIN_COUNT = 5
@@ -109,14 +113,16 @@ def _shrink(rgb: NDArray[np.uint8], k: int) -> NDArray[np.float32]:
     return acc
 
 
-def _stain(img: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.bool_], bool]:
-    """Stain score OD(G) - OD(B), mean optical density, the specimen mask (not near-black), and whether the field
-    has a bright background (else densities are taken against white)."""
+def _stain(
+    img: NDArray[np.float32], bg: list[float] | None = None
+) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.bool_], list[float] | None]:
+    """Stain score OD(G) - OD(B), mean optical density, the specimen mask (not near-black), and the field's bright
+    background colour (None where it has none: densities are then taken against white)."""
     r, g, b = img
     specimen = np.maximum(np.maximum(r, g), b) > _NEAR_BLACK
-    bg = [255.0, 255.0, 255.0]
-    has_bg = False
-    if int(specimen.sum()) >= 16:
+    has_bg = bg is not None
+    bg = bg or [255.0, 255.0, 255.0]
+    if not has_bg and int(specimen.sum()) >= 16:
         bright = (r + g + b) * (1.0 / 3.0)
         hi = float(np.percentile(bright[specimen], 97))
         if hi > 120:
@@ -129,7 +135,7 @@ def _stain(img: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.fl
     dens = (odr + odg + odb) * (1.0 / 3.0)
     score[~specimen] = 0.0
     dens[~specimen] = 0.0
-    return score, dens, specimen, has_bg
+    return score, dens, specimen, (bg if has_bg else None)
 
 
 def _disk(r: float) -> NDArray[np.bool_]:
@@ -161,8 +167,8 @@ def _rbc_diameter(img: NDArray[np.float32]) -> float | None:
 
     if min(img.shape[1:]) < 8:
         return None
-    score, dens, specimen, has_bg = _stain(img)
-    if not has_bg:
+    score, dens, specimen, bg = _stain(img)
+    if bg is None:
         return None  # no bright background: no red cells to measure (e.g. a C-NMC crop)
     vals = dens[specimen]
     if vals.size < 64 or float(vals.max() - vals.min()) < 0.05:
@@ -208,7 +214,7 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
     img = _shrink(rgb, k)
     wum = scale * k  # um per working pixel
     px_area = wum * wum
-    score, _dens, specimen, _ = _stain(img)
+    score, _dens, specimen, bg = _stain(img)
     score = ndi.uniform_filter(score, 3) if wum < 0.45 else score
 
     nuc = (score > _NUC_SCORE) & specimen
@@ -237,7 +243,6 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
         if nuc_um2 < _MIN_NUC_UM2 or cell_um2 < _MIN_CELL_UM2:
             continue
         edge = sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == hw or sl[1].stop == ww
-        kind = _kind(nreg, reg, score[sl], img[:, sl[0], sl[1]], wum)
         fy0, fx0 = sl[0].start * k, sl[1].start * k
         fy1 = height if sl[0].stop == hw else min(height, sl[0].stop * k)
         fx1 = width if sl[1].stop == ww else min(width, sl[1].stop * k)
@@ -248,6 +253,7 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
         ys, xs = np.nonzero(full)
         y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
         mask = full[y0:y1, x0:x1].copy()
+        kind = _kind(rgb[fy0 + y0 : fy0 + y1, fx0 + x0 : fx0 + x1], mask, bg, scale)
         cy, cx = float(ys.mean()) + fy0, float(xs.mean()) + fx0
         info = {
             "bbox": (x0 + fx0, y0 + fy0, x1 + fx0, y1 + fy0),
@@ -299,21 +305,54 @@ def _upsample(reg: NDArray[np.bool_], k: int, h: int, w: int) -> NDArray[np.bool
     return out
 
 
-def _kind(
-    nuc: NDArray[np.bool_], cell: NDArray[np.bool_], score: NDArray[np.float32], img: NDArray[np.float32], wum: float
-) -> str:
-    """``lymphoid`` for one round solid nucleus filling most of the cell; ``other`` otherwise (see module doc)."""
-    from skimage.measure import label, regionprops
+def _features(
+    crop: NDArray[np.uint8], mask: NDArray[np.bool_], bg: list[float] | None, scale: float
+) -> dict[str, float]:
+    """Nucleus and cytoplasm measurements of one cell, on its crop shrunk to about ``_KIND_UM`` um per pixel."""
+    from skimage.filters import threshold_otsu
+    from skimage.measure import regionprops
 
-    nc = float(nuc.sum()) / max(1.0, float(cell.sum()))
-    lab = label(nuc)
-    props = regionprops(lab)
-    big = [p for p in props if p.area * wum * wum >= 2.0]
-    if not big:
-        return OTHER
-    main = max(big, key=lambda p: p.area)
-    solidity = float(main.solidity)
-    if len(big) == 1 and solidity >= 0.88 and nc >= 0.45:
+    k = max(1, round(_KIND_UM / scale))
+    img = _shrink(crop, k)
+    cell = mask[k // 2 : k // 2 + img.shape[1] * k : k, k // 2 : k // 2 + img.shape[2] * k : k]
+    px = (scale * k) ** 2
+    score, dens, _, _ = _stain(img, bg)
+    nuc = cell & (score > _NUC_SCORE)
+    sm = ndi.uniform_filter(score, 3)
+    v = sm[cell]
+    sep = 0.0
+    if v.size >= 16 and float(v.max() - v.min()) > 0.05:  # the nucleus is the more stained part, where distinct
+        t = float(threshold_otsu(v))
+        hi, lo = v[v > t], v[v <= t]
+        sep = float(lo.mean()) / max(1e-3, float(hi.mean()))
+        if sep < _NUC_SPLIT:
+            nuc = cell & (sm > max(t, _NUC_SCORE))
+    comps, n = ndi.label(nuc)
+    areas = np.asarray(ndi.sum(nuc, comps, np.arange(1, n + 1))) * px
+    lobes = int((areas >= 2.0).sum())
+    cyto = cell & ~ndi.binary_dilation(nuc, iterations=1)
+    nuc_area = float(nuc.sum()) * px
+    cell_area = max(px, float(cell.sum()) * px)
+    solidity = float(regionprops(nuc.astype(np.uint8))[0].solidity) if nuc.any() else 0.0
+    cs, cd = score[cyto], dens[cyto]
+    return {
+        "nuc_um2": nuc_area,
+        "cell_um2": cell_area,
+        "nc": nuc_area / cell_area,
+        "lobes": float(lobes),
+        "solidity": solidity,
+        "cyto_score": float(cs.mean()) if cs.size else 0.0,
+        "cyto_dens": float(cd.mean()) if cd.size else 0.0,
+        "cyto_tex": float(cd.std()) if cd.size else 0.0,
+        "nuc_dens": float(dens[nuc].mean()) if nuc.any() else 0.0,
+        "sep": sep,
+    }
+
+
+def _kind(crop: NDArray[np.uint8], mask: NDArray[np.bool_], bg: list[float] | None, scale: float) -> str:
+    """``lymphoid`` for one round solid nucleus filling most of the cell; ``other`` otherwise (see module doc)."""
+    f = _features(crop, mask, bg, scale)
+    if f["lobes"] <= 1 and f["solidity"] >= _LYMPH_SOLIDITY and f["nc"] >= _LYMPH_NC:
         return LYMPHOID
     return OTHER
 
