@@ -431,7 +431,7 @@ def _add_red_cells(
         if len(wr):
             dw = np.hypot(x[:, None] - wx[None, :], y[:, None] - wy[None, :]) - wr[None, :]
             nearest = dw.min(axis=1)
-            ok &= nearest > -0.4 * wr[dw.argmin(axis=1)]  # not wholly hidden under a white cell
+            ok &= nearest > -0.1 * wr[dw.argmin(axis=1)]  # at most about half under a white cell
         hits = np.flatnonzero(ok)
         if not len(hits):
             misses += 1
