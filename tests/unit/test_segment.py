@@ -1,0 +1,231 @@
+"""core.segment on real fields (copies in tests/data, so these run without ../shared)."""
+
+from __future__ import annotations
+
+import csv
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.errors import AllscoreError
+from core.segment import (
+    CNMC_UM_PER_PX,
+    CROP_SIZE,
+    LYMPHOID,
+    OTHER,
+    FieldSegmentation,
+    FoundCell,
+    SegmentationError,
+    cut_cell,
+    estimate_um_per_px,
+    segment_field,
+)
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+BCCD = DATA / "bccd"
+CNMC = sorted((DATA / "cnmc").glob("*/*.bmp"))
+
+Box = tuple[float, float, float, float]
+
+
+@cache
+def bccd_boxes() -> dict[str, list[Box]]:
+    out: dict[str, list[Box]] = {}
+    with open(BCCD / "wbc.csv", newline="") as fh:
+        for r in csv.DictReader(fh):
+            out.setdefault(r["file"], []).append(
+                (float(r["xmin"]), float(r["ymin"]), float(r["xmax"]), float(r["ymax"]))
+            )
+    return out
+
+
+@cache
+def field(name: str, factor: float = 1.0) -> np.ndarray:
+    with Image.open(BCCD / "JPEGImages" / name) as im:
+        im = im.convert("RGB")
+        if factor != 1.0:
+            im = im.resize((round(im.width * factor), round(im.height * factor)))
+        return np.asarray(im)
+
+
+def inside(cell: FoundCell, box: Box, factor: float = 1.0) -> bool:
+    x, y = cell.centroid
+    return box[0] * factor <= x <= box[2] * factor and box[1] * factor <= y <= box[3] * factor
+
+
+def test_the_copies_are_there() -> None:
+    assert len(bccd_boxes()) >= 10
+    assert all((BCCD / "JPEGImages" / n).is_file() for n in bccd_boxes())
+    assert (BCCD / "LICENSE").is_file() and (DATA / "cnmc" / "README.md").is_file()
+    assert len(CNMC) == 24
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.6, 1.6])
+def test_bccd_white_cells_are_found_at_three_magnifications(factor: float) -> None:
+    boxes = bccd_boxes()
+    hit = extra = total = 0
+    for name, bx in boxes.items():
+        seg = segment_field(field(name, factor))
+        assert seg.scale_source == "estimated"
+        total += len(bx)
+        hit += sum(any(inside(c, b, factor) for c in seg.cells) for b in bx)
+        extra += sum(not any(inside(c, b, factor) for b in bx) for c in seg.cells)
+    assert hit / total >= 0.9, f"recall {hit}/{total} at x{factor}"
+    assert extra <= 0.1 * len(boxes), f"{extra} cells outside every white-cell box at x{factor}"
+
+
+def test_same_cells_and_scale_at_another_magnification() -> None:
+    for name in list(bccd_boxes())[:6]:
+        base = segment_field(field(name))
+        for factor in (0.6, 1.6):
+            seg = segment_field(field(name, factor))
+            # the estimated scale follows the magnification
+            assert seg.um_per_px * factor == pytest.approx(base.um_per_px, rel=0.15)
+            assert len(seg.cells) == len(base.cells), (name, factor)
+            for a, b in zip(base.cells, seg.cells, strict=True):
+                dist_um = np.hypot(a.centroid[0] - b.centroid[0] / factor, a.centroid[1] - b.centroid[1] / factor)
+                assert dist_um * base.um_per_px < 1.5, (name, factor)
+                assert b.area_um2 == pytest.approx(a.area_um2, rel=0.3)
+                assert b.kind == a.kind and b.edge == a.edge
+
+
+def test_touching_white_cells_are_two_cells_and_the_cut_one_is_an_edge_cell() -> None:
+    seg = segment_field(field("BloodImage_00313.jpg"))
+    boxes = bccd_boxes()["BloodImage_00313.jpg"]
+    assert len(seg.cells) == 2
+    # the boxes overlap: each cell is nearest to the centre of a different box
+    centres = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in boxes]
+    nearest = {
+        min(range(2), key=lambda i: np.hypot(c.centroid[0] - centres[i][0], c.centroid[1] - centres[i][1]))
+        for c in seg.cells
+    }
+    assert nearest == {0, 1} and all(any(inside(c, b) for c in seg.cells) for b in boxes)
+    low = max(seg.cells, key=lambda c: c.centroid[1])
+    assert low.edge and low.bbox[3] == seg.height
+    top = segment_field(field("BloodImage_00002.jpg")).cells
+    assert [c.edge for c in top] == [True] and top[0].bbox[1] == 0
+
+
+def test_found_cells_are_consistent() -> None:
+    seg = segment_field(field("BloodImage_00313.jpg"))
+    assert (seg.height, seg.width) == (480, 640)
+    keys = [(c.centroid[1], c.centroid[0]) for c in seg.cells]
+    assert keys == sorted(keys) and [c.index for c in seg.cells] == list(range(len(seg.cells)))
+    for c in seg.cells:
+        x0, y0, x1, y1 = c.bbox
+        assert c.mask.dtype == bool and c.mask.shape == (y1 - y0, x1 - x0)
+        assert c.mask[0].any() and c.mask[-1].any() and c.mask[:, 0].any() and c.mask[:, -1].any()  # tight box
+        ys, xs = np.nonzero(c.mask)
+        assert c.centroid == pytest.approx((xs.mean() + x0, ys.mean() + y0))
+        assert c.area_um2 == pytest.approx(c.mask.sum() * seg.um_per_px**2)
+        assert c.kind in (LYMPHOID, OTHER)
+        # a white cell is 8-20 um across
+        assert 8 <= 2 * np.sqrt(c.area_um2 / np.pi) <= 22
+
+
+@pytest.mark.parametrize("path", CNMC, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_cnmc_cell_is_one_lymphoid_cell(path: Path) -> None:
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    seg = segment_field(rgb, um_per_px=CNMC_UM_PER_PX)
+    assert seg.scale_source == "given"
+    assert [c.kind for c in seg.cells] == [LYMPHOID]
+    cell = seg.cells[0]
+    # the whole non-black cell, not just its nucleus
+    specimen = rgb.max(axis=2) > 40
+    full = np.zeros(specimen.shape, bool)
+    x0, y0, x1, y1 = cell.bbox
+    full[y0:y1, x0:x1] = cell.mask
+    assert (full & specimen).sum() / specimen.sum() > 0.95
+    assert not cell.edge
+
+
+def test_cnmc_cell_without_a_scale_falls_back_to_the_default() -> None:
+    with Image.open(CNMC[0]) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    assert estimate_um_per_px(rgb) is None
+    seg = segment_field(rgb)
+    assert (seg.scale_source, seg.um_per_px) == ("default", CNMC_UM_PER_PX)
+    assert len(seg.cells) == 1
+
+
+def test_cut_cell_is_centred_black_outside_and_at_the_target_scale() -> None:
+    name = "BloodImage_00200.jpg"
+    rgb = field(name)
+    seg = segment_field(rgb)
+    cell = next(c for c in seg.cells if not c.edge)
+    out = cut_cell(rgb, cell, field_um_per_px=seg.um_per_px, target_um_per_px=CNMC_UM_PER_PX)
+    assert out.shape == (CROP_SIZE, CROP_SIZE, 3) and out.dtype == np.uint8
+    on = out.max(axis=2) > 0
+    ys, xs = np.nonzero(on)
+    assert abs(xs.mean() - (CROP_SIZE - 1) / 2) < 2 and abs(ys.mean() - (CROP_SIZE - 1) / 2) < 2
+    # the cell's area in the crop is its area in um at the target scale
+    assert on.sum() * CNMC_UM_PER_PX**2 == pytest.approx(cell.area_um2, rel=0.05)
+    # black outside the mask: every lit pixel maps back inside the cell's mask
+    f = seg.um_per_px / CNMC_UM_PER_PX
+    x0, y0, _, _ = cell.bbox
+    sy = np.clip(((ys - ys.mean()) / f + cell.centroid[1] - y0).round().astype(int), 0, cell.mask.shape[0] - 1)
+    sx = np.clip(((xs - xs.mean()) / f + cell.centroid[0] - x0).round().astype(int), 0, cell.mask.shape[1] - 1)
+    near = np.zeros_like(cell.mask)
+    near[sy, sx] = True
+    assert (near & ~cell.mask).sum() < 0.03 * near.sum()
+    # the border of the crop is black (the cell fits: it is under 20 um and the frame is 20.7 um)
+    assert not on[0].any() and not on[-1].any() and not on[:, 0].any() and not on[:, -1].any()
+
+
+def test_cut_cell_keeps_the_scale_and_clips_a_cell_larger_than_the_frame() -> None:
+    rgb = field("BloodImage_00200.jpg")
+    seg = segment_field(rgb)
+    cell = next(c for c in seg.cells if not c.edge)
+    small = cut_cell(rgb, cell, field_um_per_px=seg.um_per_px, target_um_per_px=0.02, size=200)
+    assert small.shape == (200, 200, 3)
+    assert (small.max(axis=2) > 0).all()  # 200 px at 0.02 um is 4 um: all inside the cell, clipped
+    same = cut_cell(rgb, cell, field_um_per_px=seg.um_per_px, target_um_per_px=seg.um_per_px, size=600)
+    assert (same.max(axis=2) > 0).sum() == pytest.approx(cell.mask.sum(), rel=0.02)
+
+
+@pytest.mark.parametrize(
+    "rgb",
+    [
+        np.zeros((480, 640, 3), np.uint8),
+        np.full((480, 640, 3), 255, np.uint8),
+        np.full((300, 400, 3), 128, np.uint8),
+        np.zeros((1, 1, 3), np.uint8),
+        np.full((1, 1, 3), 255, np.uint8),
+        np.zeros((0, 5, 3), np.uint8),
+    ],
+    ids=["black", "white", "grey", "1x1 black", "1x1 white", "empty"],
+)
+@pytest.mark.parametrize("um", [None, 0.1])
+def test_blank_fields_have_no_cells(rgb: np.ndarray, um: float | None) -> None:
+    seg = segment_field(rgb, um_per_px=um)
+    assert isinstance(seg, FieldSegmentation) and seg.cells == ()
+    assert (seg.height, seg.width) == rgb.shape[:2]
+    assert seg.scale_source == ("given" if um else "default")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((10, 10, 3), np.float32),
+        np.zeros((10, 10), np.uint8),
+        np.zeros((10, 10, 4), np.uint8),
+        np.zeros((10, 10, 3), np.uint16),
+        [[[0, 0, 0]]],
+    ],
+    ids=["float", "grey", "rgba", "uint16", "list"],
+)
+def test_wrong_arrays_raise_the_typed_error(bad: object) -> None:
+    for call in (segment_field, estimate_um_per_px):
+        with pytest.raises(SegmentationError, match="uint8"):
+            call(bad)  # type: ignore[operator]
+    assert issubclass(SegmentationError, AllscoreError)
+
+
+@pytest.mark.parametrize("um", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_bad_scale_raises_the_typed_error(um: float) -> None:
+    with pytest.raises(SegmentationError):
+        segment_field(np.zeros((20, 20, 3), np.uint8), um_per_px=um)
