@@ -36,7 +36,17 @@ DEFAULT_STORE = "default"
 STORE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _MODEL_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}:[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
+_BAD_URI_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
 Kind = Literal["cells", "fields"]
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class InvalidIdentifier(AllscoreError, ValueError):
@@ -56,7 +66,7 @@ def check_identifier(value: object, what: str, limit: int = SAMPLE_ID_MAX) -> st
     if not isinstance(value, str) or not value:
         raise InvalidIdentifier(f"{what} must be a non-empty string, got {value!r}")
     if len(value) > limit:
-        raise InvalidIdentifier(f"{what} {value[:40]!r}... is {len(value)} characters long; use at most {limit}")
+        raise InvalidIdentifier(f"{what} {value[:40]!r}... is {len(value)} characters long; the limit is {limit}")
     if not value.isprintable() or value != value.strip():
         raise InvalidIdentifier(f"{what} {value!r} holds control characters or surrounding spaces; use printable text")
     return value
@@ -129,6 +139,13 @@ class ScoreMessage(BaseModel):
         for uri in value:
             if not isinstance(uri, str) or not uri or len(uri) > URI_MAX:
                 raise ValueError(f"each image URI must be a non-empty string of at most {URI_MAX} characters")
+            # NUL and control characters have no place in a path or key (PostgreSQL cannot even store NUL),
+            # and a lone surrogate is no text at all: refused here, so they fail the sample with this reason.
+            if _BAD_URI_CHARS.search(uri) or not _is_utf8(uri):
+                raise ValueError(
+                    f"image URI #{value.index(uri) + 1} holds a NUL, a control character or a lone surrogate; "
+                    "give a plain path or s3:// key"
+                )
         return tuple(value)
 
     @field_validator("um_per_px", mode="before")

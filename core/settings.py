@@ -58,6 +58,8 @@ class Settings(BaseSettings):
 
     # Image decoding guard: refuse images whose declared size exceeds this many pixels.
     max_image_pixels: int = 40_000_000
+    # Reads are capped before decoding: a bigger file or object is refused, never read into memory.
+    max_image_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     # Submissions over this many images per sample are refused at submit (split the slide into samples).
     max_images_per_sample: int = Field(default=20_000, ge=1)
 

@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import urllib.parse
@@ -56,11 +57,22 @@ class InvalidURI(StorageError, ValueError):
     """The URI is malformed or uses a scheme no store handles."""
 
 
+class ObjectRefused(StorageError):
+    """The object is not read: outside the allowed roots, not a regular file, or over the byte limit."""
+
+
+def _too_large(uri: str, size: int, limit: int) -> str:
+    return (
+        f"{uri} is {size} bytes or more; the limit is {limit} (ALLSCORE_MAX_IMAGE_BYTES): "
+        "give a smaller image or raise the limit"
+    )
+
+
 @runtime_checkable
 class ObjectStore(Protocol):
     """Read and write whole objects by URI; every method raises StorageError subclasses."""
 
-    def read_bytes(self, uri: str) -> bytes:
+    def read_bytes(self, uri: str, *, max_bytes: int | None = None) -> bytes:
         """The object's content."""
         ...
 
@@ -142,25 +154,55 @@ def store_for(uri: str, settings: Settings | None = None) -> ObjectStore:
     return LocalStore()
 
 
+def within_roots(uri: str, roots: list[str]) -> bool:
+    """Whether uri lies under one of `roots` (local folders or s3:// prefixes); True when there are none.
+
+    Local paths are resolved first (`..` removed, links followed), so a path cannot climb out of its root.
+    """
+    if not roots:
+        return True
+    for root in roots:
+        if is_s3(root) or is_s3(uri):
+            prefix = root.rstrip("/")
+            if is_s3(root) and is_s3(uri) and (uri == prefix or uri.startswith(prefix + "/")):
+                return True
+            continue
+        try:
+            if _local_path(uri).resolve().is_relative_to(Path(root).expanduser().resolve()):
+                return True
+        except (OSError, ValueError):
+            return False
+    return False
+
+
 class Fetcher:
     """Reads whole objects by URI from any store: one S3 store (and client) per bucket, safe across threads.
 
-    What the worker's I/O threads and the montage read cells with. Local paths need no state; store_for
-    refuses, on every call, a scheme no store handles.
+    What the worker's I/O threads and the montage read cells with. It trusts no URI it is given: each must lie
+    under the settings' allowed roots (when set), be a regular file or object, and be at most max_image_bytes
+    long, checked before anything is read. Local paths need no state; store_for refuses, on every call, a
+    scheme no store handles.
     """
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings
+        current = settings or get_settings()
+        self.roots = list(current.allowed_roots)
+        self.max_bytes = current.max_image_bytes
         self._buckets: dict[str, ObjectStore] = {}
 
     def __call__(self, uri: str) -> bytes:
+        if not within_roots(uri, self.roots):
+            raise ObjectRefused(
+                uri, f"{uri} is outside the allowed roots ({', '.join(self.roots)}); the worker does not read it"
+            )
         if not is_s3(uri):
-            return store_for(uri, self.settings).read_bytes(uri)
+            return store_for(uri, self.settings).read_bytes(uri, max_bytes=self.max_bytes)
         bucket = parse_s3(uri)[0]
         store = self._buckets.get(bucket)
         if store is None:
             store = self._buckets.setdefault(bucket, store_for(uri, self.settings))
-        return store.read_bytes(uri)
+        return store.read_bytes(uri, max_bytes=self.max_bytes)
 
 
 def _matches(name: str, suffixes: tuple[str, ...] | None) -> bool:
@@ -176,10 +218,29 @@ def _matches(name: str, suffixes: tuple[str, ...] | None) -> bool:
 class LocalStore:
     """Objects as files under local folders; writes are atomic (temp file, then rename or link)."""
 
-    def read_bytes(self, uri: str) -> bytes:
-        """The file's content."""
+    def read_bytes(self, uri: str, *, max_bytes: int | None = None) -> bytes:
+        """The file's content; only a regular file, and at most `max_bytes` of it (else ObjectRefused)."""
+        path = _local_path(uri)
         with self._errors(uri):
-            return _local_path(uri).read_bytes()
+            try:
+                # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below.
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            except (ValueError, UnicodeError) as exc:
+                raise InvalidURI(
+                    uri, f"{uri!r} is not a usable path ({exc}); remove NUL bytes and odd characters"
+                ) from exc
+            with os.fdopen(fd, "rb") as fh:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    raise ObjectRefused(
+                        uri, f"{uri} is not a regular file (a device, FIFO or socket); give an image file"
+                    )
+                if max_bytes is not None and info.st_size > max_bytes:
+                    raise ObjectRefused(uri, _too_large(uri, info.st_size, max_bytes))
+                data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+                if max_bytes is not None and len(data) > max_bytes:
+                    raise ObjectRefused(uri, _too_large(uri, len(data), max_bytes))
+                return data
 
     def write_bytes(self, uri: str, data: bytes, *, overwrite: bool = True) -> None:
         """Write data atomically; overwrite=False refuses (AlreadyExists) if the file exists."""
@@ -365,13 +426,20 @@ class S3Store:
             preferred_transfer_client="classic",
         )
 
-    def read_bytes(self, uri: str) -> bytes:
-        """The object's content."""
+    def read_bytes(self, uri: str, *, max_bytes: int | None = None) -> bytes:
+        """The object's content; at most `max_bytes` of it (else ObjectRefused, the rest never downloaded)."""
         bucket, key = self._object(uri)
         with self._errors(uri):
-            body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
+            answer = self.client.get_object(Bucket=bucket, Key=key)
+            body = answer["Body"]
             with contextlib.closing(body):
-                return bytes(body.read())
+                size = int(answer.get("ContentLength") or 0)
+                if max_bytes is not None and size > max_bytes:
+                    raise ObjectRefused(uri, _too_large(uri, size, max_bytes))
+                data = bytes(body.read() if max_bytes is None else body.read(max_bytes + 1))
+                if max_bytes is not None and len(data) > max_bytes:
+                    raise ObjectRefused(uri, _too_large(uri, len(data), max_bytes))
+                return data
 
     def write_bytes(self, uri: str, data: bytes, *, overwrite: bool = True) -> None:
         """Put the object; overwrite=False is a conditional put (If-None-Match: *) that S3 decides."""

@@ -12,7 +12,7 @@ from core.artifact import Registry
 from core.contract import DEFAULT_STORE, InvalidIdentifier, Kind, ScoreMessage, check_identifier
 from core.errors import AllscoreError
 from core.settings import Settings, get_settings
-from core.storage import is_s3, parse_s3, store_for
+from core.storage import is_s3, parse_s3, store_for, within_roots
 from db import repository
 from db.engine import make_engine, session_factory, transaction
 from worker.celery_app import TASK_NAME, app
@@ -31,18 +31,14 @@ def _has_image_suffix(name: str) -> bool:
 
 
 def _check_root(uri: str, settings: Settings) -> None:
-    """Local paths and s3:// URIs must sit under one of the configured roots, when roots are configured."""
+    """Local paths and s3:// URIs must sit under one of the configured roots, when roots are configured.
+
+    A courtesy: the worker checks every URI again (core.storage.Fetcher), since anyone who can write to the
+    broker can send it a task.
+    """
     roots = settings.allowed_roots
-    if not roots:
+    if within_roots(uri, roots):
         return
-    for root in roots:
-        if is_s3(root) or is_s3(uri):
-            if is_s3(root) and is_s3(uri) and (uri == root.rstrip("/") or uri.startswith(root.rstrip("/") + "/")):
-                return
-            continue
-        # resolve() removes `..` and follows links, so a path cannot climb out of its root.
-        if Path(uri).resolve().is_relative_to(Path(root).expanduser().resolve()):
-            return
     raise SubmitError(
         f"{uri} is outside the allowed roots ({', '.join(roots)}); move the images under one of them "
         "or add a root to ALLSCORE_ALLOWED_ROOTS"

@@ -83,13 +83,8 @@ class WorkerContext:
             model = ServingModel(load_keras(path), self.settings.precision)
             loaded = LoadedModel(model=model, manifest=manifest, path=path)
             self._models[key] = loaded
-        log.info(
-            "model loaded: %s from store %s in pid %d (%.2fs)",
-            key[1],
-            store,
-            os.getpid(),
-            time.perf_counter() - started,
-        )
+        seconds = time.perf_counter() - started
+        log.info("model loaded: %s in pid %d (%.2fs) from store %s", key[1], os.getpid(), seconds, store)
         return loaded
 
 

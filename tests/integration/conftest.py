@@ -18,9 +18,12 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.exc import OperationalError
 
+from core.settings import Settings, reset_settings_cache
 from db.engine import parse_url
 from db.migrate import upgrade
+from tests.fixtures import PublishedModel
 from tests.helpers import require_service
+from tests.integration.stack import Stack
 
 ADMIN_URL_VARIABLE = "ALLSCORE_TEST_POSTGRES_URL"
 DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -87,3 +90,30 @@ def redis_url() -> str:
         ok, reason = False, f"no Redis at {url} ({exc})"
     require_service("Redis", ok, reason)
     return url
+
+
+@pytest.fixture
+def stack(
+    tmp_path: Path,
+    pg_url: str,
+    redis_url: str,
+    s3_bucket: str,
+    s3_settings: Settings,
+    tiny_model: PublishedModel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Stack]:
+    """A deployment on the local services; the test process is the lab pipeline (direct endpoints)."""
+    assert s3_settings.s3_endpoint_url
+    built = Stack(tmp_path, pg_url, redis_url, s3_settings.s3_endpoint_url, s3_bucket, tiny_model)
+    for key, value in {
+        "ALLSCORE_DATABASE_URL": pg_url,
+        "ALLSCORE_BROKER_URL": redis_url,
+        "ALLSCORE_QUEUE": built.queue,
+        "ALLSCORE_MODEL_STORE": tiny_model.store,
+    }.items():
+        monkeypatch.setenv(key, value)
+    reset_settings_cache()
+    try:
+        yield built
+    finally:
+        built.close()

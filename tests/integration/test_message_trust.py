@@ -1,0 +1,221 @@
+"""Every sample ends, exactly once, and the worker trusts nothing it is sent.
+
+Messages go straight onto the broker, as an attacker or a buggy client would send them, for samples whose rows
+exist; a real worker (prefork, real Redis, PostgreSQL and model store) takes them. What is checked is what a lab
+pipeline waits on: every sample reaches `done` or `failed` with its reason, a stale delivery writes nothing, and
+nothing outside the allowed roots, no device or FIFO, and no file over the byte limit is read.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.contract import ScoreMessage
+from db import repository
+from db.engine import session_factory, transaction
+from tests.integration.faults import wait_until
+from tests.integration.stack import FINAL, Stack
+from worker.client import SubmitError, submit_samples
+
+pytestmark = [pytest.mark.integration, pytest.mark.reliability]
+
+
+def _enqueue(stack: Stack, sample_id: str, times: int = 1) -> tuple[str, int]:
+    """Record a sample as a submit would (without sending anything); return its job id and submission."""
+    job_id = f"job-{uuid.uuid4().hex[:8]}"
+    sessions = session_factory(stack.engine)
+    with transaction(sessions) as session:
+        repository.create_job(session=session, job_id=job_id, n_samples=1)
+        for _ in range(times):
+            queued = repository.enqueue_sample(
+                session=session, job_id=job_id, sample_id=sample_id, model_version=stack.model.ref
+            )
+    return job_id, queued.submission
+
+
+def _send(stack: Stack, *messages: dict[str, Any]) -> None:
+    from kombu import Connection
+
+    from worker.celery_app import TASK_NAME, app
+
+    with Connection(stack.redis_url) as conn:
+        for kwargs in messages:
+            app.send_task(TASK_NAME, kwargs=kwargs, queue=stack.queue, connection=conn)
+
+
+def _message(stack: Stack, sample_id: str, job_id: str, submission: int, uris: list[str], **extra: Any) -> dict:
+    base = ScoreMessage(
+        job_id=job_id,
+        sample_id=sample_id,
+        image_uris=tuple(uris),
+        model_version=stack.model.ref,
+        submission=submission,
+    ).to_kwargs()
+    return {**base, **extra}
+
+
+def _row(stack: Stack, sample_id: str) -> dict[str, Any]:
+    (row,) = stack.query("SELECT * FROM sample_results WHERE sample_id = :s", s=sample_id)
+    return row
+
+
+def _wait_ended(stack: Stack, sample_ids: list[str], timeout: float = 90) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+
+    def ended() -> bool:
+        nonlocal rows
+        rows = {s: _row(stack, s) for s in sample_ids}
+        return all(r["status"] in FINAL for r in rows.values())
+
+    try:
+        wait_until(ended, timeout, "every sample to end", interval=0.5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {[(s, r['status'], r['error']) for s, r in rows.items()]}") from None
+    return rows
+
+
+def _cell_errors(stack: Stack, sample_id: str) -> dict[str, str | None]:
+    cells = stack.query("SELECT image_uri, error FROM cell_results WHERE sample_id = :s", s=sample_id)
+    return {c["image_uri"]: c["error"] for c in cells}
+
+
+@pytest.mark.timeout(180)
+def test_hostile_messages_end_their_samples_and_the_worker_reads_nothing_it_should_not(
+    stack: Stack, tmp_path: Path
+) -> None:
+    from trainer.synth import write_sample
+
+    allowed = tmp_path / "allowed"
+    good = [str(p) for p in write_sample(allowed / "slide", 3, 0.3, size=64)]
+    fifo = allowed / "fifo.bmp"
+    os.mkfifo(fifo)
+    big = allowed / "big.bmp"
+    big.write_bytes(b"BM" + b"\0" * 300_000)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.bmp"
+    shutil.copy(good[0], secret)
+    worker = stack.start_worker(
+        concurrency=1, ALLSCORE_ALLOWED_ROOTS=f'["{allowed}"]', ALLSCORE_MAX_IMAGE_BYTES="200000"
+    )
+    cases: dict[str, tuple[dict[str, Any], str, str]] = {
+        # sample id: (message change, final status, the reason it must give)
+        "nul-byte": ({"image_uris": [f"{allowed}/cell\x00.bmp", *good]}, "failed", "holds a NUL"),
+        "lone-surrogate": ({"image_uris": [*good, f"{allowed}/\ud800.bmp"]}, "failed", "lone surrogate"),
+        "etc-passwd": ({"image_uris": ["/etc/passwd", *good]}, "done", "outside the allowed roots"),
+        "climb-out": ({"image_uris": [f"{allowed}/../outside/secret.bmp", *good]}, "done", "outside the allowed"),
+        "dev-zero": ({"image_uris": ["/dev/zero", *good]}, "done", "outside the allowed roots"),
+        "fifo": ({"image_uris": [str(fifo), *good]}, "done", "not a regular file"),
+        "too-big": ({"image_uris": [str(big), *good]}, "done", "the limit is 200000"),
+        "store-as-path": ({"model_store": "/etc"}, "failed", "message was refused"),
+        "store-unlisted": ({"model_store": "archive"}, "failed", "not one of this worker's stores"),
+        "no-such-version": ({"model_version": "tiny:no-such-version"}, "failed", "no model manifest"),
+    }
+    for sample_id, (change, _, _) in cases.items():
+        version = change.get("model_version", stack.model.ref)
+        job_id = f"job-{uuid.uuid4().hex[:8]}"
+        with transaction(session_factory(stack.engine)) as session:
+            repository.create_job(session=session, job_id=job_id, n_samples=1)
+            submission = repository.enqueue_sample(
+                session=session, job_id=job_id, sample_id=sample_id, model_version=version
+            ).submission
+        _send(stack, {**_message(stack, sample_id, job_id, submission, good), **change})
+
+    found = {}
+    for sample_id in cases:
+        version = cases[sample_id][0].get("model_version", stack.model.ref)
+
+        def ended(sample_id: str = sample_id, version: str = version) -> bool:
+            rows = stack.query(
+                "SELECT * FROM sample_results WHERE sample_id = :s AND model_version = :v", s=sample_id, v=version
+            )
+            found[sample_id] = rows[0]
+            return rows[0]["status"] in FINAL
+
+        wait_until(ended, 90, f"sample {sample_id} to end", interval=0.5)
+    for sample_id, (_, status, reason) in cases.items():
+        row = found[sample_id]
+        assert row["status"] == status, (sample_id, row["status"], row["error"])
+        if status == "failed":
+            assert reason in row["error"], (sample_id, row["error"])
+            continue
+        errors = _cell_errors(stack, sample_id)
+        bad = [uri for uri, error in errors.items() if error]
+        assert len(bad) == 1 and reason in str(errors[bad[0]]), (sample_id, errors)
+        assert (row["n_cells"], row["n_failed"]) == (len(good) + 1, 1), sample_id
+    assert worker.proc is not None and worker.proc.poll() is None, "the worker survives every hostile message"
+    assert "unexpected error" not in worker.log(), "every hostile input maps to a typed, named error"
+
+
+@pytest.mark.timeout(180)
+def test_a_stale_or_repeated_delivery_never_touches_the_newer_result(stack: Stack, tmp_path: Path) -> None:
+    from trainer.synth import write_sample
+
+    cells = [str(p) for p in write_sample(tmp_path / "slide", 6, 0.3, size=64)]
+    job_id, submission = _enqueue(stack, "S-fenced", times=2)
+    assert submission == 2
+    worker = stack.start_worker(concurrency=1)
+    # The old submission's message arrives first (a redelivery from before the resubmission), then the current one.
+    _send(
+        stack,
+        _message(stack, "S-fenced", job_id, 1, cells[:2]),
+        _message(stack, "S-fenced", job_id, 2, cells),
+    )
+    row = _wait_ended(stack, ["S-fenced"])["S-fenced"]
+    assert (row["status"], row["n_cells"]) == ("done", len(cells))
+    wait_until(lambda: stack.broker_keys() == {"queued": 0, "unacked": 0}, 60, "both messages to be consumed")
+    assert "stale delivery, nothing written" in worker.log()
+    before = stack.query("SELECT image_uri, p_all FROM cell_results WHERE sample_id = 'S-fenced' ORDER BY 1")
+    # A duplicate of the current submission after it ended, and a stale one that would fail, write nothing.
+    _send(
+        stack,
+        _message(stack, "S-fenced", job_id, 2, cells[:1]),
+        _message(stack, "S-fenced", job_id, 1, cells, model_store="/etc"),
+        _message(stack, "S-fenced", "another-job", 2, cells[:1]),
+    )
+    wait_until(lambda: stack.broker_keys() == {"queued": 0, "unacked": 0}, 60, "the late messages to be consumed")
+    after_row = _row(stack, "S-fenced")
+    assert (after_row["status"], after_row["n_cells"], after_row["finished_at"]) == (
+        "done",
+        len(cells),
+        row["finished_at"],
+    )
+    assert stack.query("SELECT image_uri, p_all FROM cell_results WHERE sample_id = 'S-fenced' ORDER BY 1") == before
+    assert worker.log().count("nothing written") >= 3
+
+
+@pytest.mark.timeout(180)
+def test_submit_store_names_a_listed_store_and_a_corrupt_model_there_fails_the_sample(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.settings import get_settings, reset_settings_cache
+    from trainer.synth import write_sample
+
+    archive = tmp_path / "archive"
+    broken = tmp_path / "broken"
+    shutil.copytree(stack.model.store, archive)
+    shutil.copytree(stack.model.store, broken)
+    name, version = stack.model.ref.split(":")
+    model_file = broken / name / version / "model.keras"
+    model_file.write_bytes(model_file.read_bytes()[:-100] + b"\0" * 100)
+    stores = f'{{"archive": "{archive}", "broken": "{broken}"}}'
+    monkeypatch.setenv("ALLSCORE_MODEL_STORES", stores)
+    reset_settings_cache()
+    cells = [str(p) for p in write_sample(tmp_path / "slide", 4, 0.3, size=64)]
+    worker = stack.start_worker(concurrency=1, ALLSCORE_MODEL_STORES=stores)
+
+    with pytest.raises(SubmitError, match="not one the workers know"):
+        submit_samples({"S-x": cells}, model_ref=stack.model.ref, store=str(tmp_path), settings=get_settings())
+    # The corrupt copy first: the cache holds nothing yet that matches the manifest's sha256.
+    bad = submit_samples({"S-broken": cells}, model_ref=stack.model.ref, store=str(broken), settings=get_settings())
+    failed = stack.wait_final(bad, 1, 90)["S-broken"]
+    assert failed["status"] == "failed" and "sha256" in failed["error"], failed
+    good = submit_samples({"S-archive": cells}, model_ref=stack.model.ref, store="archive", settings=get_settings())
+    assert stack.wait_final(good, 1, 90)["S-archive"]["status"] == "done"
+    assert f"{stack.model.ref} in pid" in worker.log() and "from store archive" in worker.log()
