@@ -58,7 +58,7 @@ _LOBE_GAP_UM = 1.2
 _CYTO_REACH_UM = 6.0
 _MIN_NUC_UM2 = 10.0
 _MAX_NUC_UM2 = 120.0
-_NUC_SPLIT = 0.55  # the cell's nucleus is its Otsu upper class when the lower (cytoplasm) is under 0.55 of it
+_NUC_SPLIT = 0.55  # the nucleus is split from the cytoplasm by stain when the paler class is under 0.55 of the other
 _LYMPH_SOLIDITY = 0.84
 _LYMPH_NC = 0.275
 _KIND_UM = 0.2  # the kind's measurements are taken at about this many um per pixel
@@ -309,7 +309,6 @@ def _features(
     crop: NDArray[np.uint8], mask: NDArray[np.bool_], bg: list[float] | None, scale: float
 ) -> dict[str, float]:
     """Nucleus and cytoplasm measurements of one cell, on its crop shrunk to about ``_KIND_UM`` um per pixel."""
-    from skimage.filters import threshold_otsu
     from skimage.measure import regionprops
 
     k = max(1, round(_KIND_UM / scale))
@@ -322,7 +321,8 @@ def _features(
     v = sm[cell]
     sep = 0.0
     if v.size >= 16 and float(v.max() - v.min()) > 0.05:  # the nucleus is the more stained part, where distinct
-        t = float(threshold_otsu(v))
+        p10, p90 = (float(x) for x in np.percentile(v, [10, 90]))
+        t = (p10 + p90) / 2  # halfway between the cell's paler (cytoplasm) and its more stained (nucleus) pixels
         hi, lo = v[v > t], v[v <= t]
         sep = float(lo.mean()) / max(1e-3, float(hi.mean()))
         if sep < _NUC_SPLIT:
