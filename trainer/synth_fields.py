@@ -233,6 +233,7 @@ def make_field(
 
 
 def _white_cell(rng: np.random.Generator, malignant: bool, tint: np.ndarray | None, um_per_px: float) -> _WhiteCell:
+    """A render_cell cell (its 450x450 crop kept) rescaled from SYNTH_UM_PER_PX to the field's um_per_px."""
     crop, alpha, nucleus = render_cell_layers(rng, malignant, tint, CROP_SIZE)
     side = max(8, round(CROP_SIZE * SYNTH_UM_PER_PX / um_per_px))
     # The crop is already premultiplied by its coverage: resample colour and coverage together, linearly
@@ -255,7 +256,7 @@ def _white_cell(rng: np.random.Generator, malignant: bool, tint: np.ndarray | No
     total = float(cover.sum())
     cx, cy = float((cover * xx).sum() / total), float((cover * yy).sum() / total)
     inside = cover > 0.002
-    reach = float(np.hypot(xx[inside] + 0.5 - cx, yy[inside] + 0.5 - cy).max())
+    reach = float(np.hypot(xx[inside] - cx, yy[inside] - cy).max()) + 1.0
     return _WhiteCell(malignant, crop, colour, cover, opacity, cx, cy, math.sqrt(total / math.pi), reach)
 
 
