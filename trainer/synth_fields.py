@@ -128,8 +128,12 @@ def synthesize_fields(
     touching: float = 0.2,
     seed: int = 0,
     crops: bool = False,
+    cytoplasm_opacity: float = CYTOPLASM_OPACITY,
 ) -> FieldsSummary:
-    """Write synthetic smear fields with known white cells under out (see the module docstring)."""
+    """Write synthetic smear fields with known white cells under out (see the module docstring).
+
+    cytoplasm_opacity 1.0 lays the cells in exactly as their crops show them (cytoplasm as dark as the crop's).
+    """
     out = Path(out)
     low, high = um_per_px
     if fields < 1:
@@ -140,6 +144,8 @@ def synthesize_fields(
         raise DatasetError(f"all_fraction={all_fraction}: must be between 0 and 1")
     if not 0.0 <= touching <= 1.0:
         raise DatasetError(f"touching={touching}: must be between 0 and 1")
+    if not 0.0 < cytoplasm_opacity <= 1.0:
+        raise DatasetError(f"cytoplasm_opacity={cytoplasm_opacity}: must be above 0 and at most 1")
     if not 0.0 < low <= high:
         raise DatasetError(f"um_per_px={um_per_px}: need 0 < low <= high micrometres per pixel")
     if width < 128 or height < 128:
@@ -157,7 +163,9 @@ def synthesize_fields(
     for number in range(1, fields + 1):
         rng = np.random.default_rng([seed, 5, number])  # one stream per field
         scale = float(rng.uniform(low, high))
-        image, cells = make_field(rng, tint, scale, width, height, cells_per_field, all_fraction, touching)
+        image, cells = make_field(
+            rng, tint, scale, width, height, cells_per_field, all_fraction, touching, cytoplasm_opacity
+        )
         field_name = f"fields/field_{number:03d}.png"
         Image.fromarray(image).save(out / field_name, "PNG", compress_level=1)  # noise: level 6 is 2x slower
         for index, cell in enumerate(cells, start=1):
@@ -202,9 +210,12 @@ def make_field(
     cells: int = 12,
     all_fraction: float = 0.3,
     touching: float = 0.2,
+    cytoplasm_opacity: float = CYTOPLASM_OPACITY,
 ) -> tuple[np.ndarray, list[_WhiteCell]]:
     """One field as (height, width, 3) uint8 RGB and the white cells placed in it (fewer when they do not fit)."""
-    whites = [_white_cell(rng, bool(rng.random() < all_fraction), tint, um_per_px) for _ in range(cells)]
+    whites = [
+        _white_cell(rng, bool(rng.random() < all_fraction), tint, um_per_px, cytoplasm_opacity) for _ in range(cells)
+    ]
     placed = _place_white_cells(rng, whites, width, height, um_per_px, touching)
 
     under = np.zeros((height, width), np.float32)  # red-cell thickness below the white cells
@@ -232,7 +243,13 @@ def make_field(
     return np.clip(field + 0.5, 0, 255).astype(np.uint8).transpose(1, 2, 0).copy(), placed
 
 
-def _white_cell(rng: np.random.Generator, malignant: bool, tint: np.ndarray | None, um_per_px: float) -> _WhiteCell:
+def _white_cell(
+    rng: np.random.Generator,
+    malignant: bool,
+    tint: np.ndarray | None,
+    um_per_px: float,
+    cytoplasm_opacity: float = CYTOPLASM_OPACITY,
+) -> _WhiteCell:
     """A render_cell cell (its 450x450 crop kept) rescaled from SYNTH_UM_PER_PX to the field's um_per_px."""
     crop, alpha, nucleus = render_cell_layers(rng, malignant, tint, CROP_SIZE)
     side = max(8, round(CROP_SIZE * SYNTH_UM_PER_PX / um_per_px))
@@ -249,7 +266,7 @@ def _white_cell(rng: np.random.Generator, malignant: bool, tint: np.ndarray | No
     # On a smear the cytoplasm is a thin, paler layer over the background; the nucleus hides it.
     nuc_cover = np.minimum(np.asarray(nuc, np.float32)[y0:y1, x0:x1] / 255.0, cover)
     inside = np.divide(nuc_cover, cover, out=np.zeros_like(cover), where=cover > 0)
-    keep = inside + (1.0 - inside) * CYTOPLASM_OPACITY
+    keep = inside + (1.0 - inside) * cytoplasm_opacity
     colour = (colour * keep[None]).copy()
     opacity = cover * keep
     yy, xx = np.mgrid[0 : cover.shape[0], 0 : cover.shape[1]]

@@ -163,6 +163,7 @@ def test_some_cells_touch_and_some_are_cut_by_the_edge(tmp_path: Path, monkeypat
         ({"touching": -0.1}, "between 0 and 1"),
         ({"um_per_px": (0.2, 0.1)}, "low <= high"),
         ({"width": 64}, "at least 128x128"),
+        ({"cytoplasm_opacity": 0.0}, "above 0 and at most 1"),
     ],
 )
 def test_synthesize_fields_rejects_bad_arguments(tmp_path: Path, kwargs: dict[str, object], message: str) -> None:
