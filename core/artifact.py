@@ -92,6 +92,10 @@ class ModelManifest(BaseModel):
     tensorflow_version: str = ""
     keras_version: str = ""
     data: str = ""
+    # The scale of the training crops (um per pixel at 450x450): fields are cut at this scale for the model.
+    # None in versions published before fields existed; they are read as the C-NMC scale.
+    um_per_px: float | None = None
+    um_per_px_source: str = ""
 
     @property
     def ref(self) -> str:

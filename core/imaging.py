@@ -27,6 +27,8 @@ NOMINAL_SIDE = 450
 
 # An image smaller than this on either side cannot hold a cell; resizing it up would invent one.
 MIN_SIDE = 8
+# A field whose pixels all lie within this many grey levels of each other is blank (no specimen).
+BLANK_RANGE = 12
 
 # Only raster formats a microscope pipeline writes; this also keeps Pillow away from plugins such as
 # EPS, which shells out to Ghostscript on untrusted input.
@@ -261,3 +263,53 @@ def load_image(path: str | Path, size: int, *, max_pixels: int | None = None) ->
     except OSError as exc:
         raise DecodeError(str(path), f"cannot read the file ({exc.strerror or exc})", "check the path") from exc
     return decode_image(data, size, source=str(path), max_pixels=max_pixels)
+
+
+def decode_field(data: bytes, *, source: str = "<bytes>", max_pixels: int | None = None) -> np.ndarray:
+    """Decode a microscope field (any size, any allowed format) into a whole RGB uint8 array, uncropped.
+
+    The same guards as decode_image (empty, not an image, over the pixel limit before any pixel is decoded,
+    truncated, under 8x8), and one of its own: a blank field (one colour, such as all black or all white)
+    holds no specimen and is refused, while a smear with no white cell is not an error (it has 0 cells).
+    """
+    if not data:
+        raise DecodeError(source, "the file is empty")
+    limit = get_settings().max_image_pixels if max_pixels is None else max_pixels
+    try:
+        im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError as exc:
+        raise DecodeError(source, f"not a recognised image ({', '.join(ALLOWED_FORMATS)})") from exc
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(source, f"declared size is too large ({exc})") from exc
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
+        raise DecodeError(source, f"unreadable image header ({exc})") from exc
+    with im:
+        width, height = im.size
+        if width * height > limit:
+            raise DecodeError(
+                source,
+                f"declared size {width}x{height} is {width * height} pixels, over the limit of {limit}",
+                "split the field into tiles, or raise ALLSCORE_MAX_IMAGE_PIXELS for trusted input",
+            )
+        if min(width, height) < MIN_SIDE:
+            raise DecodeError(source, f"{width}x{height} is smaller than {MIN_SIDE}x{MIN_SIDE} and cannot show a cell")
+        try:
+            im.load()
+            rgb = np.asarray(_to_rgb(im, source), dtype=np.uint8)
+        except DecodeError:
+            raise
+        except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
+            raise DecodeError(source, f"the pixel data is truncated or corrupt ({exc})") from exc
+    low, high = int(rgb.min()), int(rgb.max())
+    if high - low < BLANK_RANGE:
+        raise DecodeError(
+            source,
+            f"the field is blank (every pixel within {low}-{high}): no specimen to find cells in",
+            "check the camera's exposure and the file",
+        )
+    return rgb
+
+
+def model_input(crop: np.ndarray, size: int, *, source: str = "<array>") -> np.ndarray:
+    """A C-NMC-style crop (RGB uint8, any square side) at the model's size, resampled as decode_image does."""
+    return _resized(Image.fromarray(crop), size, source)

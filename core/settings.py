@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     # scored 0.90 of the raw bf16 model end to end against 0.83 with 8 (AMD EPYC). Raise it for a high-latency store.
     io_threads: int = Field(default=0, ge=0, description="fetch/decode threads per process; 0 = cores (min 2)")
     flag_thresholds: list[float] = Field(default_factory=lambda: [0.05, 0.20, 0.25])
+    # Below this many scored cells a sample is flagged `low_count`: a blast percentage over fewer cells is not
+    # read clinically (the Wilson interval shows why). 0 turns the flag off.
+    low_count: int = Field(default=200, ge=0)
+    # A field sample whose fields hold more cells than this fails with the reason (split the slide).
+    max_cells_per_sample: int = Field(default=200_000, ge=1)
     allowed_roots: list[str] = Field(default_factory=list, description="local folders and s3:// prefixes")
     task_soft_time_limit: int = 1800
     # On SIGTERM a worker lets running samples finish for this long, then hands the rest back to the queue

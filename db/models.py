@@ -114,6 +114,16 @@ class Sample(Base):
     # The fencing token: bumped by every (re)submission. A delivery writes only while its message's
     # (job_id, submission) is the row's, so a stale one never touches a newer result (core.contract).
     submission: Mapped[int] = mapped_column(Integer, server_default="1")
+    # 'cells' (single-cell crops) or 'fields' (microscope fields, cut into cells by the worker).
+    kind: Mapped[str] = mapped_column(String(16), server_default="cells")
+    # Field samples only: fields read, fields that could not be read, `other` (non-lymphoid) cells and cells
+    # cut by a field's edge (both found and counted, not scored), and the scale of the fields (median).
+    n_fields: Mapped[int | None] = mapped_column(Integer)
+    n_fields_failed: Mapped[int | None] = mapped_column(Integer)
+    n_other: Mapped[int | None] = mapped_column(Integer)
+    n_edge: Mapped[int | None] = mapped_column(Integer)
+    um_per_px: Mapped[float | None] = mapped_column(Double)
+    scale_source: Mapped[str | None] = mapped_column(String(16))
 
 
 class Cell(Base):
@@ -131,3 +141,19 @@ class Cell(Base):
     is_all: Mapped[bool | None] = mapped_column()
     error: Mapped[str | None] = mapped_column(Text)
     scored_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # A cell found in a field: image_uri is the field's URI + '#cell=N'; where it is, what it is.
+    field_uri: Mapped[str | None] = mapped_column(Text)
+    cell_index: Mapped[int | None] = mapped_column(Integer)
+    bbox_x0: Mapped[int | None] = mapped_column(Integer)
+    bbox_y0: Mapped[int | None] = mapped_column(Integer)
+    bbox_x1: Mapped[int | None] = mapped_column(Integer)
+    bbox_y1: Mapped[int | None] = mapped_column(Integer)
+    centroid_x: Mapped[float | None] = mapped_column(Double)
+    centroid_y: Mapped[float | None] = mapped_column(Double)
+    area_um2: Mapped[float | None] = mapped_column(Double)
+    cell_kind: Mapped[str | None] = mapped_column(String(16))
+    edge: Mapped[bool | None] = mapped_column()
+    um_per_px: Mapped[float | None] = mapped_column(Double)
+    scale_source: Mapped[str | None] = mapped_column(String(16))
+    # The cell's outline in field pixels, as JSON [[x, y], ...], for the review overlays.
+    outline: Mapped[str | None] = mapped_column(Text)

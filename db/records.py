@@ -18,19 +18,55 @@ def _check_probability(owner: str, field: str, value: float | None) -> None:
         raise ValueError(f"{owner}.{field}={value!r} must be a number in [0, 1] or None")
 
 
+LYMPHOID = "lymphoid"
+CELL_KINDS = (LYMPHOID, "other")
+
+
+@dataclass(frozen=True, slots=True)
+class FieldCell:
+    """Where a cell found in a microscope field lies, and what it is (core.segment found it)."""
+
+    field_uri: str
+    cell_index: int
+    bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 in field pixels (x1, y1 exclusive)
+    centroid: tuple[float, float]  # x, y in field pixels
+    area_um2: float
+    cell_kind: str
+    edge: bool
+    um_per_px: float
+    scale_source: str
+    outline: str  # JSON [[x, y], ...] in field pixels
+
+    def __post_init__(self) -> None:
+        if self.cell_kind not in CELL_KINDS:
+            raise ValueError(f"FieldCell.cell_kind={self.cell_kind!r} must be one of {CELL_KINDS}")
+
+    @property
+    def scored(self) -> bool:
+        """Whether the cell goes to the model: a whole lymphoid cell (edge and `other` cells are only counted)."""
+        return self.cell_kind == LYMPHOID and not self.edge
+
+
 @dataclass(frozen=True, slots=True)
 class CellResult:
-    """The outcome for one image: a probability and call, or the error that kept it from being scored."""
+    """The outcome for one image or one cell of a field: a probability and call, or the error that kept it
+    from being scored. A field's `other` and edge cells have neither: they are counted, not scored."""
 
     image_uri: str
     p_all: float | None
     is_all: bool | None
     error: str | None = None
+    field: FieldCell | None = None
 
     def __post_init__(self) -> None:
         if not self.image_uri:
             raise ValueError("CellResult.image_uri must not be empty")
         _check_probability("CellResult", "p_all", self.p_all)
+
+    @property
+    def counted(self) -> bool:
+        """Whether the row counts in n_cells: every image, every unreadable field, every whole lymphoid cell."""
+        return self.field is None or self.field.scored
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +82,13 @@ class SampleSummary:
     corrected_fraction: float | None
     mean_p_all: float | None
     flags: tuple[str, ...] = ()
+    # Field samples only (None for single-cell samples).
+    n_fields: int | None = None
+    n_fields_failed: int | None = None
+    n_other: int | None = None
+    n_edge: int | None = None
+    um_per_px: float | None = None
+    scale_source: str | None = None
 
     def __post_init__(self) -> None:
         if min(self.n_cells, self.n_all, self.n_failed) < 0:

@@ -50,7 +50,33 @@ _NO_SUMMARY: dict[str, Any] = {
     "corrected_fraction": None,
     "mean_p_all": None,
     "flags": None,
+    "n_fields": None,
+    "n_fields_failed": None,
+    "n_other": None,
+    "n_edge": None,
+    "um_per_px": None,
+    "scale_source": None,
 }
+
+# The field columns of a cell row that comes from a single-cell image (every row of one insert has all keys).
+_NO_FIELD: dict[str, Any] = dict.fromkeys(
+    (
+        "field_uri",
+        "cell_index",
+        "bbox_x0",
+        "bbox_y0",
+        "bbox_x1",
+        "bbox_y1",
+        "centroid_x",
+        "centroid_y",
+        "area_um2",
+        "cell_kind",
+        "edge",
+        "um_per_px",
+        "scale_source",
+        "outline",
+    )
+)
 
 
 def check_identifier(kind: str, value: str, max_length: int) -> str:
@@ -141,7 +167,9 @@ def create_job(*, session: Session, job_id: str, n_samples: int) -> None:
         raise JobExistsError(f"job {job_id!r} exists already; submit under a new job id (or let one be made)")
 
 
-def enqueue_sample(*, session: Session, job_id: str, sample_id: str, model_version: str) -> Enqueued:
+def enqueue_sample(
+    *, session: Session, job_id: str, sample_id: str, model_version: str, kind: str = "cells"
+) -> Enqueued:
     """Queue `sample_id` for `model_version` under `job_id`; a resubmission resets the row.
 
     Resubmitting the same (sample_id, model_version) clears the previous result and its cells, so a
@@ -161,6 +189,7 @@ def enqueue_sample(*, session: Session, job_id: str, sample_id: str, model_versi
         "finished_at": None,
         "error": None,
         "attempts": 0,
+        "kind": kind,
     }
     stmt = (
         _insert(session, Sample)
@@ -244,12 +273,13 @@ def mark_running(*, session: Session, sample_id: str, model_version: str, delive
 
 def _check_result(sample_id: str, model_version: str, cells: Sequence[CellResult], summary: SampleSummary) -> None:
     where = f"sample {sample_id!r} (model {model_version!r})"
-    if summary.n_cells != len(cells):
+    counted = [cell for cell in cells if cell.counted]
+    if summary.n_cells != len(counted):
         raise ResultMismatchError(
-            f"{where}: summary.n_cells={summary.n_cells} but {len(cells)} cell results were given; "
+            f"{where}: summary.n_cells={summary.n_cells} but {len(counted)} cell results count; "
             "every submitted image needs a cell result, failed ones with an error"
         )
-    n_failed = sum(cell.error is not None for cell in cells)
+    n_failed = sum(cell.error is not None for cell in counted)
     if summary.n_failed != n_failed:
         raise ResultMismatchError(
             f"{where}: summary.n_failed={summary.n_failed} but {n_failed} cell results carry an error"
@@ -281,17 +311,7 @@ def record_sample_result(
     if cells:
         session.execute(
             insert(Cell),
-            [
-                {
-                    "sample_pk": sample.id,
-                    "image_uri": cell.image_uri,
-                    "p_all": cell.p_all,
-                    "is_all": cell.is_all,
-                    "error": cell.error,
-                    "scored_at": now,
-                }
-                for cell in cells
-            ],
+            [_cell_row(sample.id, cell, now) for cell in cells],
         )
     session.execute(
         update(Sample)
@@ -307,12 +327,49 @@ def record_sample_result(
             corrected_fraction=summary.corrected_fraction,
             mean_p_all=summary.mean_p_all,
             flags=FLAG_SEPARATOR.join(summary.flags),
+            n_fields=summary.n_fields,
+            n_fields_failed=summary.n_fields_failed,
+            n_other=summary.n_other,
+            n_edge=summary.n_edge,
+            um_per_px=summary.um_per_px,
+            scale_source=summary.scale_source,
             started_at=sample.started_at or now,
             finished_at=now,
             error=None,
         )
         .execution_options(**_NO_SYNC)
     )
+
+
+def _cell_row(sample_pk: int, cell: CellResult, now: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "sample_pk": sample_pk,
+        "image_uri": cell.image_uri,
+        "p_all": cell.p_all,
+        "is_all": cell.is_all,
+        "error": cell.error,
+        "scored_at": now,
+        **_NO_FIELD,
+    }
+    found = cell.field
+    if found is not None:
+        row.update(
+            field_uri=found.field_uri,
+            cell_index=found.cell_index,
+            bbox_x0=found.bbox[0],
+            bbox_y0=found.bbox[1],
+            bbox_x1=found.bbox[2],
+            bbox_y1=found.bbox[3],
+            centroid_x=found.centroid[0],
+            centroid_y=found.centroid[1],
+            area_um2=found.area_um2,
+            cell_kind=found.cell_kind,
+            edge=found.edge,
+            um_per_px=found.um_per_px,
+            scale_source=found.scale_source,
+            outline=found.outline,
+        )
+    return row
 
 
 def mark_failed(

@@ -32,6 +32,13 @@ sample_results = Table(
     Column("started_at", UtcDateTime),
     Column("finished_at", UtcDateTime),
     Column("error", Text),
+    Column("kind", String),
+    Column("n_fields", Integer),
+    Column("n_fields_failed", Integer),
+    Column("n_other", Integer),
+    Column("n_edge", Integer),
+    Column("um_per_px", Double),
+    Column("scale_source", String),
 )
 
 cell_results = Table(
@@ -44,6 +51,20 @@ cell_results = Table(
     Column("error", Text),
     Column("model_version", String),
     Column("scored_at", UtcDateTime),
+    Column("field_uri", Text),
+    Column("cell_index", Integer),
+    Column("bbox_x0", Integer),
+    Column("bbox_y0", Integer),
+    Column("bbox_x1", Integer),
+    Column("bbox_y1", Integer),
+    Column("centroid_x", Double),
+    Column("centroid_y", Double),
+    Column("area_um2", Double),
+    Column("cell_kind", String),
+    Column("edge", Boolean),
+    Column("um_per_px", Double),
+    Column("scale_source", String),
+    Column("outline", Text),
 )
 
 ANALYST_VIEWS = (sample_results.name, cell_results.name)

@@ -472,3 +472,37 @@ __all__ = [
     "split_by_subject",
     "subject_sort_key",
 ]
+
+
+# A data set may say the scale of its crops (um per pixel at 450x450) in this file at its root: `allscore data
+# synth` and `allscore segment --out` write it. Without it the crops are taken to be at the C-NMC scale.
+SCALE_FILE = "allscore-data.json"
+
+
+def data_scale(root: Path) -> tuple[float, str]:
+    """The um per pixel of a data set's crops, and where that figure comes from."""
+    import json
+
+    from core.segment import CNMC_UM_PER_PX
+
+    folder = root if root.is_dir() else root.parent
+    path = folder / SCALE_FILE
+    if path.is_file():
+        try:
+            info = json.loads(path.read_text())
+            value = float(info["um_per_px"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DatasetError(f"{path}: expected JSON with a number um_per_px ({exc}); fix or delete it") from exc
+        if not 0 < value <= 100:
+            raise DatasetError(f"{path}: um_per_px {value} must be above 0 and at most 100")
+        return value, str(info.get("source") or path)
+    return CNMC_UM_PER_PX, "the C-NMC scale estimate (core.segment.CNMC_UM_PER_PX)"
+
+
+def write_data_scale(root: Path, um_per_px: float, source: str) -> Path:
+    """Record the scale of a data set's crops at its root (read back by data_scale)."""
+    import json
+
+    path = Path(root) / SCALE_FILE
+    path.write_text(json.dumps({"um_per_px": um_per_px, "source": source}, indent=2) + "\n")
+    return path

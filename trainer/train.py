@@ -18,7 +18,7 @@ from core.artifact import ModelManifest, Registry, ValidationMetrics, new_versio
 from core.inference import configure_tensorflow, predict_proba
 from core.settings import Settings, get_settings
 from trainer.arch import DEFAULT_SIZES, build_model, check_architecture
-from trainer.dataset import Dataset, discover, split_by_subject
+from trainer.dataset import Dataset, data_scale, discover, split_by_subject
 from trainer.loading import CellArrays, decode_cells
 from trainer.metrics import choose_threshold, summarize
 
@@ -174,6 +174,7 @@ def train_model(data: Path, config: TrainConfig, console: Console | None = None)
             shuffle=False,  # the tf.data pipeline shuffles
         )
 
+    scale, scale_source = data_scale(Path(data))
     p_val = predict_proba(model, val.images, batch_size=settings.batch_size)
     threshold = choose_threshold(val.labels, p_val)
     metrics = summarize(val.labels, p_val, threshold, val.subjects)
@@ -205,6 +206,8 @@ def train_model(data: Path, config: TrainConfig, console: Console | None = None)
         tensorflow_version=tf.__version__,
         keras_version=keras.__version__,
         data=str(data),
+        um_per_px=scale,
+        um_per_px_source=scale_source,
     )
     return TrainOutcome(model=model, manifest=manifest, seconds=seconds)
 

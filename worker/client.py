@@ -171,7 +171,7 @@ def submit_samples(
                 model_version=version,
                 model_store=store_key,
                 submission=repository.enqueue_sample(
-                    session=session, job_id=job_id, sample_id=sample_id, model_version=version
+                    session=session, job_id=job_id, sample_id=sample_id, model_version=version, kind=kinds[sample_id]
                 ).submission,
                 kind=kinds[sample_id],
                 um_per_px=um_per_px,

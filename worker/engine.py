@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -14,41 +15,91 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.artifact import LoadedModel, ModelError
 from core.contract import ScoreMessage
-from core.imaging import DecodeError, decode_image
+from core.errors import AllscoreError
 from core.inference import predict_batch
-from core.storage import ObjectNotFound, StorageError, StorageUnavailable
+from core.segment import CNMC_UM_PER_PX
 from db import repository
 from db.engine import transaction
 from db.records import CellResult, SampleSummary
 from db.repository import Delivery
+from worker.fields import Fetch, Item, Unit, read_cell, read_field
 from worker.summary import summarize_sample
 
 log = logging.getLogger(__name__)
 
-Fetch = Callable[[str], bytes]
+
+class SampleTooLarge(AllscoreError):
+    """A field sample held more cells than ALLSCORE_MAX_CELLS_PER_SAMPLE allows."""
 
 
-@dataclass
-class _Loaded:
-    """One cell after fetch and decode: the pixels, or the reason it has none."""
-
-    image: np.ndarray | None
-    error: str | None
+def _load_cell(uri: str, fetch: Fetch, size: int, max_pixels: int) -> Unit:
+    """One single-cell image, fetched and decoded (what the bench times as fetch + decode)."""
+    return read_cell(uri, fetch, size=size, max_pixels=max_pixels)
 
 
-def _load_cell(uri: str, fetch: Fetch, size: int, max_pixels: int) -> _Loaded:
-    try:
-        data = fetch(uri)
-    except StorageUnavailable:
-        raise  # the store is down: the whole sample retries, no cell is marked bad for it
-    except ObjectNotFound:
-        return _Loaded(None, f"not found: {uri}")
-    except StorageError as exc:
-        return _Loaded(None, str(exc))
-    try:
-        return _Loaded(decode_image(data, size, source=uri, max_pixels=max_pixels), None)
-    except DecodeError as exc:
-        return _Loaded(None, exc.reason)
+def score_units(
+    uris: Sequence[str],
+    read: Callable[[str], Unit],
+    *,
+    model: Any,
+    size: int,
+    threshold: float,
+    pool: ThreadPoolExecutor,
+    batch_size: int = 64,
+    max_cells: int | None = None,
+) -> tuple[list[CellResult], list[Unit]]:
+    """Read every image on the I/O pool (a window of reads ahead) and score what they hold in fixed-size batches.
+
+    Results come in the order of `uris`, and within a field in the order of its cells. A read keeps running
+    while the model scores the batch before it. Returns the cell results and the units (for field counts).
+    """
+    window = max(1, batch_size)
+    results: list[CellResult | None] = []
+    units: list[Unit] = []
+    buffer = np.zeros((batch_size, size, size, 3), dtype=np.uint8)
+    waiting: list[tuple[int, Item]] = []  # (row, item) whose pixels are in the buffer
+    n_found = 0
+
+    def run_batch() -> None:
+        if not waiting:
+            return
+        # Always a full batch (zero-padded), so the traced graph is reused.
+        buffer[len(waiting) :] = 0
+        p = predict_batch(model, buffer)
+        for slot, (row, item) in enumerate(waiting):
+            prob = float(p[slot])
+            results[row] = CellResult(item.image_uri, prob, prob >= threshold, None, item.field)
+        waiting.clear()
+
+    pending: deque[Future[Unit]] = deque(pool.submit(read, uri) for uri in uris[:window])
+    next_uri = len(pending)
+    while pending:
+        unit = pending.popleft().result()
+        if next_uri < len(uris):
+            pending.append(pool.submit(read, uris[next_uri]))
+            next_uri += 1
+        units.append(unit)
+        n_found += len(unit.items)
+        if max_cells is not None and n_found > max_cells:
+            for future in pending:
+                future.cancel()
+            raise SampleTooLarge(
+                f"the sample's fields hold more than {max_cells} cells (ALLSCORE_MAX_CELLS_PER_SAMPLE); "
+                "split the slide into several samples or raise the limit"
+            )
+        for item in unit.items:
+            if item.image is None:
+                results.append(CellResult(item.image_uri, None, None, item.error, item.field))
+                continue
+            results.append(None)
+            buffer[len(waiting)] = item.image
+            item.image = None
+            waiting.append((len(results) - 1, item))
+            if len(waiting) == batch_size:
+                run_batch()
+    run_batch()
+    assert all(r is not None for r in results)
+    return [r for r in results if r is not None], units
 
 
 def score_cells(
@@ -62,35 +113,17 @@ def score_cells(
     batch_size: int = 64,
     max_pixels: int = 40_000_000,
 ) -> list[CellResult]:
-    """Score every image in fixed-size batches; the next batch is fetched and decoded while one runs."""
-    batches = [list(uris[i : i + batch_size]) for i in range(0, len(uris), batch_size)]
-    results: list[CellResult] = []
-    buffer = np.zeros((batch_size, size, size, 3), dtype=np.uint8)
-
-    def submit(batch: list[str]) -> list[Future[_Loaded]]:
-        return [pool.submit(_load_cell, uri, fetch, size, max_pixels) for uri in batch]
-
-    pending = submit(batches[0]) if batches else []
-    for index, batch in enumerate(batches):
-        loaded = [f.result() for f in pending]
-        pending = submit(batches[index + 1]) if index + 1 < len(batches) else []
-        good = [i for i, cell in enumerate(loaded) if cell.image is not None]
-        probs: dict[int, float] = {}
-        if good:
-            buffer[:] = 0
-            for slot, i in enumerate(good):
-                image = loaded[i].image
-                assert image is not None
-                buffer[slot] = image
-            # Always a full batch (zero-padded), so the traced graph is reused.
-            p = predict_batch(model, buffer)
-            probs = {i: float(p[slot]) for slot, i in enumerate(good)}
-        for i, uri in enumerate(batch):
-            if i in probs:
-                results.append(CellResult(uri, probs[i], probs[i] >= threshold, None))
-            else:
-                results.append(CellResult(uri, None, None, loaded[i].error or "not scored"))
-    return results
+    """Score single-cell images in fixed-size batches; the next ones are fetched and decoded while one runs."""
+    cells, _ = score_units(
+        uris,
+        partial(read_cell, fetch=fetch, size=size, max_pixels=max_pixels),
+        model=model,
+        size=size,
+        threshold=threshold,
+        pool=pool,
+        batch_size=batch_size,
+    )
+    return cells
 
 
 def score_sample(
@@ -103,6 +136,8 @@ def score_sample(
     batch_size: int = 64,
     flag_thresholds: Sequence[float] = (0.05, 0.20, 0.25),
     max_pixels: int = 40_000_000,
+    low_count: int = 0,
+    max_cells: int | None = None,
 ) -> SampleSummary:
     """Mark the sample running, score its cells, and write cells + summary in one transaction.
 
@@ -117,21 +152,36 @@ def score_sample(
     started = time.perf_counter()
     with transaction(sessions) as session:
         repository.mark_running(session=session, sample_id=request.sample_id, model_version=version, delivery=delivery)
-    cells = score_cells(
+    size = manifest.input_size
+    if request.kind == "fields":
+        read = partial(
+            read_field,
+            fetch=fetch,
+            size=size,
+            train_um_per_px=manifest.um_per_px or CNMC_UM_PER_PX,
+            um_per_px=request.um_per_px,
+            max_pixels=max_pixels,
+        )
+    else:
+        read = partial(read_cell, fetch=fetch, size=size, max_pixels=max_pixels)
+    cells, units = score_units(
         request.image_uris,
+        read,
         model=loaded.model,
-        size=manifest.input_size,
+        size=size,
         threshold=manifest.threshold,
-        fetch=fetch,
         pool=pool,
         batch_size=batch_size,
-        max_pixels=max_pixels,
+        max_cells=max_cells if request.kind == "fields" else None,
     )
+    fields = [(u.uri, u.um_per_px, u.scale_source, u.error) for u in units] if request.kind == "fields" else None
     summary = summarize_sample(
         cells,
         sensitivity=manifest.validation.sensitivity,
         specificity=manifest.validation.specificity,
         flag_thresholds=flag_thresholds,
+        low_count=low_count,
+        fields=fields,
     )
     with transaction(sessions) as session:
         repository.record_sample_result(

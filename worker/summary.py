@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from statistics import median
 
 from core.stats import rogan_gladen, wilson_interval
 from db.records import CellResult, SampleSummary
+
+LOW_COUNT_FLAG = "low_count"
 
 
 def flag_name(threshold: float) -> str:
@@ -20,9 +23,17 @@ def summarize_sample(
     sensitivity: float | None,
     specificity: float | None,
     flag_thresholds: Sequence[float],
+    low_count: int = 0,
+    fields: Sequence[tuple[str, float | None, str | None, str | None]] | None = None,
 ) -> SampleSummary:
-    """Counts over all submitted images; fraction and interval over the scored ones."""
-    scored = [c for c in cells if c.error is None and c.p_all is not None]
+    """Counts over the counted rows (every image; for fields, whole lymphoid cells and unreadable fields),
+    fraction and interval over the scored ones.
+
+    `low_count`: below this many scored cells the flag `low_count` is raised (0: never). `fields`, for a field
+    sample: one (uri, um_per_px, scale_source, error) per field.
+    """
+    counted = [c for c in cells if c.counted]
+    scored = [c for c in counted if c.error is None and c.p_all is not None]
     n_scored = len(scored)
     n_all = sum(1 for c in scored if c.is_all)
     fraction = n_all / n_scored if n_scored else None
@@ -31,15 +42,31 @@ def summarize_sample(
     if fraction is not None and sensitivity is not None and specificity is not None:
         corrected = rogan_gladen(fraction, sensitivity, specificity)
     mean_p = sum(c.p_all for c in scored if c.p_all is not None) / n_scored if n_scored else None
-    flags = tuple(flag_name(t) for t in sorted(flag_thresholds) if fraction is not None and fraction >= t)
+    flags = [flag_name(t) for t in sorted(flag_thresholds) if fraction is not None and fraction >= t]
+    if n_scored < low_count:
+        flags.append(LOW_COUNT_FLAG)
+    extra: dict[str, object] = {}
+    if fields is not None:
+        scales = [um for _, um, _, error in fields if um is not None and error is None]
+        sources = {source for _, _, source, error in fields if source is not None and error is None}
+        found = [c.field for c in cells if c.field is not None]
+        extra = {
+            "n_fields": len(fields),
+            "n_fields_failed": sum(1 for *_, error in fields if error is not None),
+            "n_other": sum(1 for f in found if f.cell_kind != "lymphoid"),
+            "n_edge": sum(1 for f in found if f.cell_kind == "lymphoid" and f.edge),
+            "um_per_px": median(scales) if scales else None,
+            "scale_source": (sources.pop() if len(sources) == 1 else "mixed") if sources else None,
+        }
     return SampleSummary(
-        n_cells=len(cells),
+        n_cells=len(counted),
         n_all=n_all,
-        n_failed=len(cells) - n_scored,
+        n_failed=len(counted) - n_scored,
         all_fraction=fraction,
         ci_low=ci_low,
         ci_high=ci_high,
         corrected_fraction=corrected,
         mean_p_all=mean_p,
-        flags=flags,
+        flags=tuple(flags),
+        **extra,  # type: ignore[arg-type]
     )

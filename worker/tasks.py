@@ -107,6 +107,8 @@ def run_scoring(task: Task, message: ScoreMessage) -> None:
             batch_size=settings.batch_size,
             flag_thresholds=settings.flag_thresholds,
             max_pixels=settings.max_image_pixels,
+            low_count=settings.low_count,
+            max_cells=settings.max_cells_per_sample,
         )
     except StaleDelivery as exc:
         log.warning("sample %s: stale delivery, nothing written: %s", message.sample_id, exc)

@@ -57,8 +57,39 @@ SAMPLE_RESULTS_COLUMNS = [
     "started_at",
     "finished_at",
     "error",
+    # Added for field samples (migration 0004), after the columns above, which keep their names and meanings.
+    "kind",
+    "n_fields",
+    "n_fields_failed",
+    "n_other",
+    "n_edge",
+    "um_per_px",
+    "scale_source",
 ]
-CELL_RESULTS_COLUMNS = ["sample_id", "image_uri", "p_all", "is_all", "error", "model_version", "scored_at"]
+CELL_RESULTS_COLUMNS = [
+    "sample_id",
+    "image_uri",
+    "p_all",
+    "is_all",
+    "error",
+    "model_version",
+    "scored_at",
+    # Cells found in fields (migration 0004).
+    "field_uri",
+    "cell_index",
+    "bbox_x0",
+    "bbox_y0",
+    "bbox_x1",
+    "bbox_y1",
+    "centroid_x",
+    "centroid_y",
+    "area_um2",
+    "cell_kind",
+    "edge",
+    "um_per_px",
+    "scale_source",
+    "outline",
+]
 TABLES = {"models", "jobs", "samples", "cells"}
 
 Factory = sessionmaker[Session]

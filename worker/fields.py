@@ -1,0 +1,130 @@
+"""What one image of a sample becomes before the model sees it: a single cell, or the cells of a field.
+
+Runs in the worker's I/O threads. A single-cell image is decoded to the model's input. A field is decoded whole,
+segmented (core.segment), and each whole lymphoid cell is cut out C-NMC style (black outside its mask, centred)
+straight at the model's input size and at the scale the model was trained on; `other` cells and cells cut by
+the field's edge are recorded, not scored. An image that cannot be read is one row with its error; the rest of
+the sample goes on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from skimage import measure
+
+from core.imaging import DecodeError, decode_field, decode_image
+from core.segment import CROP_SIZE, FoundCell, SegmentationError, cut_cell, segment_field
+from core.storage import ObjectNotFound, StorageError, StorageUnavailable
+from db.records import FieldCell
+
+Fetch = Callable[[str], bytes]
+
+# Points kept of a cell's outline for the overlays (enough to draw it; a few hundred bytes a row).
+OUTLINE_POINTS = 48
+
+
+@dataclass
+class Item:
+    """One row to be: pixels for the model, or an error, or neither (a field's `other` or edge cell)."""
+
+    image_uri: str
+    image: np.ndarray | None = None
+    error: str | None = None
+    field: FieldCell | None = None
+
+
+@dataclass
+class Unit:
+    """Everything one submitted image turned into."""
+
+    uri: str
+    items: list[Item] = field(default_factory=list)
+    um_per_px: float | None = None
+    scale_source: str | None = None
+    error: str | None = None
+
+
+def _fetch(uri: str, fetch: Fetch) -> bytes | str:
+    """The bytes, or the reason there are none; a store that is down raises (the whole sample retries)."""
+    try:
+        return fetch(uri)
+    except StorageUnavailable:
+        raise
+    except ObjectNotFound:
+        return f"not found: {uri}"
+    except StorageError as exc:
+        return str(exc)
+
+
+def read_cell(uri: str, fetch: Fetch, *, size: int, max_pixels: int) -> Unit:
+    """A single-cell image as one item at the model's size."""
+    data = _fetch(uri, fetch)
+    if isinstance(data, str):
+        return Unit(uri, [Item(uri, error=data)], error=data)
+    try:
+        return Unit(uri, [Item(uri, image=decode_image(data, size, source=uri, max_pixels=max_pixels))])
+    except DecodeError as exc:
+        return Unit(uri, [Item(uri, error=exc.reason)], error=exc.reason)
+
+
+def outline_json(cell: FoundCell) -> str:
+    """The cell's outline in field pixels as JSON [[x, y], ...], at most OUTLINE_POINTS points."""
+    padded = np.pad(cell.mask, 1)
+    contours = measure.find_contours(padded.astype(np.uint8), 0.5)
+    if not contours:
+        return "[]"
+    longest = max(contours, key=len)
+    step = max(1, len(longest) // OUTLINE_POINTS)
+    x0, y0 = cell.bbox[0], cell.bbox[1]
+    points = [[round(float(x) - 1 + x0, 1), round(float(y) - 1 + y0, 1)] for y, x in longest[::step]]
+    return json.dumps(points, separators=(",", ":"))
+
+
+def read_field(
+    uri: str,
+    fetch: Fetch,
+    *,
+    size: int,
+    train_um_per_px: float,
+    um_per_px: float | None,
+    max_pixels: int,
+) -> Unit:
+    """A microscope field as one item per white cell found (see the module docstring)."""
+    data = _fetch(uri, fetch)
+    if isinstance(data, str):
+        return Unit(uri, [Item(uri, error=data)], error=data)
+    try:
+        rgb = decode_field(data, source=uri, max_pixels=max_pixels)
+        found = segment_field(rgb, um_per_px=um_per_px)
+    except DecodeError as exc:
+        return Unit(uri, [Item(uri, error=exc.reason)], error=exc.reason)
+    except SegmentationError as exc:
+        return Unit(uri, [Item(uri, error=str(exc))], error=str(exc))
+    unit = Unit(uri, um_per_px=found.um_per_px, scale_source=found.scale_source)
+    # The model's input is the C-NMC crop (CROP_SIZE across at train_um_per_px) scaled to `size`: cut it at
+    # that scale directly, one resample from the field's own pixels.
+    input_um_per_px = train_um_per_px * CROP_SIZE / size
+    for cell in found.cells:
+        info = FieldCell(
+            field_uri=uri,
+            cell_index=cell.index,
+            bbox=cell.bbox,
+            centroid=cell.centroid,
+            area_um2=cell.area_um2,
+            cell_kind=cell.kind,
+            edge=cell.edge,
+            um_per_px=found.um_per_px,
+            scale_source=found.scale_source,
+            outline=outline_json(cell),
+        )
+        item = Item(f"{uri}#cell={cell.index}", field=info)
+        if info.scored:
+            item.image = cut_cell(
+                rgb, cell, field_um_per_px=found.um_per_px, target_um_per_px=input_um_per_px, size=size
+            )
+        unit.items.append(item)
+    return unit
