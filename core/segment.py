@@ -53,9 +53,12 @@ LYMPHOID, OTHER = "lymphoid", "other"
 _WORK_UM = 0.3  # detection scale, um per pixel of the shrunk copy
 _NEAR_BLACK = 24  # a pixel whose brightest channel is at most this holds no specimen
 _NUC_SCORE = 0.33  # OD(green) - OD(blue) of nuclei
-_CYTO_SCORE = 0.09  # ... of cytoplasm
+_CYTO_SCORE = 0.13  # ... of cytoplasm
 _LOBE_GAP_UM = 1.2
-_CYTO_REACH_UM = 6.0
+_CYTO_DENS = 0.15
+_RBC_DENS_PCT = 75
+_RBC_DENS_MARGIN = 0.05
+_CYTO_REACH_UM = 5.0
 _MIN_NUC_UM2 = 10.0
 _MAX_NUC_UM2 = 120.0
 _NUC_SPLIT = 0.55  # the nucleus is split from the cytoplasm by stain when the paler class is under 0.55 of the other
@@ -64,7 +67,8 @@ _LYMPH_NC = 0.275
 _KIND_UM = 0.2  # the kind's measurements are taken at about this many um per pixel
 _MIN_CELL_UM2 = 20.0
 _EST_SIDE = 256  # the scale estimate looks at a copy about this many pixels on its longer side
-_RBC_MIN_COUNT = 5
+_RBC_MIN_COUNT = 3
+_RBC_THICK = 1.6
 _RBC_BOX_RATIO = 0.92  # the distance-map diameter over the BCCD red-cell boxes' side (median)
 
 
@@ -176,16 +180,20 @@ def _rbc_diameter(img: NDArray[np.float32]) -> float | None:
     red = specimen & (dens > threshold_otsu(vals)) & (score < _NUC_SCORE)
     red = ndi.binary_fill_holes(ndi.binary_opening(red, _disk(1.5)))
     edt = ndi.distance_transform_edt(red)
-    diam = _p90_diameter(edt[red], _RBC_MIN_COUNT)
-    if diam is None:  # fused masses of red cells: measure the chains and singles only
-        lab, n = ndi.label(red)
-        idx = np.arange(1, n + 1)
-        r = np.maximum(np.asarray(ndi.maximum(edt, lab, idx)), 1.0)
-        area = np.asarray(ndi.sum(red, lab, idx))
-        keep = np.zeros(n + 1, bool)
-        keep[1:] = area < 3.0 * math.pi * r * r
-        diam = _p90_diameter(edt[keep[lab] & red], 3)
-    return diam
+    # leave out masses thicker than the typical red-cell clump (1.6x its area-weighted median inscribed radius):
+    # red cells fused into a mass, or a ring of red cells around a gap that filling holes turned into a disk
+    lab, n = ndi.label(red)
+    if n == 0:
+        return None
+    idx = np.arange(1, n + 1)
+    r = np.asarray(ndi.maximum(edt, lab, idx), np.float64)
+    area = np.asarray(ndi.sum(red, lab, idx), np.float64)
+    order = np.argsort(r)
+    cum = np.cumsum(area[order])
+    r_med = float(r[order][np.searchsorted(cum, cum[-1] / 2)])
+    keep = np.zeros(n + 1, bool)
+    keep[1:] = r <= _RBC_THICK * r_med
+    return _p90_diameter(edt[keep[lab] & red], _RBC_MIN_COUNT)
 
 
 def _p90_diameter(e: NDArray[np.float64], min_cells: int) -> float | None:
@@ -214,7 +222,7 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
     img = _shrink(rgb, k)
     wum = scale * k  # um per working pixel
     px_area = wum * wum
-    score, _dens, specimen, bg = _stain(img)
+    score, dens, specimen, bg = _stain(img)
     score = ndi.uniform_filter(score, 3) if wum < 0.45 else score
 
     nuc = (score > _NUC_SCORE) & specimen
@@ -223,8 +231,8 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
         return FieldSegmentation((), scale, source, height, width)
     markers = _nucleus_markers(nuc, wum)
 
-    near = ndi.distance_transform_edt(~nuc) * wum <= _CYTO_REACH_UM
-    cand = ((score > _CYTO_SCORE) & specimen & near) | nuc
+    near = ndi.distance_transform_edt(~_hulls(markers)) * wum <= _CYTO_REACH_UM
+    cand = (((score > _CYTO_SCORE) | (dens > _cyto_density(score, dens, specimen & ~near))) & specimen & near) | nuc
     cand = ndi.binary_fill_holes(ndi.binary_opening(cand, _disk(max(1.0, 0.8 / wum))) | nuc)
     elev = -ndi.distance_transform_edt(cand)
     labels = watershed(elev, markers, mask=cand)
@@ -277,6 +285,28 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
         for i, (cy, cx, info) in enumerate(found)
     )
     return FieldSegmentation(cells, scale, source, height, width)
+
+
+def _hulls(markers: NDArray[np.int32]) -> NDArray[np.bool_]:
+    """The convex hull of each nucleus (its lobes together): the cytoplasm lies around it, not around each lobe."""
+    from skimage.morphology import convex_hull_image
+
+    out = np.zeros(markers.shape, bool)
+    for lab_id, sl in enumerate(ndi.find_objects(markers), start=1):
+        if sl is not None:
+            m = markers[sl] == lab_id
+            out[sl] |= convex_hull_image(m) if m.sum() >= 3 else m
+    return out
+
+
+def _cyto_density(score: NDArray[np.float32], dens: NDArray[np.float32], far: NDArray[np.bool_]) -> float:
+    """Pale cytoplasm that is not bluish still counts where it is denser than the field's red cells (the dense,
+    non-bluish pixels away from any nucleus): above their 75th percentile plus a margin, or _CYTO_DENS if few."""
+    pop = far & (score < _CYTO_SCORE) & (dens > 0.08)
+    n = int(pop.sum())
+    if n < 0.02 * max(1, int(far.sum())) or n < 16:
+        return _CYTO_DENS
+    return max(_CYTO_DENS, float(np.percentile(dens[pop], _RBC_DENS_PCT)) + _RBC_DENS_MARGIN)
 
 
 def _nucleus_markers(nuc: NDArray[np.bool_], wum: float) -> NDArray[np.int32]:
