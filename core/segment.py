@@ -142,6 +142,26 @@ def _stain(
     return score, dens, specimen, (bg if has_bg else None)
 
 
+def _fill_holes(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """scipy's binary_fill_holes by labelling the background (several times faster on large masks)."""
+    lab, n = ndi.label(~mask)
+    if n == 0:
+        return mask
+    lut = np.ones(n + 1, bool)
+    lut[0] = False
+    lut[np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))] = False
+    return np.asarray(mask | lut[lab])
+
+
+def _label_max(values: NDArray[np.generic], lab: NDArray[np.int32], n: int) -> NDArray[np.float64]:
+    """The maximum of ``values`` over each label 1..n (ndimage.maximum sorts the whole image; this does not)."""
+    out = np.zeros(n, np.float64)
+    for i, sl in enumerate(ndi.find_objects(lab, n)):
+        if sl is not None:
+            out[i] = float(values[sl][lab[sl] == i + 1].max())
+    return out
+
+
 def _disk(r: float) -> NDArray[np.bool_]:
     n = max(0, math.floor(r))
     yy, xx = np.mgrid[-n : n + 1, -n : n + 1]
@@ -178,7 +198,7 @@ def _rbc_diameter(img: NDArray[np.float32]) -> float | None:
     if vals.size < 64 or float(vals.max() - vals.min()) < 0.05:
         return None
     red = specimen & (dens > threshold_otsu(vals)) & (score < _NUC_SCORE)
-    red = ndi.binary_fill_holes(ndi.binary_opening(red, _disk(1.5)))
+    red = _fill_holes(ndi.binary_opening(red, _disk(1.5)))
     edt = ndi.distance_transform_edt(red)
     # leave out masses thicker than the typical red-cell clump (1.6x its area-weighted median inscribed radius):
     # red cells fused into a mass, or a ring of red cells around a gap that filling holes turned into a disk
@@ -186,7 +206,7 @@ def _rbc_diameter(img: NDArray[np.float32]) -> float | None:
     if n == 0:
         return None
     idx = np.arange(1, n + 1)
-    r = np.asarray(ndi.maximum(edt, lab, idx), np.float64)
+    r = _label_max(edt, lab, n)
     area = np.asarray(ndi.sum(red, lab, idx), np.float64)
     order = np.argsort(r)
     cum = np.cumsum(area[order])
@@ -233,7 +253,7 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
 
     near = ndi.distance_transform_edt(~_hulls(markers)) * wum <= _CYTO_REACH_UM
     cand = (((score > _CYTO_SCORE) | (dens > _cyto_density(score, dens, specimen & ~near))) & specimen & near) | nuc
-    cand = ndi.binary_fill_holes(ndi.binary_opening(cand, _disk(max(1.0, 0.8 / wum))) | nuc)
+    cand = _fill_holes(ndi.binary_opening(cand, _disk(max(1.0, 0.8 / wum))) | nuc)
     elev = -ndi.distance_transform_edt(cand)
     labels = watershed(elev, markers, mask=cand)
 
@@ -244,7 +264,7 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
         if sl is None:
             continue
         reg = labels[sl] == lab_id
-        reg = ndi.binary_fill_holes(reg)
+        reg = _fill_holes(reg)
         nreg = nuc[sl] & reg
         nuc_um2 = float(nreg.sum()) * px_area
         cell_um2 = float(reg.sum()) * px_area
@@ -315,7 +335,7 @@ def _nucleus_markers(nuc: NDArray[np.bool_], wum: float) -> NDArray[np.int32]:
     comps, nc = ndi.label(nuc)
     groups, ng = ndi.label(ndi.binary_dilation(nuc, _disk(max(1.0, _LOBE_GAP_UM / 2 / wum))))
     idx = np.arange(1, nc + 1)
-    comp_group = np.asarray(ndi.maximum(groups, comps, idx), np.int64)
+    comp_group = _label_max(groups, comps, nc).astype(np.int64)
     comp_area = np.asarray(ndi.sum(nuc, comps, idx)) * wum * wum
     group_area = np.bincount(comp_group, weights=comp_area, minlength=ng + 1)
     big = group_area[comp_group] > _MAX_NUC_UM2
