@@ -57,10 +57,12 @@ def worker_cmd(
     )
 
 
-def _read_manifest_csv(path: Path) -> dict[str, list[str]]:
+def _read_manifest_csv(path: Path, default_kind: str) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """Samples and their kinds from a CSV: sample_id,uri and an optional kind (cells or fields) per row."""
     from worker.client import SubmitError
 
     samples: dict[str, list[str]] = defaultdict(list)
+    kinds: dict[str, Any] = {}
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"sample_id", "uri"} <= set(reader.fieldnames):
@@ -68,8 +70,15 @@ def _read_manifest_csv(path: Path) -> dict[str, list[str]]:
         for line, row in enumerate(reader, start=2):
             if not row["sample_id"] or not row["uri"]:
                 raise SubmitError(f"{path}, line {line}: empty sample_id or uri")
+            kind = (row.get("kind") or default_kind).strip()
+            if kind not in ("cells", "fields"):
+                raise SubmitError(f"{path}, line {line}: kind {kind!r} must be cells or fields")
+            if kinds.setdefault(row["sample_id"], kind) != kind:
+                raise SubmitError(
+                    f"{path}, line {line}: sample {row['sample_id']!r} mixes kinds; a sample is all cells or all fields"
+                )
             samples[row["sample_id"]].append(row["uri"])
-    return dict(samples)
+    return dict(samples), kinds
 
 
 def submit_cmd(
@@ -77,25 +86,36 @@ def submit_cmd(
     uris: Annotated[list[str] | None, typer.Argument(metavar="URI...", help="files, folders, globs, s3://")] = None,
     model: Annotated[str | None, typer.Option(help="model reference; default ALLSCORE_MODEL")] = None,
     store: Annotated[
-        str | None, typer.Option(help="model store to resolve --model in; default ALLSCORE_MODEL_STORE")
+        str | None,
+        typer.Option(help="a model store the workers list (ALLSCORE_MODEL_STORES), by name or root; default theirs"),
     ] = None,
     job: Annotated[str | None, typer.Option(help="job id; default a new uuid")] = None,
-    manifest: Annotated[Path | None, typer.Option(help="CSV with columns sample_id,uri")] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(help="CSV with columns sample_id,uri and optionally kind (cells or fields)")
+    ] = None,
+    fields: Annotated[
+        bool, typer.Option("--fields", help="the images are microscope fields: find and cut out the white cells")
+    ] = False,
+    um_per_px: Annotated[
+        float | None, typer.Option(help="fields' scale in um per pixel; default: estimated from the red cells")
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="show progress until done; exit 1 if any failed")] = False,
     timeout: Annotated[float, typer.Option(help="seconds --wait waits at most")] = 3600.0,
 ) -> None:
     """Queue samples for scoring; prints the job id."""
     from worker.client import SubmitError, submit_samples
 
+    default_kind = "fields" if fields else "cells"
+    kinds: Any = default_kind
     if manifest is not None:
         if sample_id or uris:
             raise SubmitError("give either SAMPLE_ID URI... or --manifest CSV, not both")
-        samples = _read_manifest_csv(manifest)
+        samples, kinds = _read_manifest_csv(manifest, default_kind)
     else:
         if not sample_id or not uris:
             raise SubmitError("give SAMPLE_ID and at least one URI (or --manifest CSV)")
         samples = {sample_id: uris}
-    job_id = submit_samples(samples, model_ref=model, job_id=job, store=store)
+    job_id = submit_samples(samples, model_ref=model, job_id=job, store=store, kind=kinds, um_per_px=um_per_px)
     err.print(f"queued {len(samples)} sample(s) as job {job_id}")
     typer.echo(job_id)
     if wait:
@@ -198,11 +218,14 @@ def report_cmd(
     job: Annotated[str | None, typer.Option(help="job id")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
     montage: Annotated[Path | None, typer.Option(help="write one montage PNG per sample into this folder")] = None,
+    overlays: Annotated[
+        Path | None, typer.Option(help="field samples: write each field with its cells outlined into this folder")
+    ] = None,
 ) -> None:
     """Per-sample results (the view sample_results), as a table, CSV or JSON; optionally montages."""
     from db import repository
     from db.engine import make_engine, session_factory
-    from worker.report import render_montage, to_csv, to_json
+    from worker.report import render_montage, render_overlays, to_csv, to_json
 
     if fmt not in ("table", "csv", "json"):
         raise typer.BadParameter(f"--format {fmt!r}: choose table, csv or json")
@@ -213,13 +236,17 @@ def report_cmd(
         typer.echo(to_json(rows))
     else:
         out.print(results_table(rows, "sample results"))
-    if montage is not None:
-        with session_factory(make_engine())() as session:
-            for row in rows:
-                if row["status"] != "done":
-                    continue
-                cells = repository.get_cell_results(
-                    session=session, sample_id=row["sample_id"], model_version=row["model_version"]
-                )
-                path = render_montage(row, cells, montage)
-                err.print(f"montage: {path}")
+    if montage is None and overlays is None:
+        return
+    with session_factory(make_engine())() as session:
+        for row in rows:
+            if row["status"] != "done":
+                continue
+            cells = repository.get_cell_results(
+                session=session, sample_id=row["sample_id"], model_version=row["model_version"]
+            )
+            if montage is not None:
+                err.print(f"montage: {render_montage(row, cells, montage)}")
+            if overlays is not None and row.get("kind") == "fields":
+                for path in render_overlays(row, cells, overlays):
+                    err.print(f"overlay: {path}")

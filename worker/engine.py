@@ -22,7 +22,7 @@ from db import repository
 from db.engine import transaction
 from db.records import CellResult, SampleSummary
 from db.repository import Delivery
-from worker.fields import Fetch, Item, Unit, read_cell, read_field
+from worker.fields import Fetch, Item, Unit, read_cell, read_field, sample_scale
 from worker.summary import summarize_sample
 
 log = logging.getLogger(__name__)
@@ -154,13 +154,17 @@ def score_sample(
         repository.mark_running(session=session, sample_id=request.sample_id, model_version=version, delivery=delivery)
     size = manifest.input_size
     if request.kind == "fields":
+        um_per_px, source = request.um_per_px, "given"
+        if um_per_px is None:
+            um_per_px, source = sample_scale(request.image_uris, fetch, pool, max_pixels=max_pixels), "estimated"
         read = partial(
             read_field,
             fetch=fetch,
             size=size,
             train_um_per_px=manifest.um_per_px or CNMC_UM_PER_PX,
-            um_per_px=request.um_per_px,
+            um_per_px=um_per_px,
             max_pixels=max_pixels,
+            scale_source=source,
         )
     else:
         read = partial(read_cell, fetch=fetch, size=size, max_pixels=max_pixels)

@@ -10,14 +10,15 @@ the sample goes on.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
 from skimage import measure
 
 from core.imaging import DecodeError, decode_field, decode_image
-from core.segment import CROP_SIZE, FoundCell, SegmentationError, cut_cell, segment_field
+from core.segment import CROP_SIZE, FoundCell, SegmentationError, cut_cell, estimate_um_per_px, segment_field
 from core.storage import ObjectNotFound, StorageError, StorageUnavailable
 from db.records import FieldCell
 
@@ -84,6 +85,31 @@ def outline_json(cell: FoundCell) -> str:
     return json.dumps(points, separators=(",", ":"))
 
 
+# A slide is imaged at one magnification: its scale is estimated once, as the median over this many fields.
+SCALE_FIELDS = 8
+
+
+def field_scale(uri: str, fetch: Fetch, *, max_pixels: int) -> float | None:
+    """One field's um per pixel from its red cells, or None (unreadable, or too few red cells to measure)."""
+    data = _fetch(uri, fetch)
+    if isinstance(data, str):
+        return None
+    try:
+        return estimate_um_per_px(decode_field(data, source=uri, max_pixels=max_pixels))
+    except (DecodeError, SegmentationError):
+        return None
+
+
+def sample_scale(uris: Sequence[str], fetch: Fetch, pool: Executor, *, max_pixels: int) -> float | None:
+    """The slide's um per pixel: the median of the estimates of its first SCALE_FIELDS fields (None if none).
+
+    One field's estimate moves with the few red cells it holds (BCCD fields of one microscope: 0.042-0.083);
+    the median over several is what every field of the slide is then segmented at.
+    """
+    scales = [s for s in pool.map(lambda u: field_scale(u, fetch, max_pixels=max_pixels), uris[:SCALE_FIELDS]) if s]
+    return float(np.median(scales)) if scales else None
+
+
 def read_field(
     uri: str,
     fetch: Fetch,
@@ -92,8 +118,12 @@ def read_field(
     train_um_per_px: float,
     um_per_px: float | None,
     max_pixels: int,
+    scale_source: str | None = None,
 ) -> Unit:
-    """A microscope field as one item per white cell found (see the module docstring)."""
+    """A microscope field as one item per white cell found (see the module docstring).
+
+    `scale_source` names where a given `um_per_px` came from (default: "given", by the submitter).
+    """
     data = _fetch(uri, fetch)
     if isinstance(data, str):
         return Unit(uri, [Item(uri, error=data)], error=data)
@@ -104,7 +134,8 @@ def read_field(
         return Unit(uri, [Item(uri, error=exc.reason)], error=exc.reason)
     except SegmentationError as exc:
         return Unit(uri, [Item(uri, error=str(exc))], error=str(exc))
-    unit = Unit(uri, um_per_px=found.um_per_px, scale_source=found.scale_source)
+    source = scale_source if (scale_source and um_per_px is not None) else found.scale_source
+    unit = Unit(uri, um_per_px=found.um_per_px, scale_source=source)
     # The model's input is the C-NMC crop (CROP_SIZE across at train_um_per_px) scaled to `size`: cut it at
     # that scale directly, one resample from the field's own pixels.
     input_um_per_px = train_um_per_px * CROP_SIZE / size
@@ -118,7 +149,7 @@ def read_field(
             cell_kind=cell.kind,
             edge=cell.edge,
             um_per_px=found.um_per_px,
-            scale_source=found.scale_source,
+            scale_source=source,
             outline=outline_json(cell),
         )
         item = Item(f"{uri}#cell={cell.index}", field=info)
