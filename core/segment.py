@@ -1,35 +1,44 @@
 """Find the white (nucleated) cells in a microscope field of a stained blood or marrow smear.
 
-Pure numpy / scipy.ndimage / scikit-image; no model, no weights. Used by the trainer and the worker.
+Pure numpy / scipy.ndimage / scikit-image / Pillow; no model, no weights. Used by the trainer and the worker.
 
-Method (every size is in um, converted through the field's um per pixel, so the result does not depend on the
-magnification):
+Method. Every size is in um, converted through the field's um per pixel, so the same cells at another
+magnification give the same result.
 
-1. Scale: the caller's ``um_per_px``, else :func:`estimate_um_per_px` (the median diameter of single, round red
-   cells is taken as ``RBC_DIAMETER_UM``), else ``CNMC_UM_PER_PX`` (a field with no red cells, such as a C-NMC crop).
-2. Detection runs on a copy shrunk by a whole factor to about ``_WORK_UM`` um per pixel. Colour is measured as
-   optical density against the field's own background (its brightest pixels; white where the field has no bright
-   background, e.g. black-backed C-NMC crops). Near-black pixels are "no specimen", never stain.
-   The stain score is ``OD(green) - OD(blue)``: high in Romanowsky-stained nuclei (which absorb green and pass blue),
-   low in red cells (eosin absorbs green and blue alike) and zero on background.
-3. Nucleus pixels: stain score above ``_NUC_SCORE``. Lobes closer than ``_LOBE_GAP_UM`` are one nucleus (the lobes
-   of a neutrophil). Cytoplasm: pixels within ``_CYTO_REACH_UM`` of a nucleus whose stain score is above
-   ``_CYTO_SCORE`` (pale blue/lilac; red cells and background fall below it). A watershed on the distance map of
-   that mask, seeded by the nuclei, splits touching white cells.
-4. Rejected: nuclei under ``_MIN_NUC_UM2`` (platelets, debris) and cells under ``_MIN_CELL_UM2``; a cell cut by the
+1. Scale: the caller's ``um_per_px`` ("given"); else :func:`estimate_um_per_px` ("estimated") from the red cells:
+   on a copy about ``_EST_SIDE`` px long, red-cell pixels are the denser (Otsu) non-nucleus pixels with pale centres
+   filled; masses thicker than ``_RBC_THICK`` times the typical clump are left out (fused cells, rings of cells around
+   a gap); the 90th percentile of the distance map gives the red-cell radius even where cells touch (a disk of
+   radius R has 90 % of its pixels within 0.684 R of its edge); the diameter is ``RBC_DIAMETER_UM``. With under
+   ``_RBC_MIN_COUNT`` cells' worth of red pixels, or no bright background, it is None and ``CNMC_UM_PER_PX`` is
+   assumed ("default").
+2. Detection runs on a copy shrunk by a whole factor to about ``_WORK_UM`` um per pixel. Colour is optical density
+   against the field's background (its brightest pixels; white when it has none, e.g. a black-backed C-NMC crop);
+   near-black pixels are "no specimen", never stain. The stain score is OD(green) - OD(blue): high in Romanowsky
+   nuclei, near zero in red cells (eosin absorbs green and blue alike) and on background.
+3. Nuclei: stain score above ``_NUC_SCORE``; lobes closer than ``_LOBE_GAP_UM`` are one nucleus (neutrophil lobes)
+   unless together they exceed ``_MAX_NUC_UM2`` (two cells side by side). Cytoplasm: within ``_CYTO_REACH_UM`` of a
+   nucleus's convex hull, pixels with stain score above ``_CYTO_SCORE`` (pale blue/lilac) or denser than the field's
+   red cells (pale, non-bluish cytoplasm). A watershed on that mask's distance map, seeded by the nuclei, splits
+   touching white cells. The mask comes back to full resolution smoothly (bilinear), without near-black pixels.
+4. Rejected: nuclei under ``_MIN_NUC_UM2`` (platelets, debris), cells under ``_MIN_CELL_UM2``. A cell touching the
    field's border is kept and marked ``edge``.
 
-Kind rule (``lymphoid`` vs ``other``), from the nucleus and cytoplasm inside each cell:
-``lymphoid`` when the nucleus is one round, solid body and fills most of the cell -- see :func:`_kind` for the
-thresholds; lobed or segmented nuclei (neutrophils, eosinophils), kidney-shaped nuclei with ample cytoplasm
-(monocytes), and low nucleus-to-cytoplasm ratios give ``other``.
+Kind rule, measured on each cell at about ``_KIND_UM`` um per pixel. The nucleus is the cell's pixels stained above
+halfway between the cell's 10th and 90th stain percentiles (where the paler half is under ``_NUC_SPLIT`` of the
+other: granular cytoplasm is stained too); else the fixed nucleus score. ``lymphoid`` when the nucleus is one body
+(no second lobe of 2 um2 or more), solid (area over convex-hull area >= ``_LYMPH_SOLIDITY``) and at least
+``_LYMPH_NC`` of the cell (nucleus-to-cell area); ``other`` otherwise: lobed or segmented nuclei (neutrophils,
+eosinophils), folded or kidney-shaped nuclei (monocytes, bands) and cells mostly cytoplasm. Lymphocytes and
+lymphoblasts are lymphoid. Known limit: monocytes with a round nucleus come out lymphoid (about half of them on the
+typed test cells), and the rule does not look at granule colour.
 
 C-NMC scale (``CNMC_UM_PER_PX``): C-NMC does not publish it. The 24 real cells of cnmc-sample have a whole-cell
 equivalent diameter (non-black mask) of median 199 px (hem, normal B-lymphoid; 162-239 px) and 232 px (all,
 lymphoblasts; 206-252 px). Textbook sizes (Bain, *Blood Cells: A Practical Guide*, 5th ed.; Hoffbrand's *Essential
 Haematology*): small mature lymphocytes 7-10 um, lymphoblasts 10-18 um (FAB L1, the common childhood form, up to
 twice a small lymphocyte). hem at 7-10 um needs 0.035-0.050 um/px; all at 10-18 um needs 0.043-0.078 um/px; the
-overlap is 0.043-0.050, and we take 0.046 (hem median 9.2 um, blasts median 10.7 um).
+overlap is 0.043-0.050, and we take 0.046 (hem median 9.2 um, blasts median 10.7 um; a 450 px crop is 20.7 um).
 """
 
 from __future__ import annotations
@@ -52,24 +61,23 @@ LYMPHOID, OTHER = "lymphoid", "other"
 
 _WORK_UM = 0.3  # detection scale, um per pixel of the shrunk copy
 _NEAR_BLACK = 24  # a pixel whose brightest channel is at most this holds no specimen
-_NUC_SCORE = 0.33  # OD(green) - OD(blue) of nuclei
-_CYTO_SCORE = 0.13  # ... of cytoplasm
-_LOBE_GAP_UM = 1.2
-_CYTO_DENS = 0.15
-_RBC_DENS_PCT = 75
-_RBC_DENS_MARGIN = 0.05
-_CYTO_REACH_UM = 5.0
-_MIN_NUC_UM2 = 10.0
-_MAX_NUC_UM2 = 120.0
-_NUC_SPLIT = 0.55  # the nucleus is split from the cytoplasm by stain when the paler class is under 0.55 of the other
-_LYMPH_SOLIDITY = 0.86
-_LYMPH_NC = 0.25
+_NUC_SCORE = 0.33  # stain score (OD green - OD blue) of nuclei
+_CYTO_SCORE = 0.13  # ... of bluish cytoplasm
+_CYTO_DENS = 0.15  # mean OD of pale cytoplasm, at least; and above the field's red cells' 75th percentile + 0.05
+_RBC_DENS_PCT, _RBC_DENS_MARGIN = 75, 0.05
+_CYTO_REACH_UM = 5.0  # cytoplasm lies within this of its nucleus's convex hull
+_LOBE_GAP_UM = 1.2  # lobes closer than this are one nucleus...
+_MAX_NUC_UM2 = 120.0  # ... unless together they are larger than any one nucleus
+_MIN_NUC_UM2, _MIN_CELL_UM2 = 10.0, 20.0  # smaller: platelets, debris
 _KIND_UM = 0.2  # the kind's measurements are taken at about this many um per pixel
-_MIN_CELL_UM2 = 20.0
+_NUC_SPLIT = (
+    0.55  # split nucleus from cytoplasm by the cell's own stain when the paler class is under 0.55 of the other
+)
+_LYMPH_SOLIDITY, _LYMPH_NC = 0.86, 0.25
 _EST_SIDE = 256  # the scale estimate looks at a copy about this many pixels on its longer side
-_RBC_MIN_COUNT = 3
-_RBC_THICK = 1.6
-_RBC_BOX_RATIO = 0.92  # the distance-map diameter over the BCCD red-cell boxes' side (median)
+_RBC_MIN_COUNT = 3  # cells' worth of red pixels needed for an estimate
+_RBC_THICK = 1.6  # masses thicker than this times the typical clump are left out of the estimate
+_RBC_BOX_RATIO = 0.92  # the distance-map diameter over the side of the BCCD red-cell boxes (median over 182 fields)
 
 
 class SegmentationError(AllscoreError):
@@ -78,6 +86,8 @@ class SegmentationError(AllscoreError):
 
 @dataclass(frozen=True)
 class FoundCell:
+    """One white cell; coordinates in field pixels, bbox end-exclusive, mask the whole cell inside bbox."""
+
     index: int
     bbox: tuple[int, int, int, int]
     centroid: tuple[float, float]
@@ -89,6 +99,8 @@ class FoundCell:
 
 @dataclass(frozen=True)
 class FieldSegmentation:
+    """The cells of one field (reading order), its scale and where the scale came from (given/estimated/default)."""
+
     cells: tuple[FoundCell, ...]
     um_per_px: float
     scale_source: str
@@ -182,11 +194,8 @@ def estimate_um_per_px(rgb: np.ndarray) -> float | None:
 
 
 def _rbc_diameter(img: NDArray[np.float32]) -> float | None:
-    """Red-cell diameter in pixels of ``img``, scale-free: red-cell pixels are the denser (Otsu) non-nucleus pixels
-    (pale centres filled); for a disk of radius R, 90 % of its pixels lie within 0.684 R of its edge, so the 90th
-    percentile of the distance map over red pixels gives R even where red cells touch. On BCCD this reads 0.92 of the
-    hand-drawn red-cell boxes (which circumscribe cells that are seldom round), and we divide by that. Where fused
-    masses of red cells leave too few cells' worth of pixels, the masses are left out."""
+    """Red-cell diameter in pixels of ``img`` (module docstring, step 1). The distance-map estimate reads 0.92 of
+    the hand-drawn BCCD red-cell boxes, which circumscribe cells that are seldom round; we divide by that."""
     from skimage.filters import threshold_otsu
 
     if min(img.shape[1:]) < 8:
@@ -230,9 +239,12 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
     rgb = _check(rgb)
     height, width = rgb.shape[:2]
     if um_per_px is not None:
-        if not (isinstance(um_per_px, int | float) and math.isfinite(um_per_px) and um_per_px > 0):
-            raise SegmentationError(f"um_per_px must be a positive number, got {um_per_px!r}")
-        scale, source = float(um_per_px), "given"
+        try:
+            scale, source = float(um_per_px), "given"
+        except (TypeError, ValueError):
+            scale = math.nan
+        if not (math.isfinite(scale) and scale > 0):
+            raise SegmentationError(f"um_per_px must be a positive number of micrometres per pixel, got {um_per_px!r}")
     else:
         est = estimate_um_per_px(rgb) if min(height, width) >= 8 else None
         scale, source = (est, "estimated") if est is not None else (CNMC_UM_PER_PX, "default")
