@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from allscore.db_cli import db_app
+from allscore.segment_cli import segment_cmd
 from allscore.store_cli import store_app
 from core.errors import AllscoreError
 from trainer.cli import data_app, evaluate_cmd, models_app, train_cmd
@@ -32,6 +33,7 @@ app.command("worker")(worker_cmd)
 app.command("submit")(submit_cmd)
 app.command("status")(status_cmd)
 app.command("report")(report_cmd)
+app.command("segment")(segment_cmd)
 
 
 @app.callback()

@@ -21,6 +21,10 @@ from core.settings import get_settings, reset_settings_cache
 
 SAMPLES = {"demo-low": 0.05, "demo-mid": 0.25, "demo-high": 0.60}
 CELLS_PER_SAMPLE = 80
+# One slide given as microscope fields (synthetic smears): the worker finds and cuts out the white cells.
+FIELDS_SAMPLE = "demo-fields"
+FIELDS = 6
+CELLS_PER_FIELD = 12
 
 
 def _redis_answers(url: str) -> bool:
@@ -54,6 +58,18 @@ def _start_worker(workdir: Path, console: Any) -> subprocess.Popen[bytes]:
             time.sleep(0.3)
     proc.terminate()
     raise RuntimeError(f"the worker did not start in 90 s; see {workdir / 'worker.log'}")
+
+
+def _write_fields(folder: Path) -> float:
+    """Synthetic smear fields for one slide; returns the true ALL fraction of its whole (uncut) white cells."""
+    import csv
+
+    from trainer.synth_fields import synthesize_fields
+
+    synthesize_fields(folder, fields=FIELDS, cells_per_field=CELLS_PER_FIELD, all_fraction=0.25, seed=7)
+    with (folder / "truth.csv").open() as fh:
+        whole = [row for row in csv.DictReader(fh) if row["edge"] == "0"]
+    return sum(row["label"] == "all" for row in whole) / len(whole)
 
 
 def run_demo(workdir: Path, *, epochs: int = 30, fresh: bool = False) -> None:
@@ -101,20 +117,26 @@ def run_demo(workdir: Path, *, epochs: int = 30, fresh: bool = False) -> None:
 
     upgrade()
     samples: dict[str, list[str]] = {}
-    with console.status("writing three synthetic slides with known ALL fractions"):
+    truth = dict(SAMPLES)
+    with console.status("writing three synthetic slides of cells and one of fields, with known ALL fractions"):
         for i, (name, fraction) in enumerate(SAMPLES.items()):
             folder = workdir / "slides" / name
             if folder.exists():
                 shutil.rmtree(folder)
             write_sample(folder, CELLS_PER_SAMPLE, fraction, seed=100 + i)
             samples[name] = [str(folder)]
+        folder = workdir / "slides" / FIELDS_SAMPLE
+        if folder.exists():
+            shutil.rmtree(folder)
+        truth[FIELDS_SAMPLE] = _write_fields(folder)
+        samples[FIELDS_SAMPLE] = [str(folder / "fields")]
 
     worker = _start_worker(workdir, console)
     try:
         from worker.cli import wait_for_job
         from worker.client import submit_samples
 
-        job = submit_samples(samples, model_ref=manifest.ref, job_id=f"demo-{version}")
+        job = submit_samples(samples, model_ref=manifest.ref, job_id=f"demo-{version}", kind={FIELDS_SAMPLE: "fields"})
         rows = wait_for_job(job, len(samples), timeout=600)
     finally:
         worker.terminate()
@@ -123,14 +145,14 @@ def run_demo(workdir: Path, *, epochs: int = 30, fresh: bool = False) -> None:
     table = Table(title=f"job {job}: ALL fraction per sample (model {manifest.ref})")
     for col in ("sample", "status", "cells", "true fraction", "ALL fraction", "95% CI", "corrected", "flags"):
         table.add_column(col)
-    rows.sort(key=lambda r: SAMPLES[r["sample_id"]])
+    rows.sort(key=lambda r: truth[r["sample_id"]])
     for r in rows:
         ci = "-" if r["ci_low"] is None else f"{r['ci_low']:.1%} - {r['ci_high']:.1%}"
         table.add_row(
             r["sample_id"],
             str(r["status"]),
             str(r["n_cells"]),
-            f"{SAMPLES[r['sample_id']]:.1%}",
+            f"{truth[r['sample_id']]:.1%}",
             "-" if r["all_fraction"] is None else f"{r['all_fraction']:.1%}",
             ci,
             "-" if r["corrected_fraction"] is None else f"{r['corrected_fraction']:.1%}",
@@ -140,16 +162,20 @@ def run_demo(workdir: Path, *, epochs: int = 30, fresh: bool = False) -> None:
 
     from db import repository
     from db.engine import make_engine, session_factory
-    from worker.report import render_montage
+    from worker.report import render_montage, render_overlays
 
     montages = workdir / "montages"
+    overlays = workdir / "overlays"
     with session_factory(make_engine())() as session:
         for r in rows:
             cells = repository.get_cell_results(
                 session=session, sample_id=r["sample_id"], model_version=r["model_version"]
             )
             render_montage(r, cells, montages)
+            if r.get("kind") == "fields":
+                render_overlays(r, cells, overlays)
     out.print(f"montages (one PNG per sample): {montages}")
+    out.print(f"field overlays (one PNG per field, cells outlined by call): {overlays}")
     out.print(f"results database: {settings.database_url}  (views sample_results, cell_results)")
     out.print(
         f"demo finished in {(time.perf_counter() - started) / 60:.1f} min. The data are synthetic: "

@@ -45,6 +45,8 @@ _IGNORED_FILES = frozenset({"thumbs.db", "desktop.ini", ".ds_store"})
 _IGNORED_DIRS = frozenset({"__macosx"})
 
 _CNMC_NAME = re.compile(r"^UID_(H?\d+)_(\d+)_(\d+)_(all|hem)\.(bmp|png|jpe?g|tiff?)$", re.IGNORECASE)
+# Crops cut from fields by `allscore segment`: UID_<slide>_<field>_<cell>.bmp; the class is the folder's.
+_SEGMENT_NAME = re.compile(r"^UID_([A-Za-z0-9-]+)_(\d+)_(\d+)\.(bmp|png)$", re.IGNORECASE)
 _FOLD_DIR = re.compile(r"^fold_(\d+)$", re.IGNORECASE)
 
 
@@ -218,6 +220,10 @@ def _read_class_root(class_root: Path, fold: str | None, skipped: list[tuple[Pat
                 continue
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 skipped.append((path, f"not an image file (suffix {path.suffix or 'none'!r})"))
+                continue
+            segment = _SEGMENT_NAME.match(path.name)
+            if segment is not None:
+                cells.append(CellRecord(path=path, label=folder_label, subject=segment.group(1), fold=fold))
                 continue
             try:
                 subject, name_label = parse_cnmc_name(path.name)

@@ -131,8 +131,14 @@ def test_demo_runs_with_the_embedded_broker(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "embedded" in result.stderr
     table = result.stdout
-    for name in ("demo-low", "demo-mid", "demo-high"):
+    for name in ("demo-low", "demo-mid", "demo-high", "demo-fields"):
         line = next(ln for ln in table.splitlines() if name in ln)
         assert "done" in line
-    assert len(list((tmp_path / "demo" / "montages").glob("*.png"))) == 3
+    assert len(list((tmp_path / "demo" / "montages").glob("*.png"))) == 4
+    # The slide given as fields: its white cells were found (rows in the view) and each field was drawn.
+    db = sqlite3.connect(tmp_path / "demo" / "allscore.db")
+    (n_found,) = db.execute("SELECT count(*) FROM cell_results WHERE sample_id = 'demo-fields'").fetchone()
+    (n_fields,) = db.execute("SELECT n_fields FROM sample_results WHERE sample_id = 'demo-fields'").fetchone()
+    assert n_fields == 6 and n_found >= 6 * 12 * 0.8
+    assert len(list((tmp_path / "demo" / "overlays").rglob("*.png"))) == 6
     assert list(cwd.iterdir()) == []  # everything stays under the work folder, nothing lands where it ran
