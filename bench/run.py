@@ -608,6 +608,11 @@ def main() -> None:
     log(f"6. memory soak: {args.soak} cells through the engine")
     results["soak"] = soak_memory(loaded, uris, fetch, args.batch, args.soak)
 
+    log("9. microscope fields: segmentation per field, end to end from fields over from crops")
+    from bench.fields import measure_fields
+
+    results.update(measure_fields(loaded, work, batch=args.batch))
+
     write_results(results)
     shutil.rmtree(work, ignore_errors=True)
 
@@ -623,6 +628,7 @@ TARGETS = {
     "split_over_single": (">=", 0.95),
     "pg_rows_per_s": (">=", 20000),
     "loads_per_process": ("==", 1),
+    "fields_e2e_over_crops_e2e": (">=", 0.8),
 }
 
 

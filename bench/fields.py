@@ -1,0 +1,157 @@
+"""Microscope fields in the bench: segmentation time per field, and end to end from fields against from crops.
+
+- ``field_ms_p50``: milliseconds per field on one thread to decode, segment and cut out the cells (what a worker's
+  I/O thread does per field), median over synthetic fields of 640x480 and of 2048x1536.
+- ``fields_e2e_over_crops_e2e``: cells/s through the engine (local files, SQLite) from synthetic fields of 12 white
+  cells each, over cells/s from the same cells given as their C-NMC crops; the model is the bench's (seed, float32).
+
+Run alone: ``python -m bench.fields`` (trains a small bench model first) or from ``bench.run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from core.storage import LocalStore
+
+RESULTS = Path(__file__).with_name("results")
+
+
+def _fields(out: Path, *, n: int, width: int, height: int, seed: int, crops: bool = False) -> list[str]:
+    from trainer.synth_fields import synthesize_fields
+
+    synthesize_fields(out, fields=n, cells_per_field=12, width=width, height=height, seed=seed, crops=crops)
+    return sorted(str(p) for p in (out / "fields").glob("*.png"))
+
+
+def field_ms(uris: list[str], *, size: int, train_um: float) -> list[float]:
+    """Wall ms per field on this thread: read, decode, segment, cut every whole lymphoid cell."""
+    from worker.fields import read_field
+
+    fetch = LocalStore().read_bytes
+    times = []
+    for uri in uris:
+        start = time.perf_counter()
+        read_field(uri, fetch, size=size, train_um_per_px=train_um, um_per_px=None, max_pixels=40_000_000)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def engine_cells_per_s(loaded: Any, uris: list[str], kind: str, db_url: str, batch: int) -> dict[str, Any]:
+    """One sample through worker.engine.score_sample; cells/s counts the cells scored (n_cells - n_failed)."""
+    from core.contract import ScoreMessage
+    from db import repository
+    from db.engine import make_engine, session_factory, transaction
+    from db.migrate import upgrade
+    from worker.engine import score_sample
+
+    upgrade(db_url)
+    sessions = session_factory(make_engine(db_url))
+    sample = f"fields-bench-{kind}"
+    job_id = f"{sample}-{time.time_ns()}"
+    with transaction(sessions) as session:
+        repository.ensure_model(
+            session=session,
+            name=loaded.manifest.name,
+            version=loaded.manifest.version,
+            uri="bench",
+            sha256=loaded.manifest.sha256,
+            sensitivity=loaded.manifest.validation.sensitivity,
+            specificity=loaded.manifest.validation.specificity,
+            threshold=loaded.manifest.threshold,
+        )
+        repository.create_job(session=session, job_id=job_id, n_samples=1)
+        queued = repository.enqueue_sample(
+            session=session, job_id=job_id, sample_id=sample, model_version=loaded.manifest.ref, kind=kind
+        )
+    message = ScoreMessage(
+        job_id=job_id,
+        sample_id=sample,
+        image_uris=tuple(uris),
+        model_version=loaded.manifest.ref,
+        submission=queued.submission,
+        kind=kind,  # type: ignore[arg-type]
+    )
+    with ThreadPoolExecutor(2) as pool:
+        start = time.perf_counter()
+        summary = score_sample(
+            message, loaded=loaded, fetch=LocalStore().read_bytes, sessions=sessions, pool=pool, batch_size=batch
+        )
+        seconds = time.perf_counter() - start
+    scored = summary.n_cells - summary.n_failed
+    return {
+        "images": len(uris),
+        "cells_scored": scored,
+        "seconds": round(seconds, 2),
+        "cells_per_s": round(scored / seconds, 1),
+        "all_fraction": summary.all_fraction,
+    }
+
+
+def measure_fields(loaded: Any, work: Path, *, batch: int = 64, n_fields: int = 20) -> dict[str, Any]:
+    """The field keys of latest.json (module docstring)."""
+    from core.segment import CNMC_UM_PER_PX
+
+    size = loaded.manifest.input_size
+    train_um = loaded.manifest.um_per_px or CNMC_UM_PER_PX
+    results: dict[str, Any] = {}
+    small = _fields(work / "f640", n=12, width=640, height=480, seed=21)
+    large = _fields(work / "f2048", n=6, width=2048, height=1536, seed=22)
+    field_ms(small[:2], size=size, train_um=train_um)  # warm: imports, caches
+    per_small = field_ms(small, size=size, train_um=train_um)
+    per_large = field_ms(large, size=size, train_um=train_um)
+    results["field_ms_p50"] = {
+        "640x480": round(statistics.median(per_small), 1),
+        "2048x1536": round(statistics.median(per_large), 1),
+    }
+
+    same = work / "same"
+    uris = _fields(same, n=n_fields, width=1024, height=768, seed=23, crops=True)
+    crops = sorted(str(p) for p in (same / "crops").rglob("*.bmp"))
+    db = f"sqlite:///{work / 'fields-bench.db'}"
+    engine_cells_per_s(loaded, crops[:64], "cells", db, batch)  # warm the traced graph
+    pairs = []
+    runs: dict[str, list[dict[str, Any]]] = {"fields": [], "crops": []}
+    for _ in range(3):
+        from_crops = engine_cells_per_s(loaded, crops, "cells", db, batch)
+        from_fields = engine_cells_per_s(loaded, uris, "fields", db, batch)
+        runs["crops"].append(from_crops)
+        runs["fields"].append(from_fields)
+        pairs.append(round(from_fields["cells_per_s"] / from_crops["cells_per_s"], 3))
+    results["fields_engine_runs"] = runs
+    results["fields_e2e_over_crops_e2e_pairs"] = pairs
+    results["fields_e2e_over_crops_e2e"] = round(statistics.median(pairs), 3)
+    return results
+
+
+def main() -> None:
+    """Train a small bench model and measure the field keys alone (bench/results/fields.json)."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--fields", type=int, default=20)
+    args = parser.parse_args()
+    from bench.run import machine, set_env, train_bench_model
+    from core.artifact import load_model
+    from core.inference import ServingModel
+
+    work = Path(tempfile.mkdtemp(prefix="allscore-fields-bench-"))
+    set_env(ALLSCORE_HOME=str(work / "home"))
+    store = train_bench_model(work, args.size, args.epochs)
+    loaded = load_model("bench:v1", store=store)
+    loaded.model = ServingModel(loaded.model, "float32")
+    results = {"machine": machine(), "args": vars(args), **measure_fields(loaded, work, n_fields=args.fields)}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "fields.json").write_text(json.dumps(results, indent=2, default=str))
+    print(json.dumps({k: v for k, v in results.items() if not k.startswith("fields_engine")}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
