@@ -28,6 +28,14 @@ from core.segment import CNMC_UM_PER_PX, LYMPHOID, FoundCell, segment_field
 # 76.5 px, and a neutrophil is 12-15 um across; 13.5 um / 76.5 px = 0.176 um per px.
 TYPED_UM_PER_PX = 0.176
 BCCD_SCALES = (1.0, 0.6, 1.6)
+# BCCD hand boxes believed wrong, checked by eye (not tuned to): the figures are given with and without them.
+SUSPECT_ANNOTATIONS = {
+    "BloodImage_00113.jpg": "the second 'WBC' box (257-288, 430-457) holds a platelet, not a white cell",
+    "BloodImage_00133.jpg": "a white cell cut by the top edge is not boxed",
+    "BloodImage_00135.jpg": "a white cell cut by the bottom edge is not boxed",
+    "BloodImage_00242.jpg": "a second white cell, cut by the top edge, is not boxed",
+    "BloodImage_00327.jpg": "a white cell cut by the left edge is not boxed",
+}
 OTHER_TYPES = ("neutrophil", "eosinophil", "basophil")
 RESULTS = Path(__file__).resolve().parent / "results" / "fields_eval.json"
 
@@ -73,6 +81,8 @@ def eval_bccd(root: Path, files: list[str] | None = None) -> dict[str, object]:
     out: dict[str, object] = {"fields": len(names), "boxes": sum(len(boxes.get(n, [])) for n in names)}
     for s in BCCD_SCALES:
         hits = extras = nbox = 0
+        clean = [0, 0, 0, 0]  # hits, boxes, extras, fields without the suspect annotations
+        kinds = {LYMPHOID: 0, "other": 0}
         missed, extra_files, est = [], [], []
         for n in names:
             im = Image.open(root / "JPEGImages" / n).convert("RGB")
@@ -83,6 +93,10 @@ def eval_bccd(root: Path, files: list[str] | None = None) -> dict[str, object]:
             bx = [tuple(v * s for v in b) for b in boxes.get(n, [])]
             h, e = score_field(seg.cells, bx)  # type: ignore[arg-type]
             hits, extras, nbox = hits + h, extras + e, nbox + len(bx)
+            if n not in SUSPECT_ANNOTATIONS:
+                clean = [clean[0] + h, clean[1] + len(bx), clean[2] + e, clean[3] + 1]
+            for c in seg.cells:
+                kinds[c.kind] += 1
             if h < len(bx):
                 missed.append(n)
             if e:
@@ -90,11 +104,15 @@ def eval_bccd(root: Path, files: list[str] | None = None) -> dict[str, object]:
         out[f"x{s}"] = {
             "recall": round(hits / max(1, nbox), 4),
             "extra_per_field": round(extras / max(1, len(names)), 4),
+            "recall_without_suspects": round(clean[0] / max(1, clean[1]), 4),
+            "extra_per_field_without_suspects": round(clean[2] / max(1, clean[3]), 4),
             "missed": missed,
             "with_extras": extra_files,
             "um_per_px_at_x1_median": round(float(np.median(est)), 4),
             "um_per_px_at_x1_p10_p90": [round(float(v), 4) for v in np.percentile(est, [10, 90])],
+            "found_kinds": kinds,
         }
+    out["suspect_annotations"] = SUSPECT_ANNOTATIONS
     return out
 
 
@@ -158,22 +176,26 @@ def eval_cnmc(root: Path) -> dict[str, object]:
     }
 
 
-def eval_speed(root: Path, n: int = 20) -> dict[str, object]:
+def eval_speed(root: Path, n: int = 30) -> dict[str, object]:
+    """ms per field on one core (this process pinned to one CPU), BCCD fields resized to each size."""
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     names = sorted(p.name for p in (root / "JPEGImages").glob("*.jpg"))[:n]
-    out: dict[str, object] = {}
-    for label, size in (("640x480", (640, 480)), ("2048x1536", (2048, 1536))):
-        arrs = [np.asarray(Image.open(root / "JPEGImages" / x).convert("RGB").resize(size)) for x in names]
+    out: dict[str, object] = {"fields": len(names), "load_average_before": round(os.getloadavg()[0], 2)}
+    sizes = (("640x480", (640, 480), n), ("2048x1536", (2048, 1536), n), ("4000x3000", (4000, 3000), 5))
+    for label, size, count in sizes:
+        arrs = [np.asarray(Image.open(root / "JPEGImages" / x).convert("RGB").resize(size)) for x in names[:count]]
         segment_field(arrs[0])
         for given in (False, True):
             times = []
             for a in arrs:
                 t = time.perf_counter()
-                segment_field(a, um_per_px=0.075 * 640 / size[0] if given else None)
+                segment_field(a, um_per_px=0.074 * 640 / size[0] if given else None)
                 times.append((time.perf_counter() - t) * 1000)
             key = f"{label}_{'scale_given' if given else 'scale_estimated'}_ms"
-            out[key] = {"median": round(float(np.median(times)), 2), "max": round(float(np.max(times)), 2)}
+            qs = (("median", 50), ("p90", 90), ("max", 100))
+            out[key] = {k: round(float(np.percentile(times, q)), 2) for k, q in qs}
+    out["load_average_after"] = round(os.getloadavg()[0], 2)
     return out
 
 

@@ -11,6 +11,7 @@ Run alone: ``python -m bench.fields`` (trains a small bench model first) or from
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import tempfile
@@ -95,7 +96,7 @@ def engine_cells_per_s(loaded: Any, uris: list[str], kind: str, db_url: str, bat
     }
 
 
-def measure_fields(loaded: Any, work: Path, *, batch: int = 64, n_fields: int = 20) -> dict[str, Any]:
+def measure_fields(loaded: Any, work: Path, *, batch: int = 64, n_fields: int = 25) -> dict[str, Any]:
     """The field keys of latest.json (module docstring)."""
     from core.segment import CNMC_UM_PER_PX
 
@@ -114,7 +115,9 @@ def measure_fields(loaded: Any, work: Path, *, batch: int = 64, n_fields: int = 
 
     same = work / "same"
     uris = _fields(same, n=n_fields, width=1024, height=768, seed=23, crops=True)
-    crops = sorted(str(p) for p in (same / "crops").rglob("*.bmp"))
+    # The same cells as crops: those not cut by a field's edge (edge cells are counted, not scored, from fields).
+    with (same / "truth.csv").open() as fh:
+        crops = sorted(str(same / row["crop"]) for row in csv.DictReader(fh) if row["edge"] == "0" and row["crop"])
     db = f"sqlite:///{work / 'fields-bench.db'}"
     engine_cells_per_s(loaded, crops[:64], "cells", db, batch)  # warm the traced graph
     pairs = []
@@ -128,6 +131,12 @@ def measure_fields(loaded: Any, work: Path, *, batch: int = 64, n_fields: int = 
     results["fields_engine_runs"] = runs
     results["fields_e2e_over_crops_e2e_pairs"] = pairs
     results["fields_e2e_over_crops_e2e"] = round(statistics.median(pairs), 3)
+    # The answer itself: the same slide's ALL fraction from its fields and from its cells' own crops.
+    fraction_fields, fraction_crops = runs["fields"][0]["all_fraction"], runs["crops"][0]["all_fraction"]
+    results["fields_vs_crops_cells"] = [runs["fields"][0]["cells_scored"], runs["crops"][0]["cells_scored"]]
+    results["fields_vs_crops_fraction"] = [fraction_fields, fraction_crops]
+    if fraction_fields is not None and fraction_crops is not None:
+        results["fields_vs_crops_fraction_delta"] = round(fraction_fields - fraction_crops, 4)
     return results
 
 
@@ -136,7 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--fields", type=int, default=20)
+    parser.add_argument("--fields", type=int, default=25, help="fields of 12 white cells (25: a 300-cell slide)")
     args = parser.parse_args()
     from bench.run import machine, set_env, train_bench_model
     from core.artifact import load_model

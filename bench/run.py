@@ -629,6 +629,7 @@ TARGETS = {
     "pg_rows_per_s": (">=", 20000),
     "loads_per_process": ("==", 1),
     "fields_e2e_over_crops_e2e": (">=", 0.8),
+    "fields_vs_crops_fraction_delta": ("abs<=", 0.03),
 }
 
 
