@@ -24,14 +24,14 @@ magnification give the same result.
 4. Rejected: nuclei under ``_MIN_NUC_UM2`` (platelets, debris), cells under ``_MIN_CELL_UM2``. A cell touching the
    field's border is kept and marked ``edge``.
 
-Kind rule, measured on each cell at about ``_KIND_UM`` um per pixel. The nucleus is the cell's pixels stained above
-halfway between the cell's 10th and 90th stain percentiles (where the paler half is under ``_NUC_SPLIT`` of the
-other: granular cytoplasm is stained too); else the fixed nucleus score. ``lymphoid`` when the nucleus is one body
-(no second lobe of 2 um2 or more), solid (area over convex-hull area >= ``_LYMPH_SOLIDITY``) and at least
-``_LYMPH_NC`` of the cell (nucleus-to-cell area); ``other`` otherwise: lobed or segmented nuclei (neutrophils,
-eosinophils), folded or kidney-shaped nuclei (monocytes, bands) and cells mostly cytoplasm. Lymphocytes and
-lymphoblasts are lymphoid. Known limit: monocytes with a round nucleus come out lymphoid (about half of them on the
-typed test cells), and the rule does not look at granule colour.
+Kind rule, measured on each cell at about ``_KIND_UM`` um per pixel. The nucleus is the cell's pixels stained more
+than halfway between the cell's 10th and 90th percentiles, in both stain score and density (where the paler half's
+score is under ``_NUC_SPLIT`` of the other's: granular cytoplasm is stained too, and the gaps between lobes are
+paler); else the fixed nucleus score. ``lymphoid`` when the nucleus is one body (no second lobe of 2 um2 or more),
+solid (area over convex-hull area >= ``_LYMPH_SOLIDITY``) and at least ``_LYMPH_NC`` of the cell (nucleus-to-cell
+area); ``other`` otherwise: lobed or segmented nuclei (neutrophils, eosinophils), folded or kidney-shaped nuclei
+(monocytes, bands) and cells mostly cytoplasm. Lymphocytes and lymphoblasts are lymphoid. Known limits: monocytes
+with a round nucleus come out lymphoid (about 40 % of the typed test monocytes); granule colour is not used.
 
 C-NMC scale (``CNMC_UM_PER_PX``): C-NMC does not publish it. The 24 real cells of cnmc-sample have a whole-cell
 equivalent diameter (non-black mask) of median 199 px (hem, normal B-lymphoid; 162-239 px) and 232 px (all,
@@ -379,16 +379,13 @@ def _features(
     px = (scale * k) ** 2
     score, dens, _, _ = _stain(img, bg)
     nuc = cell & (score > _NUC_SCORE)
-    sm = ndi.uniform_filter(score, 3)
-    v = sm[cell]
+    v = score[cell]
     sep = 0.0
     if v.size >= 16 and float(v.max() - v.min()) > 0.05:  # the nucleus is the more stained part, where distinct
-        p10, p90 = (float(x) for x in np.percentile(v, [10, 90]))
-        t = (p10 + p90) / 2  # halfway between the cell's paler (cytoplasm) and its more stained (nucleus) pixels
-        hi, lo = v[v > t], v[v <= t]
-        sep = float(lo.mean()) / max(1e-3, float(hi.mean()))
-        if sep < _NUC_SPLIT:
-            nuc = cell & (sm > max(t, _NUC_SCORE))
+        t = _halfway(v)
+        sep = float(v[v <= t].mean()) / max(1e-3, float(v[v > t].mean()))
+        if sep < _NUC_SPLIT:  # stained more than halfway, by both the stain score and the density
+            nuc = cell & (score > max(t, _NUC_SCORE)) & (dens > _halfway(dens[cell]))
     comps, n = ndi.label(nuc)
     areas = np.asarray(ndi.sum(nuc, comps, np.arange(1, n + 1))) * px
     lobes = int((areas >= 2.0).sum())
@@ -409,6 +406,12 @@ def _features(
         "nuc_dens": float(dens[nuc].mean()) if nuc.any() else 0.0,
         "sep": sep,
     }
+
+
+def _halfway(v: NDArray[np.float32]) -> float:
+    """Halfway between the 10th and 90th percentiles: between a cell's cytoplasm and its nucleus."""
+    p10, p90 = (float(x) for x in np.percentile(v, [10, 90]))
+    return (p10 + p90) / 2
 
 
 def _kind(crop: NDArray[np.uint8], mask: NDArray[np.bool_], bg: list[float] | None, scale: float) -> str:
