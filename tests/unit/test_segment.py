@@ -126,6 +126,20 @@ def test_found_cells_are_consistent() -> None:
         assert 8 <= 2 * np.sqrt(c.area_um2 / np.pi) <= 22
 
 
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("BloodImage_00000.jpg", OTHER),  # a segmented neutrophil (4-5 lobes)
+        ("BloodImage_00004.jpg", OTHER),  # a segmented neutrophil
+        ("BloodImage_00351.jpg", OTHER),  # a segmented neutrophil with ample cytoplasm
+        ("BloodImage_00020.jpg", LYMPHOID),  # a small lymphocyte: one round nucleus, a rim of cytoplasm
+    ],
+)
+def test_kind_of_bccd_cells(name: str, kind: str) -> None:
+    cells = [c for c in segment_field(field(name)).cells if not c.edge]
+    assert [c.kind for c in cells] == [kind]
+
+
 @pytest.mark.parametrize("path", CNMC, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_cnmc_cell_is_one_lymphoid_cell(path: Path) -> None:
     with Image.open(path) as im:
