@@ -152,8 +152,14 @@ def ensure_model(
     return int(existing.id)
 
 
-def create_job(*, session: Session, job_id: str, n_samples: int) -> None:
-    """Create job `job_id` for `n_samples` samples; raise JobExistsError if the id is taken."""
+def create_job(
+    *, session: Session, job_id: str, n_samples: int, retry_of: Sequence[tuple[str, str]] | None = None
+) -> None:
+    """Create job `job_id` for `n_samples` samples; raise JobExistsError if the id is taken.
+
+    `retry_of`, the job's (sample_id, model_version) pairs: a job that exists with exactly these samples is a
+    retry of the same submission (one that failed part way) and is taken again instead of refused.
+    """
     check_identifier("job id", job_id, JOB_ID_MAX_LENGTH)
     if n_samples < 0:
         raise ValueError(f"job {job_id!r}: n_samples must be non-negative, got {n_samples}")
@@ -163,8 +169,16 @@ def create_job(*, session: Session, job_id: str, n_samples: int) -> None:
         .on_conflict_do_nothing(index_elements=["id"])
         .returning(Job.id)
     )
-    if session.execute(stmt).scalar_one_or_none() is None:
-        raise JobExistsError(f"job {job_id!r} exists already; submit under a new job id (or let one be made)")
+    if session.execute(stmt).scalar_one_or_none() is not None:
+        return
+    if retry_of is not None:
+        existing = session.execute(select(Sample.sample_id, Sample.model_version).where(Sample.job_id == job_id))
+        if {(row.sample_id, row.model_version) for row in existing} == set(retry_of):
+            return
+    raise JobExistsError(
+        f"job {job_id!r} exists already with other samples; submit under a new job id (or let one be made); "
+        "resubmitting exactly the same samples under the same job id retries that job"
+    )
 
 
 def enqueue_sample(

@@ -117,7 +117,12 @@ def submit_samples(
     um_per_px: float | None = None,
     settings: Settings | None = None,
 ) -> str:
-    """Queue several samples (sample_id -> URIs) as one job; return the job id. All or nothing is queued.
+    """Queue several samples (sample_id -> URIs) as one job; return the job id.
+
+    All or nothing is recorded: every check runs, then the job and its samples are written in one transaction,
+    then the messages are sent. If the broker fails part way, the samples not sent are marked failed and
+    SubmitError says how many were queued; calling again with the same job id and samples retries the job (each
+    sample's submission number moves on, so deliveries of the first try can no longer write).
 
     The model reference is resolved now, in the named store (a name from settings.stores(), default the
     workers' own), and sent pinned as `name:version` with that store's name. `kind` says whether the images
@@ -162,7 +167,12 @@ def submit_samples(
             specificity=manifest.validation.specificity,
             threshold=manifest.threshold,
         )
-        repository.create_job(session=session, job_id=job_id, n_samples=len(expanded))
+        repository.create_job(
+            session=session,
+            job_id=job_id,
+            n_samples=len(expanded),
+            retry_of=[(sample_id, version) for sample_id in expanded],
+        )
         messages = [
             ScoreMessage(
                 job_id=job_id,

@@ -45,6 +45,8 @@ def test_user_path_on_the_embedded_database_with_redis(tmp_path: Path, synth_dat
         "ALLSCORE_BROKER_URL": "redis://127.0.0.1:6379/0",
         "ALLSCORE_QUEUE": f"e2e-{uuid.uuid4().hex[:8]}",
         "TF_CPP_MIN_LOG_LEVEL": "3",
+        # A second model store the operator lists for workers and submitters alike.
+        "ALLSCORE_MODEL_STORES": json.dumps({"other": str(tmp_path / "other-store")}),
     }
 
     # ML engineer: train, inspect, promote.
@@ -74,7 +76,7 @@ def test_user_path_on_the_embedded_database_with_redis(tmp_path: Path, synth_dat
         done = run("submit", "--manifest", str(manifest), "--model", "allscore@production", "--wait", env=env)
         job_id = done.stdout.strip().splitlines()[-1]
 
-        # A model from another store than the workers': the task carries the version folder's URI.
+        # A model from another store the workers list: the task names the store, never its path.
         other = tmp_path / "other-store"
         show = json.loads(run("models", "show", ref, env=env).stdout)
         version_dir = tmp_path / "home" / "models" / show["name"] / show["version"]
@@ -82,7 +84,9 @@ def test_user_path_on_the_embedded_database_with_redis(tmp_path: Path, synth_dat
         (other / "elsewhere" / "v9" / "manifest.json").write_text(
             json.dumps({**show, "name": "elsewhere", "version": "v9"})
         )
-        run("submit", "slide-2", str(slide), "--model", "elsewhere:v9", "--store", str(other), "--wait", env=env)
+        run("submit", "slide-2", str(slide), "--model", "elsewhere:v9", "--store", "other", "--wait", env=env)
+        unlisted = run("submit", "slide-3", str(slide), "--store", str(tmp_path), env=env, check=False)
+        assert unlisted.returncode == 2 and "not one the workers know" in unlisted.stderr
     finally:
         worker.stop()
 

@@ -19,6 +19,7 @@ import pytest
 from core.contract import ScoreMessage
 from db import repository
 from db.engine import session_factory, transaction
+from db.errors import JobExistsError
 from tests.integration.faults import wait_until
 from tests.integration.stack import FINAL, Stack
 from worker.client import SubmitError, submit_samples
@@ -219,3 +220,43 @@ def test_submit_store_names_a_listed_store_and_a_corrupt_model_there_fails_the_s
     good = submit_samples({"S-archive": cells}, model_ref=stack.model.ref, store="archive", settings=get_settings())
     assert stack.wait_final(good, 1, 90)["S-archive"]["status"] == "done"
     assert f"{stack.model.ref} in pid" in worker.log() and "from store archive" in worker.log()
+
+
+@pytest.mark.timeout(180)
+def test_a_submit_that_fails_half_way_is_retried_with_the_same_job_id(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.settings import get_settings
+    from trainer.synth import write_sample
+    from worker.celery_app import app
+
+    cells = [str(p) for p in write_sample(tmp_path / "slide", 4, 0.3, size=64)]
+    samples = {f"S-half-{i}": cells for i in range(3)}
+    real_send = app.send_task
+    sent: list[str] = []
+
+    def broker_drops_after_one(*args: Any, **kwargs: Any) -> Any:
+        # The broker takes one message and then goes away (what a Redis restart mid-submit looks like here).
+        if sent:
+            raise ConnectionError("Connection reset by peer")
+        sent.append(kwargs["kwargs"]["sample_id"])
+        return real_send(*args, **kwargs)
+
+    monkeypatch.setattr(app, "send_task", broker_drops_after_one)
+    with pytest.raises(SubmitError, match="1 of 3 samples were queued"):
+        submit_samples(samples, model_ref=stack.model.ref, job_id="job-half", settings=get_settings())
+    rows = stack.rows("job-half")
+    assert sorted(r["status"] for r in rows.values()) == ["failed", "failed", "queued"]
+    monkeypatch.setattr(app, "send_task", real_send)
+
+    # The same job id and samples again: a retry, not a clash; every sample goes out with a new submission.
+    assert submit_samples(samples, model_ref=stack.model.ref, job_id="job-half", settings=get_settings()) == "job-half"
+    with pytest.raises(JobExistsError, match="exists already with other samples"):
+        submit_samples({"S-other": cells}, model_ref=stack.model.ref, job_id="job-half", settings=get_settings())
+    worker = stack.start_worker(concurrency=1)
+    final = stack.wait_final("job-half", 3, 120)
+    assert {r["status"] for r in final.values()} == {"done"}
+    wait_until(lambda: stack.broker_keys() == {"queued": 0, "unacked": 0}, 60, "every message to be consumed")
+    # The first try's message for the sample it did queue was superseded: it wrote nothing.
+    assert "stale delivery, nothing written" in worker.log()
+    assert stack.duplicate_cells() == 0
