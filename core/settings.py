@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     worker_shutdown_grace: float = Field(default=8.0, ge=0, description="seconds running samples get on SIGTERM")
     task_time_limit: int = 2100
     task_max_retries: int = 5
+    # A sample whose processing has killed its worker process this many times is failed, not redelivered forever.
+    max_worker_deaths: int = Field(default=3, ge=1)
     # Retry n waits a random time in [0, min(cap, base * 2**n)] seconds (full jitter).
     task_retry_backoff: float = Field(default=2.0, gt=0, description="seconds: backoff base of a retry")
     task_retry_backoff_max: float = Field(default=120.0, gt=0, description="seconds: cap of one retry's backoff")

@@ -32,6 +32,10 @@ class SampleTooLarge(AllscoreError):
     """A field sample held more cells than ALLSCORE_MAX_CELLS_PER_SAMPLE allows."""
 
 
+class PoisonSample(AllscoreError):
+    """Processing this sample has killed its worker process too many times; it is failed, not redelivered."""
+
+
 def _load_cell(uri: str, fetch: Fetch, size: int, max_pixels: int) -> Unit:
     """One single-cell image, fetched and decoded (what the bench times as fetch + decode)."""
     return read_cell(uri, fetch, size=size, max_pixels=max_pixels)
@@ -138,6 +142,8 @@ def score_sample(
     max_pixels: int = 40_000_000,
     low_count: int = 0,
     max_cells: int | None = None,
+    retries: int = 0,
+    max_deaths: int | None = None,
 ) -> SampleSummary:
     """Mark the sample running, score its cells, and write cells + summary in one transaction.
 
@@ -151,7 +157,17 @@ def score_sample(
     delivery = Delivery(request.job_id, request.submission)
     started = time.perf_counter()
     with transaction(sessions) as session:
-        repository.mark_running(session=session, sample_id=request.sample_id, model_version=version, delivery=delivery)
+        attempts = repository.mark_running(
+            session=session, sample_id=request.sample_id, model_version=version, delivery=delivery
+        )
+    # Each start counts. Starts before this one that neither finished nor retried (`retries` counts those) ended
+    # with their worker process: killed (OOM, SIGKILL) or lost, and the message redelivered.
+    deaths = attempts - 1 - retries
+    if max_deaths is not None and deaths >= max_deaths:
+        raise PoisonSample(
+            f"the worker died {deaths} times on this sample (ALLSCORE_MAX_WORKER_DEATHS={max_deaths}); it is not "
+            "redelivered again: check the workers' logs and memory, split the sample or look for a bad image"
+        )
     size = manifest.input_size
     if request.kind == "fields":
         um_per_px, source = request.um_per_px, "given"

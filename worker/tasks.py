@@ -109,6 +109,8 @@ def run_scoring(task: Task, message: ScoreMessage) -> None:
             max_pixels=settings.max_image_pixels,
             low_count=settings.low_count,
             max_cells=settings.max_cells_per_sample,
+            retries=task.request.retries or 0,
+            max_deaths=settings.max_worker_deaths,
         )
     except StaleDelivery as exc:
         log.warning("sample %s: stale delivery, nothing written: %s", message.sample_id, exc)

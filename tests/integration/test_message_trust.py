@@ -260,3 +260,38 @@ def test_a_submit_that_fails_half_way_is_retried_with_the_same_job_id(
     # The first try's message for the sample it did queue was superseded: it wrote nothing.
     assert "stale delivery, nothing written" in worker.log()
     assert stack.duplicate_cells() == 0
+
+
+@pytest.mark.timeout(240)
+def test_a_sample_that_kills_its_worker_again_and_again_is_failed_not_redelivered_forever(stack: Stack) -> None:
+    import signal
+
+    from tests.integration.stack import children
+
+    prefix = stack.upload_sample("slide-poison", 8)
+    s3 = stack.s3_proxy()
+    worker = stack.start_worker(
+        concurrency=1, ALLSCORE_S3_ENDPOINT_URL=f"http://{s3.url_host}", ALLSCORE_MAX_WORKER_DEATHS="2"
+    )
+    # Frozen S3: every start hangs on the first image, and the test kills the worker child there, as an
+    # out-of-memory kill would, each time the sample is redelivered.
+    s3.freeze()
+    job = stack.submit({"slide-poison": [prefix]})
+    assert worker.proc is not None
+    for attempt in (1, 2):
+        wait_until(
+            lambda attempt=attempt: (
+                stack.sample("slide-poison")["attempts"] == attempt
+                and stack.sample("slide-poison")["status"] == "running"
+            ),
+            90,
+            f"start {attempt}",
+        )
+        (child,) = children(worker.proc.pid)
+        os.kill(child, signal.SIGKILL)
+        wait_until(lambda child=child: child not in children(worker.proc.pid), 30, "the child to go")
+    row = stack.wait_final(job, 1, 120)["slide-poison"]
+    s3.thaw()
+    assert row["status"] == "failed" and "the worker died 2 times on this sample" in row["error"], row
+    assert stack.sample("slide-poison")["attempts"] == 3
+    wait_until(lambda: stack.broker_keys() == {"queued": 0, "unacked": 0}, 60, "nothing left to redeliver")
