@@ -15,7 +15,7 @@ from allscore.segment_cli import segment_cmd
 from allscore.store_cli import store_app
 from core.errors import AllscoreError
 from trainer.cli import data_app, evaluate_cmd, models_app, train_cmd
-from worker.cli import report_cmd, status_cmd, submit_cmd, worker_cmd
+from worker.cli import report_cmd, status_cmd, submit_cmd, sweep_cmd, worker_cmd
 
 app = typer.Typer(
     name="allscore",
@@ -34,6 +34,7 @@ app.command("submit")(submit_cmd)
 app.command("status")(status_cmd)
 app.command("report")(report_cmd)
 app.command("segment")(segment_cmd)
+app.command("sweep")(sweep_cmd)
 
 
 @app.callback()

@@ -387,13 +387,22 @@ def _cell_row(sample_pk: int, cell: CellResult, now: Any) -> dict[str, Any]:
 
 
 def mark_failed(
-    *, session: Session, sample_id: str, model_version: str, error: str, delivery: Delivery | None = None
+    *,
+    session: Session,
+    sample_id: str,
+    model_version: str,
+    error: str,
+    delivery: Delivery | None = None,
+    only_if: SampleStatus | None = None,
 ) -> None:
     """Mark the sample failed with `error`; any earlier result of it is cleared, never left half-valid.
 
-    With a `delivery`, nothing is written (StaleDelivery) unless it is the current, unfinished submission.
+    With a `delivery`, nothing is written (StaleDelivery) unless it is the current, unfinished submission; with
+    `only_if`, nothing is written (StaleDelivery) unless the sample is still in that status.
     """
     sample = _lock_sample(session, sample_id, model_version, delivery)
+    if only_if is not None and sample.status != only_if:
+        raise StaleDelivery(f"sample {sample_id!r} (model {model_version!r}) is {sample.status}, not {only_if}")
     session.execute(delete(Cell).where(Cell.sample_pk == sample.id).execution_options(**_NO_SYNC))
     session.execute(
         update(Sample)

@@ -250,3 +250,22 @@ def report_cmd(
             if overlays is not None and row.get("kind") == "fields":
                 for path in render_overlays(row, cells, overlays):
                     err.print(f"overlay: {path}")
+
+
+def sweep_cmd(
+    every: Annotated[
+        float | None, typer.Option(help="repeat every this many seconds (the compose sweeper); default once")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would be failed; change nothing")] = False,
+) -> None:
+    """Fail the samples no worker will finish: running past the hard time limit, or queued with no message."""
+    from worker.sweep import sweep
+
+    while True:
+        report = sweep(get_settings(), dry_run=dry_run)
+        err.print(report.describe() + (" (dry run)" if dry_run else ""))
+        for sample_id in report.stuck_running + report.lost_queued:
+            typer.echo(sample_id)
+        if every is None:
+            return
+        time.sleep(every)

@@ -295,3 +295,40 @@ def test_a_sample_that_kills_its_worker_again_and_again_is_failed_not_redelivere
     assert row["status"] == "failed" and "the worker died 2 times on this sample" in row["error"], row
     assert stack.sample("slide-poison")["attempts"] == 3
     wait_until(lambda: stack.broker_keys() == {"queued": 0, "unacked": 0}, 60, "nothing left to redeliver")
+
+
+@pytest.mark.timeout(180)
+def test_the_sweeper_fails_samples_lost_from_the_broker_or_stuck_running_and_nothing_else(
+    stack: Stack, tmp_path: Path
+) -> None:
+    import redis
+    from typer.testing import CliRunner
+
+    from allscore.cli import app
+    from trainer.synth import write_sample
+
+    cells = [str(p) for p in write_sample(tmp_path / "slide", 4, 0.3, size=64)]
+    lost = stack.submit({"S-lost": cells})
+    client = redis.Redis.from_url(stack.redis_url)
+    client.delete(stack.queue)  # a flushed Redis: the message is gone, the row still says queued
+    client.close()
+    alive = stack.submit({"S-alive": cells})
+    stuck_job, _ = _enqueue(stack, "S-stuck")
+    with stack.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE samples SET submitted_at = submitted_at - interval '1 hour'")
+        conn.exec_driver_sql(
+            "UPDATE samples SET status = 'running', started_at = now() - interval '3 hours' WHERE sample_id = 'S-stuck'"
+        )
+    dry = CliRunner().invoke(app, ["sweep", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert _row(stack, "S-lost")["status"] == "queued", "a dry run changes nothing"
+
+    result = CliRunner().invoke(app, ["sweep"])
+    assert result.exit_code == 0, result.output
+    assert sorted(result.stdout.split()) == ["S-lost", "S-stuck"]
+    assert "no longer on the broker" in _row(stack, "S-lost")["error"]
+    assert "hard time limit" in _row(stack, "S-stuck")["error"]
+    assert _row(stack, "S-alive")["status"] == "queued", "a sample whose message waits on the broker is left alone"
+    stack.start_worker(concurrency=1)
+    assert stack.wait_final(alive, 1, 90)["S-alive"]["status"] == "done"
+    assert stack.rows(lost)["S-lost"]["status"] == "failed" and stuck_job
