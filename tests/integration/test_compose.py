@@ -186,6 +186,13 @@ def test_each_service_command_runs_on_the_host(
     finally:
         worker.stop()
 
+    # sweeper: its command, once (it repeats every 300 s in compose), looks at the database and the broker.
+    command = services["sweeper"]["command"]
+    assert command[:1] == ["sweep"] and "--every" in command
+    sweep = _run(command[:1], _local_env(services["sweeper"], local))
+    assert sweep.returncode == 0, sweep.stderr
+    assert "swept: 0 running past the hard time limit, 0 queued with no message on the broker" in sweep.stderr
+
     # flower: its command serves the dashboard behind basic auth.
     port = free_port()
     flower_cmd = [part.replace("--port=5555", f"--port={port}") for part in services["flower"]["command"]]
