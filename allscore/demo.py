@@ -17,7 +17,7 @@ from typing import Any
 from rich.table import Table
 
 from core.console import stderr_console, stdout_console
-from core.settings import get_settings, reset_settings_cache
+from core.settings import get_settings, redact, reset_settings_cache
 
 SAMPLES = {"demo-low": 0.05, "demo-mid": 0.25, "demo-high": 0.60}
 CELLS_PER_SAMPLE = 80
@@ -176,7 +176,7 @@ def run_demo(workdir: Path, *, epochs: int = 30, fresh: bool = False) -> None:
                 render_overlays(r, cells, overlays)
     out.print(f"montages (one PNG per sample): {montages}")
     out.print(f"field overlays (one PNG per field, cells outlined by call): {overlays}")
-    out.print(f"results database: {settings.database_url}  (views sample_results, cell_results)")
+    out.print(f"results database: {redact(settings.database_url)}  (views sample_results, cell_results)")
     out.print(
         f"demo finished in {(time.perf_counter() - started) / 60:.1f} min. The data are synthetic: "
         "these figures say nothing about real slides."

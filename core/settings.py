@@ -115,3 +115,10 @@ def get_settings() -> Settings:
 def reset_settings_cache() -> None:
     """Forget the cached settings (tests and CLI overrides change the environment)."""
     get_settings.cache_clear()
+
+
+def redact(url: str) -> str:
+    """Text fit to print: the password of every URL in it replaced by ***, e.g. redis://:***@redis:6379/0."""
+    import re
+
+    return re.sub(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]*@", r"\1***@", url)

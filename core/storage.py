@@ -45,7 +45,15 @@ class AlreadyExists(StorageError):
     """A write with overwrite=False found the object already there."""
 
 
-class BucketNotFound(StorageError):
+class StoreDenied(StorageError):
+    """The store refuses every read of this kind: no such bucket, access denied, bad or missing credentials.
+
+    Unlike a missing or unreadable object, this will not pass and is not about one image: the worker fails the
+    whole sample with the reason instead of marking every cell.
+    """
+
+
+class BucketNotFound(StoreDenied):
     """The S3 bucket does not exist (or is not visible with these credentials)."""
 
 
@@ -595,7 +603,7 @@ class S3Store:
         except bx.ClientError as exc:
             raise self._from_client_error(exc, uri) from exc
         except (bx.NoCredentialsError, bx.PartialCredentialsError, bx.CredentialRetrievalError) as exc:
-            raise StorageError(
+            raise StoreDenied(
                 uri,
                 f"{uri}: no usable AWS credentials ({exc}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
             ) from exc
@@ -625,9 +633,7 @@ class S3Store:
         if code == "ConditionalRequestConflict":
             return StorageUnavailable(uri, f"{uri}: another writer is creating this object right now; retry")
         if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403") or status == 403:
-            return StorageError(
-                uri, f"{uri}: access denied ({code}); check the AWS credentials and the bucket's policy"
-            )
+            return StoreDenied(uri, f"{uri}: access denied ({code}); check the AWS credentials and the bucket's policy")
         if status >= 500 or code in ("SlowDown", "RequestTimeout", "ServiceUnavailable", "InternalError"):
             return StorageUnavailable(uri, f"{uri}: the S3 server failed ({code or status}) after retries; retry later")
         return StorageError(uri, f"{uri}: S3 refused the request ({code or status}: {exc}); check the URI")

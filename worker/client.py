@@ -11,7 +11,7 @@ from pathlib import Path
 from core.artifact import Registry
 from core.contract import DEFAULT_STORE, InvalidIdentifier, Kind, ScoreMessage, check_identifier
 from core.errors import AllscoreError
-from core.settings import Settings, get_settings
+from core.settings import Settings, get_settings, redact
 from core.storage import is_s3, parse_s3, store_for, within_roots
 from db import repository
 from db.engine import make_engine, session_factory, transaction
@@ -207,7 +207,7 @@ def submit_samples(
                         delivery=repository.Delivery(job_id, message.submission),
                     )
         raise SubmitError(
-            f"the broker at {settings.broker_url} did not take the job ({exc}); {len(sent)} of "
+            f"the broker at {redact(settings.broker_url)} did not take the job ({redact(str(exc))}); {len(sent)} of "
             f"{len(expanded)} samples were queued; check ALLSCORE_BROKER_URL and resubmit"
         ) from exc
     log.info("job %s: queued %d samples for %s", job_id, len(sent), version)

@@ -19,7 +19,7 @@ from skimage import measure
 
 from core.imaging import DecodeError, decode_field, decode_image
 from core.segment import CROP_SIZE, FoundCell, SegmentationError, cut_cell, estimate_um_per_px, segment_field
-from core.storage import ObjectNotFound, StorageError, StorageUnavailable
+from core.storage import ObjectNotFound, StorageError, StorageUnavailable, StoreDenied
 from db.records import FieldCell
 
 Fetch = Callable[[str], bytes]
@@ -50,10 +50,11 @@ class Unit:
 
 
 def _fetch(uri: str, fetch: Fetch) -> bytes | str:
-    """The bytes, or the reason there are none; a store that is down raises (the whole sample retries)."""
+    """The bytes, or the reason there are none. A store that is down raises (the whole sample retries), and so
+    does one that refuses (no such bucket, access denied, bad credentials: the whole sample fails)."""
     try:
         return fetch(uri)
-    except StorageUnavailable:
+    except (StorageUnavailable, StoreDenied):
         raise
     except ObjectNotFound:
         return f"not found: {uri}"

@@ -103,7 +103,9 @@ def test_hostile_messages_end_their_samples_and_the_worker_reads_nothing_it_shou
     secret = outside / "secret.bmp"
     shutil.copy(good[0], secret)
     worker = stack.start_worker(
-        concurrency=1, ALLSCORE_ALLOWED_ROOTS=f'["{allowed}"]', ALLSCORE_MAX_IMAGE_BYTES="200000"
+        concurrency=1,
+        ALLSCORE_ALLOWED_ROOTS=f'["{allowed}", "s3://no-such-bucket-allscore"]',
+        ALLSCORE_MAX_IMAGE_BYTES="200000",
     )
     cases: dict[str, tuple[dict[str, Any], str, str]] = {
         # sample id: (message change, final status, the reason it must give)
@@ -117,6 +119,9 @@ def test_hostile_messages_end_their_samples_and_the_worker_reads_nothing_it_shou
         "store-as-path": ({"model_store": "/etc"}, "failed", "message was refused"),
         "store-unlisted": ({"model_store": "archive"}, "failed", "not one of this worker's stores"),
         "no-such-version": ({"model_version": "tiny:no-such-version"}, "failed", "no model manifest"),
+        # A store that refuses (no such bucket here; access denied and bad credentials alike) will not pass: the
+        # sample fails with the reason rather than ending `done` with every cell failed.
+        "no-such-bucket": ({"image_uris": ["s3://no-such-bucket-allscore/a.bmp", *good]}, "failed", "bucket"),
     }
     for sample_id, (change, _, _) in cases.items():
         version = change.get("model_version", stack.model.ref)

@@ -89,3 +89,19 @@ def test_settings_list_the_default_store_and_named_extra_stores(tmp_path: Any) -
     assert settings.stores() == {"default": str(tmp_path / "models"), "archive": "s3://old-models"}
     with pytest.raises(ValueError, match="store name"):
         Settings(home=tmp_path, model_stores={"../up": "/tmp"})
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("redis://:s3cr3t@redis:6379/0", "redis://:***@redis:6379/0"),
+        ("postgresql+psycopg://allscore:pw@postgres:5432/db", "postgresql+psycopg://allscore:***@postgres:5432/db"),
+        ("Error 111 connecting to redis://:pw@h:1. Refused.", "Error 111 connecting to redis://:***@h:1. Refused."),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("sqlite:////tmp/allscore.db", "sqlite:////tmp/allscore.db"),
+    ],
+)
+def test_errors_never_print_a_password(text: str, shown: str) -> None:
+    from core.settings import redact
+
+    assert redact(text) == shown
