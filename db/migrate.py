@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Engine, text
 
 from db.engine import make_engine
 from db.errors import MigrationError
+from db.roles import set_role_passwords
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
             after = _current(connection)
+            # Every upgrade sets the roles' passwords from the environment: a new one rotates it.
+            set_role_passwords(connection)
     except (CommandError, RevisionError) as exc:
         raise MigrationError(
             f"cannot upgrade the database to revision {revision!r}: {exc}. If the database is at a revision "

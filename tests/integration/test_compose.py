@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from core.settings import Settings, reset_settings_cache
+from db.engine import parse_url
 from tests.helpers import REPO_ROOT, require_service
 from tests.integration.faults import free_port
 from tests.worker_process import WorkerProcess
@@ -97,7 +98,15 @@ def test_required_secrets_fail_fast(tmp_path: Path) -> None:
 def _local_env(service: dict[str, Any], overrides: dict[str, str]) -> dict[str, str]:
     """The service's environment from the compose file, with its hosts pointed at this machine's servers."""
     env = {k: str(v) for k, v in (service.get("environment") or {}).items()}
+    compose_db = env.get("ALLSCORE_DATABASE_URL")
     env.update(overrides)
+    if compose_db and "ALLSCORE_DATABASE_URL" in overrides:
+        # The least-privilege role a service logs in as in compose stays its role here (this server trusts
+        # local logins, so no password is needed); the owner's URL stays the test's.
+        user = parse_url(compose_db).username
+        if user == "allscore_worker":
+            local = parse_url(overrides["ALLSCORE_DATABASE_URL"]).set(username=user, password=None)
+            env["ALLSCORE_DATABASE_URL"] = local.render_as_string(hide_password=False)
     return env
 
 
@@ -172,6 +181,9 @@ def test_each_service_command_runs_on_the_host(
     try:
         for key, value in env.items():
             monkeypatch.setenv(key, value)
+        # The test submits as a lab pipeline, not as the worker's role (which cannot create jobs).
+        assert "allscore_worker" in env["ALLSCORE_DATABASE_URL"]
+        monkeypatch.setenv("ALLSCORE_DATABASE_URL", pg_empty_url)
         reset_settings_cache()
         from worker.cli import wait_for_job
         from worker.client import submit_sample

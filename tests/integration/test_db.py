@@ -206,3 +206,83 @@ def test_analyst_role_reads_the_views_and_cannot_write(pg_empty_url: str, monkey
             assert getattr(caught.value.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE, statement
     finally:
         analyst.dispose()
+
+
+def _scram_matches(verifier: str, password: str) -> bool:
+    """Whether a PostgreSQL SCRAM-SHA-256 verifier (pg_authid.rolpassword) was made from `password` (RFC 5802)."""
+    import base64
+    import hashlib
+    import hmac
+
+    method, rest = verifier.split("$", 1)
+    iterations_salt, keys = rest.split("$", 1)
+    iterations, salt = iterations_salt.split(":")
+    stored_key = keys.split(":")[0]
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt), int(iterations))
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    return method == "SCRAM-SHA-256" and hashlib.sha256(client_key).digest() == base64.b64decode(stored_key)
+
+
+@pytest.mark.reliability
+def test_worker_role_writes_results_and_nothing_else_and_passwords_rotate_on_upgrade(
+    pg_empty_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker_password = f"worker-{uuid.uuid4().hex}'%"
+    analyst_password = f"analyst-{uuid.uuid4().hex}"
+    monkeypatch.setenv("ALLSCORE_WORKER_DB_PASSWORD", worker_password)
+    monkeypatch.setenv("ALLSCORE_ANALYST_PASSWORD", analyst_password)
+    upgrade(pg_empty_url)
+    owner = make_engine(pg_empty_url)
+    submit(session_factory(owner), "job-w", ["S1"])
+
+    # The worker's role does a worker's whole job: running, then done, then failed on another delivery.
+    worker = make_engine(
+        parse_url(pg_empty_url)
+        .set(username="allscore_worker", password=worker_password)
+        .render_as_string(hide_password=False)
+    )
+    try:
+        score(session_factory(worker), "S1", "cnn:1", make_cells("s3://lab/S1", [0.9, 0.2]))
+        with transaction(session_factory(worker)) as s:
+            repo.mark_failed(session=s, sample_id="S1", model_version="cnn:1", error="swept")
+        forbidden = [
+            "INSERT INTO jobs (id, submitted_at, n_samples) VALUES ('evil', now(), 0)",
+            "DELETE FROM samples",
+            "UPDATE models SET threshold = 0",
+            "SELECT * FROM jobs",
+            "DROP TABLE cells",
+            "CREATE TABLE worker_scratch (x int)",
+        ]
+        for statement in forbidden:
+            with pytest.raises(ProgrammingError) as caught, worker.begin() as conn:
+                conn.execute(text(statement))
+            assert getattr(caught.value.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE, statement
+    finally:
+        worker.dispose()
+
+    # The analyst's queries are limited; a new password set in the environment and upgraded again rotates it.
+    # (This server trusts local connections, so a login cannot tell passwords apart: the stored verifier can.)
+    def verifier() -> str:
+        with owner.connect() as conn:
+            return str(
+                conn.execute(text("SELECT rolpassword FROM pg_authid WHERE rolname = 'allscore_analyst'")).scalar_one()
+            )
+
+    with owner.connect() as conn:
+        limit, config = conn.execute(
+            text("SELECT rolconnlimit, rolconfig FROM pg_roles WHERE rolname = 'allscore_analyst'")
+        ).one()
+    assert limit == 20 and "statement_timeout=60s" in config
+    assert _scram_matches(verifier(), analyst_password)
+    rotated = f"analyst-{uuid.uuid4().hex}"
+    monkeypatch.setenv("ALLSCORE_ANALYST_PASSWORD", rotated)
+    upgrade(pg_empty_url)
+    after = verifier()
+    owner.dispose()
+    assert _scram_matches(after, rotated) and not _scram_matches(after, analyst_password)
+    analyst = create_engine(parse_url(pg_empty_url).set(username="allscore_analyst"))
+    try:
+        with analyst.connect() as conn:
+            assert conn.execute(text("SHOW statement_timeout")).scalar_one() == "1min"
+    finally:
+        analyst.dispose()

@@ -1,0 +1,62 @@
+"""The PostgreSQL roles allscore's services log in as, and their passwords, set (and rotated) on every upgrade.
+
+- ``allscore_analyst`` (migration 0002, limits in 0005): SELECT on the two analyst views, nothing else; a statement
+  timeout and a connection limit, so an analyst's query cannot hold the database.
+- ``allscore_worker`` (migration 0005): what a scoring worker and the sweeper need and nothing more: read and update
+  sample rows, write and delete their cell rows. No jobs, no models, no DDL, no views.
+
+Each role can log in once its password is set from the environment (``ALLSCORE_ANALYST_PASSWORD``,
+``ALLSCORE_WORKER_DB_PASSWORD``) by ``allscore db upgrade``; setting a new one and upgrading again rotates it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from sqlalchemy import Connection, text
+
+log = logging.getLogger(__name__)
+
+ROLE_PASSWORDS = {"allscore_analyst": "ALLSCORE_ANALYST_PASSWORD", "allscore_worker": "ALLSCORE_WORKER_DB_PASSWORD"}
+
+# The password travels as a bound parameter (set_config) and is quoted by the server (%L), so no character in it
+# can break out of the statement. Two databases setting it at once make the loser fail with "tuple concurrently
+# updated" (internal_error) once the winner commits: retry.
+_SET_PASSWORD_SQL = """
+DO $$
+BEGIN
+    FOR attempt IN 1..20 LOOP
+        BEGIN
+            EXECUTE format('ALTER ROLE %I LOGIN PASSWORD %L',
+                           current_setting('allscore.role_name'), current_setting('allscore.role_password'));
+            RETURN;
+        EXCEPTION WHEN internal_error THEN
+            PERFORM pg_sleep(0.05 * attempt);
+        END;
+    END LOOP;
+    RAISE EXCEPTION 'could not set a role password: concurrent updates kept winning';
+END
+$$
+"""
+
+
+def set_role_passwords(connection: Connection) -> list[str]:
+    """Set the password of each allscore role whose variable is set (PostgreSQL only); returns the roles set."""
+    if connection.dialect.name != "postgresql":
+        return []
+    done = []
+    for role, variable in ROLE_PASSWORDS.items():
+        password = os.environ.get(variable)
+        exists = connection.execute(text("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = :r"), {"r": role})
+        if not password or exists.first() is None:
+            continue
+        connection.execute(text("SELECT set_config('allscore.role_name', :r, true)"), {"r": role})
+        connection.execute(text("SELECT set_config('allscore.role_password', :p, true)"), {"p": password})
+        connection.execute(text(_SET_PASSWORD_SQL))
+        # Don't leave the secret readable for the rest of the transaction.
+        connection.execute(text("SELECT set_config('allscore.role_password', '', true)"))
+        done.append(role)
+    if done:
+        log.info("role passwords set from the environment: %s", ", ".join(done))
+    return done
