@@ -214,7 +214,19 @@ def _rbc_diameter(img: NDArray[np.float32]) -> float | None:
     vals = dens[specimen]
     if vals.size < 64 or float(vals.max() - vals.min()) < 0.05:
         return None
-    red = specimen & (dens > threshold_otsu(vals)) & (score < _NUC_SCORE)
+    found = _red_diameter(specimen & (dens > threshold_otsu(vals)) & (score < _NUC_SCORE))
+    if found is not None:
+        return found
+    # With several dark white cells in a field (a leukaemic smear), Otsu over every pixel splits nuclei from the
+    # rest and leaves no red cell: then the threshold is taken over the pixels that are not nucleus.
+    rest = dens[specimen & (score < _NUC_SCORE)]
+    if rest.size < 64 or float(rest.max() - rest.min()) < 0.05:
+        return None
+    return _red_diameter(specimen & (dens > threshold_otsu(rest)) & (score < _NUC_SCORE))
+
+
+def _red_diameter(red: NDArray[np.bool_]) -> float | None:
+    """The red-cell diameter in pixels from a mask of red-cell pixels (None if too few cells in it)."""
     red = _fill_holes(ndi.binary_opening(red, _disk(1.5)))
     edt = _distance(red)
     # leave out masses thicker than the typical red-cell clump (1.6x its area-weighted median inscribed radius):

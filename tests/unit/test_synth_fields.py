@@ -192,20 +192,7 @@ def test_the_command_writes_fields(tmp_path: Path) -> None:
     assert len(list((out / "crops" / "all").glob("*.bmp"))) == 3
 
 
-@pytest.mark.parametrize(
-    "scale_given",
-    [
-        True,
-        pytest.param(
-            False,
-            marks=pytest.mark.xfail(
-                reason="core.segment 31e9832: estimate_um_per_px takes Otsu over nuclei too and finds no red cells "
-                "in fields with several white cells (see the notes to the lead); drop this mark once fixed",
-                strict=False,
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("scale_given", [True, False])
 def test_the_field_segmenter_finds_the_white_cells(tmp_path: Path, scale_given: bool) -> None:
     # Cells apart (touching ones are a harder case, measured separately): every white cell found once, near its
     # true centroid, with and without being told the scale.
