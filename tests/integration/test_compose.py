@@ -65,7 +65,9 @@ def rendered(tmp_path: Path) -> dict[str, Any]:
 
 def test_compose_file_is_valid_and_scalable(rendered: dict[str, Any]) -> None:
     services = rendered["services"]
-    assert {"redis", "postgres", "s3", "createbucket", "migrate", "worker", "trainer", "flower"} <= set(services)
+    assert {"redis", "postgres", "s3", "createbucket", "migrate", "worker", "sweeper", "trainer", "flower"} <= set(
+        services
+    )
     worker = services["worker"]
     # `docker compose up --scale worker=N` needs no fixed name and no host port.
     assert "container_name" not in worker and "ports" not in worker
@@ -83,6 +85,41 @@ def test_compose_file_is_valid_and_scalable(rendered: dict[str, Any]) -> None:
         assert "healthcheck" in services[name], name
         image = services[name]["image"]
         assert ":" in image and not image.endswith(":latest"), f"{name} image must be pinned: {image}"
+
+
+@pytest.mark.reliability
+def test_workers_get_least_privilege_keys_to_the_database_and_the_object_store(
+    rendered: dict[str, Any], tmp_path: Path
+) -> None:
+    import json
+
+    services = rendered["services"]
+    # The s3 service writes its identities from the environment at start: run that part of its command here.
+    command = services["s3"]["command"][0].replace("$$", "$")
+    writes_config, starts_server = command.split(" && exec ", 1)
+    assert starts_server.startswith("weed server") and "-s3.config=/tmp/s3.json" in starts_server
+    config = tmp_path / "s3.json"
+    subprocess.run(
+        ["/bin/sh", "-c", writes_config.replace("/tmp/s3.json", str(config))],
+        env={**os.environ, **{k: str(v) for k, v in services["s3"]["environment"].items()}},
+        check=True,
+    )
+    identities = {i["name"]: i for i in json.loads(config.read_text())["identities"]}
+    assert set(identities["worker"]["actions"]) == {"Read", "List"}
+    assert "Write" in identities["admin"]["actions"]
+    worker_key = identities["worker"]["credentials"][0]
+    admin_key = identities["admin"]["credentials"][0]
+    for name in ("worker", "sweeper"):
+        env = services[name]["environment"]
+        assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (
+            worker_key["accessKey"],
+            worker_key["secretKey"],
+        ), name
+        assert env["ALLSCORE_DATABASE_URL"].startswith("postgresql+psycopg://allscore_worker:"), name
+    for name in ("createbucket", "trainer"):
+        assert services[name]["environment"]["AWS_ACCESS_KEY_ID"] == admin_key["accessKey"], name
+    flower = services["flower"]["environment"]
+    assert not any(k.startswith("AWS_") or k == "ALLSCORE_DATABASE_URL" for k in flower), flower
 
 
 @pytest.mark.reliability
