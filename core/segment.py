@@ -69,6 +69,10 @@ _CYTO_REACH_UM = 5.0  # cytoplasm lies within this of its nucleus's convex hull
 _LOBE_GAP_UM = 1.2  # lobes closer than this are one nucleus...
 _MAX_NUC_UM2 = 120.0  # ... unless together they are larger than any one nucleus
 _MIN_NUC_UM2, _MIN_CELL_UM2 = 10.0, 20.0  # smaller: platelets, debris
+_PAIR_ROUNDNESS = 1.4  # a region over this times the disc of its deepest point's radius may be two cells
+_PAIR_SADDLE_UM = 1.5  # ... split where two maxima of its distance map stand this far above the saddle between them
+_PAIR_MIN_R_UM, _PAIR_NUC_UM2 = 2.5, 12.0  # ... each maximum this deep and each part with this much nucleus
+_PAIR_CUT_UM = 2.0  # ... and the cut between two parts crosses at most this much nucleus
 _KIND_UM = 0.2  # the kind's measurements are taken at about this many um per pixel
 _NUC_SPLIT = (
     0.55  # split nucleus from cytoplasm by the cell's own stain when the paler class is under 0.55 of the other
@@ -288,6 +292,7 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
     cand = _fill_holes(ndi.binary_opening(cand, _disk(max(1.0, 0.8 / wum))) | nuc)
     elev = -_distance(cand)
     labels = watershed(elev, markers, mask=cand)
+    labels = _split_pairs(labels, -elev, nuc, wum)
 
     hw, ww = labels.shape
     found: list[tuple[float, float, dict[str, object]]] = []
@@ -374,6 +379,78 @@ def _nucleus_markers(nuc: NDArray[np.bool_], wum: float) -> NDArray[np.int32]:
     lut = np.zeros(nc + 1, np.int32)
     lut[1:] = np.where(big, ng + idx, comp_group)
     return lut[comps]
+
+
+def _split_pairs(
+    labels: NDArray[np.int32], dist: NDArray[np.float32], nuc: NDArray[np.bool_], wum: float
+) -> NDArray[np.int32]:
+    """Two touching cells left as one region (their nuclei one marker): a region much larger than the disc its
+    deepest point implies is cut along its distance map's saddle, when that saddle lies at least ``_PAIR_SADDLE_UM``
+    below both maxima and each part holds a nucleus of ``_PAIR_NUC_UM2`` or more."""
+    from skimage.morphology import h_maxima
+
+    n = int(labels.max())
+    if n == 0:
+        return labels
+    idx = np.arange(1, n + 1)
+    area = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.float64)
+    dmax = _label_max(dist, labels, n)
+    suspect = area > _PAIR_ROUNDNESS * math.pi * np.maximum(dmax, 1.0) ** 2
+    if not suspect.any():
+        return labels
+    objs = ndi.find_objects(labels, n)
+    nxt = n + 1
+    for lab_id in idx[suspect]:
+        sl = objs[lab_id - 1]
+        if sl is None:
+            continue
+        reg = np.pad(labels[sl] == lab_id, 1)
+        d = ndi.distance_transform_edt(reg)
+        peaks, npk = ndi.label(h_maxima(d, _PAIR_SADDLE_UM / wum) & (d * wum >= _PAIR_MIN_R_UM))
+        if npk < 2:
+            continue
+        parts = watershed(-d, peaks, mask=reg)[1:-1, 1:-1]
+        nreg = nuc[sl]
+        # parts whose common cut crosses more than _PAIR_CUT_UM of nucleus are one nucleus halved: joined again
+        root = list(range(npk + 1))
+        for u, v in _cut_pairs(parts, nreg, npk, wum):
+            ru, rv = _root(root, u), _root(root, v)
+            root[max(ru, rv)] = min(ru, rv)
+        group = np.array([_root(root, i) for i in range(npk + 1)])
+        merged = group[parts]
+        nuc_um2 = np.bincount(merged[nreg].ravel(), minlength=npk + 1) * wum * wum
+        big = np.flatnonzero(nuc_um2[1:] >= _PAIR_NUC_UM2) + 1
+        if big.size < 2:
+            continue
+        lut = np.zeros(npk + 1, np.int32)
+        lut[big] = np.arange(nxt, nxt + big.size)
+        nxt += big.size
+        sub = labels[sl]
+        inside = parts > 0
+        sub[inside] = lut[merged[inside]]
+    return labels
+
+
+def _cut_pairs(parts: NDArray[np.int32], nreg: NDArray[np.bool_], npk: int, wum: float) -> list[tuple[int, int]]:
+    """The pairs of parts whose common boundary crosses more than ``_PAIR_CUT_UM`` of nucleus."""
+    codes = []
+    for a, b, na, nb in (
+        (parts[1:], parts[:-1], nreg[1:], nreg[:-1]),
+        (parts[:, 1:], parts[:, :-1], nreg[:, 1:], nreg[:, :-1]),
+    ):
+        m = (a != b) & (a > 0) & (b > 0) & na & nb
+        lo, hi = np.minimum(a[m], b[m]), np.maximum(a[m], b[m])
+        codes.append(lo.astype(np.int64) * (npk + 1) + hi)
+    code, count = np.unique(np.concatenate(codes), return_counts=True)
+    return [
+        (int(c // (npk + 1)), int(c % (npk + 1))) for c, n in zip(code, count, strict=True) if n * wum > _PAIR_CUT_UM
+    ]
+
+
+def _root(root: list[int], i: int) -> int:
+    while root[i] != i:
+        i = root[i]
+    return i
 
 
 def _upsample(reg: NDArray[np.bool_], k: int, h: int, w: int) -> NDArray[np.bool_]:

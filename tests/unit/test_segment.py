@@ -140,6 +140,28 @@ def test_kind_of_bccd_cells(name: str, kind: str) -> None:
     assert [c.kind for c in cells] == [kind]
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_touching_lymphoid_cells_with_close_nuclei_are_two_cells(seed: int) -> None:
+    # two synthetic blasts whose outlines meet and whose nuclei come within ~1.5 um: one marker before the pair split
+    from trainer.synth_fields import make_field
+
+    rgb, placed = make_field(np.random.default_rng(seed), None, 0.1, width=320, height=240, cells=2, touching=1.0)
+    assert len(placed) == 2 and not any(c.edge for c in placed)
+    seg = segment_field(rgb, um_per_px=0.1)
+    assert len(seg.cells) == 2
+    for true in placed:
+        err_um = min(np.hypot(c.centroid[0] - true.centre[0], c.centroid[1] - true.centre[1]) for c in seg.cells) * 0.1
+        assert err_um < 3.0
+
+
+@pytest.mark.parametrize("name", ["BloodImage_00000.jpg", "BloodImage_00004.jpg", "BloodImage_00006.jpg"])
+def test_lobed_neutrophil_stays_one_cell(name: str) -> None:
+    # 2-5 lobes, some of them separate bodies in the nucleus mask: one cell, inside its box
+    seg = segment_field(field(name))
+    assert len(seg.cells) == len(bccd_boxes()[name])
+    assert all(any(inside(c, b) for c in seg.cells) for b in bccd_boxes()[name])
+
+
 @pytest.mark.parametrize("path", CNMC, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_cnmc_cell_is_one_lymphoid_cell(path: Path) -> None:
     with Image.open(path) as im:
