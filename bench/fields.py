@@ -209,7 +209,7 @@ def main() -> None:
     """Train a small bench model and measure the field keys alone (bench/results/fields.json)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--fields", type=int, default=25, help="fields of 12 white cells (25: a 300-cell slide)")
     args = parser.parse_args()
     from bench.run import machine, set_env, train_bench_model

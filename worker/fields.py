@@ -15,7 +15,6 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
-from skimage import measure
 
 from core.imaging import DecodeError, decode_field, decode_image
 from core.segment import CROP_SIZE, FoundCell, SegmentationError, cut_cell, estimate_um_per_px, segment_field
@@ -74,15 +73,27 @@ def read_cell(uri: str, fetch: Fetch, *, size: int, max_pixels: int) -> Unit:
 
 
 def outline_json(cell: FoundCell) -> str:
-    """The cell's outline in field pixels as JSON [[x, y], ...], at most OUTLINE_POINTS points."""
-    padded = np.pad(cell.mask, 1)
-    contours = measure.find_contours(padded.astype(np.uint8), 0.5)
-    if not contours:
+    """The cell's outline in field pixels as JSON [[x, y], ...]: OUTLINE_POINTS points around its centroid.
+
+    For each of OUTLINE_POINTS directions, the mask's farthest edge pixel that way (the outline of a star-shaped
+    cell, which white cells are); a fraction of a millisecond, where tracing the contour cost over one per cell.
+    """
+    mask = cell.mask
+    inner = np.zeros_like(mask)
+    inner[1:-1, 1:-1] = mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
+    ys, xs = np.nonzero(mask & ~inner)
+    if xs.size == 0:
         return "[]"
-    longest = max(contours, key=len)
-    step = max(1, len(longest) // OUTLINE_POINTS)
     x0, y0 = cell.bbox[0], cell.bbox[1]
-    points = [[round(float(x) - 1 + x0, 1), round(float(y) - 1 + y0, 1)] for y, x in longest[::step]]
+    dx, dy = xs + x0 + 0.5 - cell.centroid[0], ys + y0 + 0.5 - cell.centroid[1]
+    sector = ((np.arctan2(dy, dx) + np.pi) / (2 * np.pi) * OUTLINE_POINTS).astype(np.int64) % OUTLINE_POINTS
+    radius = np.hypot(dx, dy)
+    order = np.lexsort((-radius, sector))  # by sector, farthest first
+    first = order[np.r_[0, np.flatnonzero(np.diff(sector[order])) + 1]]
+    points = [
+        [round(float(x) + x0 + 0.5, 1), round(float(y) + y0 + 0.5, 1)]
+        for x, y in zip(xs[first], ys[first], strict=True)
+    ]
     return json.dumps(points, separators=(",", ":"))
 
 
