@@ -22,7 +22,7 @@ from db import repository
 from db.engine import transaction
 from db.records import CellResult, SampleSummary
 from db.repository import Delivery
-from worker.fields import Fetch, Item, Unit, read_cell, read_field, sample_scale
+from worker.fields import Decoded, Fetch, Item, Unit, read_cell, read_field, sample_scale
 from worker.summary import summarize_sample
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,10 @@ def score_sample(
     size = manifest.input_size
     if request.kind == "fields":
         um_per_px, source = request.um_per_px, "given"
+        decoded = Decoded()
         if um_per_px is None:
-            um_per_px, source = sample_scale(request.image_uris, fetch, pool, max_pixels=max_pixels), "estimated"
+            um_per_px = sample_scale(request.image_uris, fetch, pool, max_pixels=max_pixels, decoded=decoded)
+            source = "estimated"
         read = partial(
             read_field,
             fetch=fetch,
@@ -181,6 +183,7 @@ def score_sample(
             um_per_px=um_per_px,
             max_pixels=max_pixels,
             scale_source=source,
+            decoded=decoded,
         )
     else:
         read = partial(read_cell, fetch=fetch, size=size, max_pixels=max_pixels)

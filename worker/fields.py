@@ -10,6 +10,7 @@ the sample goes on.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -101,24 +102,57 @@ def outline_json(cell: FoundCell) -> str:
 SCALE_FIELDS = 8
 
 
-def field_scale(uri: str, fetch: Fetch, *, max_pixels: int) -> float | None:
+# The fields decoded for the scale estimate are kept for their segmentation, up to this many pixels in all.
+KEEP_DECODED_PIXELS = 64_000_000
+
+
+class Decoded:
+    """Fields already decoded (for the scale estimate), handed once to read_field: each is decoded only once."""
+
+    def __init__(self) -> None:
+        self._fields: dict[str, np.ndarray] = {}
+        self._pixels = 0
+        self._lock = threading.Lock()
+
+    def keep(self, uri: str, rgb: np.ndarray) -> None:
+        with self._lock:
+            if self._pixels + rgb.shape[0] * rgb.shape[1] <= KEEP_DECODED_PIXELS:
+                self._fields[uri] = rgb
+                self._pixels += rgb.shape[0] * rgb.shape[1]
+
+    def take(self, uri: str) -> np.ndarray | None:
+        with self._lock:
+            return self._fields.pop(uri, None)
+
+
+def field_scale(uri: str, fetch: Fetch, *, max_pixels: int, decoded: Decoded | None = None) -> float | None:
     """One field's um per pixel from its red cells, or None (unreadable, or too few red cells to measure)."""
     data = _fetch(uri, fetch)
     if isinstance(data, str):
         return None
     try:
-        return estimate_um_per_px(decode_field(data, source=uri, max_pixels=max_pixels))
-    except (DecodeError, SegmentationError):
+        rgb = decode_field(data, source=uri, max_pixels=max_pixels)
+    except DecodeError:
+        return None
+    if decoded is not None:
+        decoded.keep(uri, rgb)
+    try:
+        return estimate_um_per_px(rgb)
+    except SegmentationError:
         return None
 
 
-def sample_scale(uris: Sequence[str], fetch: Fetch, pool: Executor, *, max_pixels: int) -> float | None:
+def sample_scale(
+    uris: Sequence[str], fetch: Fetch, pool: Executor, *, max_pixels: int, decoded: Decoded | None = None
+) -> float | None:
     """The slide's um per pixel: the median of the estimates of its first SCALE_FIELDS fields (None if none).
 
     One field's estimate moves with the few red cells it holds (BCCD fields of one microscope: 0.042-0.083);
-    the median over several is what every field of the slide is then segmented at.
+    the median over several is what every field of the slide is then segmented at. With `decoded`, the fields
+    read here are kept for their segmentation.
     """
-    scales = [s for s in pool.map(lambda u: field_scale(u, fetch, max_pixels=max_pixels), uris[:SCALE_FIELDS]) if s]
+    measured = pool.map(lambda u: field_scale(u, fetch, max_pixels=max_pixels, decoded=decoded), uris[:SCALE_FIELDS])
+    scales = [s for s in measured if s]
     return float(np.median(scales)) if scales else None
 
 
@@ -131,16 +165,19 @@ def read_field(
     um_per_px: float | None,
     max_pixels: int,
     scale_source: str | None = None,
+    decoded: Decoded | None = None,
 ) -> Unit:
     """A microscope field as one item per white cell found (see the module docstring).
 
     `scale_source` names where a given `um_per_px` came from (default: "given", by the submitter).
     """
-    data = _fetch(uri, fetch)
-    if isinstance(data, str):
-        return Unit(uri, [Item(uri, error=data)], error=data)
+    rgb = decoded.take(uri) if decoded is not None else None
     try:
-        rgb = decode_field(data, source=uri, max_pixels=max_pixels)
+        if rgb is None:
+            data = _fetch(uri, fetch)
+            if isinstance(data, str):
+                return Unit(uri, [Item(uri, error=data)], error=data)
+            rgb = decode_field(data, source=uri, max_pixels=max_pixels)
         found = segment_field(rgb, um_per_px=um_per_px)
     except DecodeError as exc:
         return Unit(uri, [Item(uri, error=exc.reason)], error=exc.reason)
