@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from core.errors import AllscoreError
 from core.settings import Settings, get_settings
@@ -96,6 +96,21 @@ class ModelManifest(BaseModel):
     # None in versions published before fields existed; they are read as the C-NMC scale.
     um_per_px: float | None = None
     um_per_px_source: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        # Names and versions become folders of the store and the cache: no separators, no '..'.
+        if not _NAME_RE.match(value) or value in (".", ".."):
+            raise ValueError(f"model name {value!r}: use letters, digits, '.', '_' or '-' (no path separators)")
+        return value
+
+    @field_validator("version")
+    @classmethod
+    def _safe_version(cls, value: str) -> str:
+        if not _VERSION_RE.match(value) or value in (".", ".."):
+            raise ValueError(f"model version {value!r}: use letters, digits, '.', '_' or '-' (no path separators)")
+        return value
 
     @property
     def ref(self) -> str:

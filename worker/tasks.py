@@ -81,9 +81,18 @@ def score_sample_task(self: Task, *args: Any, **kwargs: Any) -> None:
     run_scoring(self, message)
 
 
+# A worker process that cannot make its context (settings that do not load, TensorFlow failing to start, a soft time
+# limit hit while it starts) cannot record anything: the message is retried after this long, maybe elsewhere.
+CONTEXT_RETRY_SECONDS = 15.0
+
+
 def run_scoring(task: Task, message: ScoreMessage) -> None:
     """Score a valid message; whatever happens, the sample ends done or failed, or the message is retried."""
-    ctx = get_context()
+    try:
+        ctx = get_context()
+    except Exception as exc:  # nothing can be recorded without the context: keep the message
+        log.exception("sample %s: the worker process could not start its context; retrying", message.sample_id)
+        raise task.retry(exc=exc, countdown=CONTEXT_RETRY_SECONDS) from exc
     settings = ctx.settings
     delivery = Delivery(message.job_id, message.submission)
 

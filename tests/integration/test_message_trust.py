@@ -337,3 +337,47 @@ def test_the_sweeper_fails_samples_lost_from_the_broker_or_stuck_running_and_not
     stack.start_worker(concurrency=1)
     assert stack.wait_final(alive, 1, 90)["S-alive"]["status"] == "done"
     assert stack.rows(lost)["S-lost"]["status"] == "failed" and stuck_job
+
+
+@pytest.mark.timeout(180)
+def test_big_samples_are_refused_at_submit_or_fail_with_the_reason(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.settings import get_settings, reset_settings_cache
+    from trainer.synth import write_sample
+
+    cells = [str(p) for p in write_sample(tmp_path / "slide", 5, 0.3, size=64)]
+    monkeypatch.setenv("ALLSCORE_MAX_IMAGES_PER_SAMPLE", "4")
+    reset_settings_cache()
+    with pytest.raises(SubmitError, match="has 5 images; the limit is 4"):
+        submit_samples({"S-big": cells}, model_ref=stack.model.ref, settings=get_settings())
+    assert stack.query("SELECT count(*) AS n FROM samples WHERE sample_id = 'S-big'")[0]["n"] == 0
+
+    # A field sample whose fields hold more cells than the workers allow fails with the reason.
+    bccd = Path(__file__).resolve().parents[1] / "data" / "bccd" / "JPEGImages"
+    fields = [str(p) for p in sorted(bccd.glob("*.jpg"))[:3]]
+    stack.start_worker(concurrency=1, ALLSCORE_MAX_CELLS_PER_SAMPLE="1")
+    monkeypatch.setenv("ALLSCORE_MAX_IMAGES_PER_SAMPLE", "100")
+    reset_settings_cache()
+    job = submit_samples({"S-many": fields}, model_ref=stack.model.ref, kind="fields", settings=get_settings())
+    row = stack.wait_final(job, 1, 120)["S-many"]
+    assert row["status"] == "failed" and "hold more than 1 cells" in row["error"], row
+    assert stack.cell_count("S-many") == 0
+
+
+@pytest.mark.timeout(180)
+def test_a_sample_past_the_soft_time_limit_fails_with_the_reason_and_nothing_partial(stack: Stack) -> None:
+    prefix = stack.upload_sample("slide-slow", 16)
+    s3 = stack.s3_proxy()
+    stack.start_worker(
+        concurrency=1,
+        ALLSCORE_S3_ENDPOINT_URL=f"http://{s3.url_host}",
+        ALLSCORE_TASK_SOFT_TIME_LIMIT="3",
+        ALLSCORE_TASK_TIME_LIMIT="60",
+    )
+    s3.freeze()  # every read hangs: the sample cannot finish in 3 s
+    job = stack.submit({"slide-slow": [prefix]})
+    row = stack.wait_final(job, 1, 120)["slide-slow"]
+    s3.thaw()
+    assert row["status"] == "failed" and "time limit exceeded" in row["error"], row
+    assert (row["n_cells"], stack.cell_count("slide-slow")) == (None, 0)

@@ -112,3 +112,27 @@ def test_safe_mode_refuses_a_lambda_layer(tmp_path: Path, registry: Registry) ->
     registry.publish(path, _manifest(path, "lambda"))
     with pytest.raises(ModelError, match="Lambda"):
         load_model("tiny:lambda", store=registry.root)
+
+
+@pytest.mark.parametrize("field", ["name", "version"])
+@pytest.mark.parametrize("value", ["../x", "a/b", "..", "a\\b", ""])
+def test_a_manifest_naming_a_path_is_refused(field: str, value: str) -> None:
+    from pydantic import ValidationError
+
+    from core.artifact import ModelManifest, ValidationMetrics
+
+    fields = {
+        "name": "allscore",
+        "version": "v1",
+        "created_at": "2026-11-26T00:00:00+00:00",
+        "architecture": "tiny",
+        "input_size": 32,
+        "threshold": 0.5,
+        "validation": ValidationMetrics(weighted_f1=1, auc=1, sensitivity=1, specificity=1, accuracy=1),
+        "train_subjects": [],
+        "val_subjects": [],
+        "sha256": "0" * 64,
+    }
+    ModelManifest(**fields)  # the well-formed one loads
+    with pytest.raises(ValidationError, match="no path separators"):
+        ModelManifest(**{**fields, field: value})
