@@ -70,9 +70,10 @@ _LOBE_GAP_UM = 1.2  # lobes closer than this are one nucleus...
 _MAX_NUC_UM2 = 120.0  # ... unless together they are larger than any one nucleus
 _MIN_NUC_UM2, _MIN_CELL_UM2 = 10.0, 20.0  # smaller: platelets, debris
 _PAIR_ROUNDNESS = 1.4  # a region over this times the disc of its deepest point's radius may be two cells
-_PAIR_SADDLE_UM = 1.5  # ... split where two maxima of its distance map stand this far above the saddle between them
+_PAIR_SADDLE_UM = 0.6  # ... split where two maxima of its distance map stand this far above the saddle between them
 _PAIR_MIN_R_UM, _PAIR_NUC_UM2 = 2.5, 12.0  # ... each maximum this deep and each part with this much nucleus
-_PAIR_CUT_UM = 2.0  # ... and the cut between two parts crosses at most this much nucleus
+_PAIR_SOLIDITY = 0.87  # ... and each part's nucleus a solid body (area over its convex hull's), not a bent lobe
+_PAIR_NECK, _PAIR_CUT_UM = 0.95, 2.8  # ... where they meet along a neck (diameters) crossing this much nucleus, at most
 _KIND_UM = 0.2  # the kind's measurements are taken at about this many um per pixel
 _NUC_SPLIT = (
     0.55  # split nucleus from cytoplasm by the cell's own stain when the paler class is under 0.55 of the other
@@ -411,16 +412,16 @@ def _split_pairs(
             continue
         parts = watershed(-d, peaks, mask=reg)[1:-1, 1:-1]
         nreg = nuc[sl]
-        # parts whose common cut crosses more than _PAIR_CUT_UM of nucleus are one nucleus halved: joined again
+        # parts that meet along no neck (an elongated cell) or across a nucleus (one nucleus halved) are one cell
         root = list(range(npk + 1))
-        for u, v in _cut_pairs(parts, nreg, npk, wum):
-            ru, rv = _root(root, u), _root(root, v)
+        for c in _joins(parts, nreg, _label_max(d, peaks, npk), wum):
+            ru, rv = _root(root, c // (npk + 1)), _root(root, c % (npk + 1))
             root[max(ru, rv)] = min(ru, rv)
         group = np.array([_root(root, i) for i in range(npk + 1)])
         merged = group[parts]
         nuc_um2 = np.bincount(merged[nreg].ravel(), minlength=npk + 1) * wum * wum
         big = np.flatnonzero(nuc_um2[1:] >= _PAIR_NUC_UM2) + 1
-        if big.size < 2:
+        if big.size < 2 or min(_solidity((merged == g) & nreg) for g in big) < _PAIR_SOLIDITY:
             continue
         lut = np.zeros(npk + 1, np.int32)
         lut[big] = np.arange(nxt, nxt + big.size)
@@ -431,20 +432,29 @@ def _split_pairs(
     return labels
 
 
-def _cut_pairs(parts: NDArray[np.int32], nreg: NDArray[np.bool_], npk: int, wum: float) -> list[tuple[int, int]]:
-    """The pairs of parts whose common boundary crosses more than ``_PAIR_CUT_UM`` of nucleus."""
-    codes = []
+def _joins(parts: NDArray[np.int32], nreg: NDArray[np.bool_], radius: NDArray[np.float64], wum: float) -> list[int]:
+    """Codes ``u * (n + 1) + v`` of the neighbouring parts u < v that are one cell: their common boundary is no neck
+    (longer than ``_PAIR_NECK`` of the smaller part's deepest diameter) or crosses over ``_PAIR_CUT_UM`` of nucleus."""
+    n = radius.size
+    codes, nucs = [], []
     for a, b, na, nb in (
         (parts[1:], parts[:-1], nreg[1:], nreg[:-1]),
         (parts[:, 1:], parts[:, :-1], nreg[:, 1:], nreg[:, :-1]),
     ):
-        m = (a != b) & (a > 0) & (b > 0) & na & nb
-        lo, hi = np.minimum(a[m], b[m]), np.maximum(a[m], b[m])
-        codes.append(lo.astype(np.int64) * (npk + 1) + hi)
-    code, count = np.unique(np.concatenate(codes), return_counts=True)
-    return [
-        (int(c // (npk + 1)), int(c % (npk + 1))) for c, n in zip(code, count, strict=True) if n * wum > _PAIR_CUT_UM
-    ]
+        m = (a != b) & (a > 0) & (b > 0)
+        codes.append(np.minimum(a[m], b[m]).astype(np.int64) * (n + 1) + np.maximum(a[m], b[m]))
+        nucs.append((na & nb)[m])
+    code, inv, total = np.unique(np.concatenate(codes), return_inverse=True, return_counts=True)
+    crossed = np.bincount(inv, weights=np.concatenate(nucs), minlength=code.size)
+    u, v = code // (n + 1), code % (n + 1)
+    neck = 2 * _PAIR_NECK * np.minimum(radius[u - 1], radius[v - 1])
+    return [int(c) for c in code[(total > neck) | (crossed * wum > _PAIR_CUT_UM)]]
+
+
+def _solidity(m: NDArray[np.bool_]) -> float:
+    from skimage.morphology import convex_hull_image
+
+    return float(m.sum()) / max(1.0, float(convex_hull_image(m).sum()))
 
 
 def _root(root: list[int], i: int) -> int:
