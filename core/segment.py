@@ -69,7 +69,7 @@ _CYTO_REACH_UM = 5.0  # cytoplasm lies within this of its nucleus's convex hull
 _LOBE_GAP_UM = 1.2  # lobes closer than this are one nucleus...
 _MAX_NUC_UM2 = 120.0  # ... unless together they are larger than any one nucleus
 _MIN_NUC_UM2, _MIN_CELL_UM2 = 10.0, 20.0  # smaller: platelets, debris
-_PAIR_ROUNDNESS = 1.4  # a region over this times the disc of its deepest point's radius may be two cells
+_PAIR_ROUNDNESS = 1.75  # a region over this times the disc of its deepest point's radius may be two cells
 _PAIR_SADDLE_UM = 0.6  # ... split where two maxima of its distance map stand this far above the saddle between them
 _PAIR_MIN_R_UM, _PAIR_NUC_UM2 = 2.5, 12.0  # ... each maximum this deep and each part with this much nucleus
 _PAIR_SOLIDITY = 0.87  # ... and each part's nucleus a solid body (area over its convex hull's), not a bent lobe
@@ -388,23 +388,23 @@ def _split_pairs(
     """Two touching cells left as one region (their nuclei one marker): a region much larger than the disc its
     deepest point implies is cut along its distance map's saddle, when that saddle lies at least ``_PAIR_SADDLE_UM``
     below both maxima and each part holds a nucleus of ``_PAIR_NUC_UM2`` or more."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
     from skimage.morphology import h_maxima
 
-    n = int(labels.max())
-    if n == 0:
-        return labels
-    idx = np.arange(1, n + 1)
-    area = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.float64)
-    dmax = _label_max(dist, labels, n)
-    suspect = area > _PAIR_ROUNDNESS * math.pi * np.maximum(dmax, 1.0) ** 2
-    if not suspect.any():
-        return labels
-    objs = ndi.find_objects(labels, n)
-    nxt = n + 1
-    for lab_id in idx[suspect]:
-        sl = objs[lab_id - 1]
-        if sl is None:
+    objs = ndi.find_objects(labels)
+    todo = []
+    for lab_id, sl in enumerate(objs, start=1):
+        if sl is None or min(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start) * wum < 2 * _PAIR_MIN_R_UM:
             continue
+        reg = labels[sl] == lab_id
+        deep = float(dist[sl][reg].max())  # a round region's area is about pi deep^2; two cells' about twice that
+        wide = float(reg.sum()) > _PAIR_ROUNDNESS * math.pi * deep * deep and deep * wum >= _PAIR_MIN_R_UM
+        if wide and float(nuc[sl][reg].sum()) * wum * wum >= 2 * _PAIR_NUC_UM2:
+            todo.append(lab_id)
+    nxt = len(objs) + 1
+    for lab_id in todo:
+        sl = objs[lab_id - 1]
         reg = np.pad(labels[sl] == lab_id, 1)
         d = ndi.distance_transform_edt(reg)
         peaks, npk = ndi.label(h_maxima(d, _PAIR_SADDLE_UM / wum) & (d * wum >= _PAIR_MIN_R_UM))
@@ -413,17 +413,15 @@ def _split_pairs(
         parts = watershed(-d, peaks, mask=reg)[1:-1, 1:-1]
         nreg = nuc[sl]
         # parts that meet along no neck (an elongated cell) or across a nucleus (one nucleus halved) are one cell
-        root = list(range(npk + 1))
-        for c in _joins(parts, nreg, _label_max(d, peaks, npk), wum):
-            ru, rv = _root(root, c // (npk + 1)), _root(root, c % (npk + 1))
-            root[max(ru, rv)] = min(ru, rv)
-        group = np.array([_root(root, i) for i in range(npk + 1)])
-        merged = group[parts]
+        u, v = _joins(parts, nreg, _label_max(d, peaks, npk), wum)
+        graph = coo_matrix((np.ones(u.size), (u, v)), shape=(npk + 1, npk + 1))
+        merged = connected_components(graph, directed=False)[1][parts] + 1
+        merged[parts == 0] = 0
         nuc_um2 = np.bincount(merged[nreg].ravel(), minlength=npk + 1) * wum * wum
         big = np.flatnonzero(nuc_um2[1:] >= _PAIR_NUC_UM2) + 1
         if big.size < 2 or min(_solidity((merged == g) & nreg) for g in big) < _PAIR_SOLIDITY:
             continue
-        lut = np.zeros(npk + 1, np.int32)
+        lut = np.zeros(npk + 2, np.int32)
         lut[big] = np.arange(nxt, nxt + big.size)
         nxt += big.size
         sub = labels[sl]
@@ -432,9 +430,11 @@ def _split_pairs(
     return labels
 
 
-def _joins(parts: NDArray[np.int32], nreg: NDArray[np.bool_], radius: NDArray[np.float64], wum: float) -> list[int]:
-    """Codes ``u * (n + 1) + v`` of the neighbouring parts u < v that are one cell: their common boundary is no neck
-    (longer than ``_PAIR_NECK`` of the smaller part's deepest diameter) or crosses over ``_PAIR_CUT_UM`` of nucleus."""
+def _joins(
+    parts: NDArray[np.int32], nreg: NDArray[np.bool_], radius: NDArray[np.float64], wum: float
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """The neighbouring parts (u, v) that are one cell: their common boundary is no neck (longer than ``_PAIR_NECK``
+    of the smaller part's deepest diameter) or crosses over ``_PAIR_CUT_UM`` of nucleus."""
     n = radius.size
     codes, nucs = [], []
     for a, b, na, nb in (
@@ -447,20 +447,14 @@ def _joins(parts: NDArray[np.int32], nreg: NDArray[np.bool_], radius: NDArray[np
     code, inv, total = np.unique(np.concatenate(codes), return_inverse=True, return_counts=True)
     crossed = np.bincount(inv, weights=np.concatenate(nucs), minlength=code.size)
     u, v = code // (n + 1), code % (n + 1)
-    neck = 2 * _PAIR_NECK * np.minimum(radius[u - 1], radius[v - 1])
-    return [int(c) for c in code[(total > neck) | (crossed * wum > _PAIR_CUT_UM)]]
+    one = (total > 2 * _PAIR_NECK * np.minimum(radius[u - 1], radius[v - 1])) | (crossed * wum > _PAIR_CUT_UM)
+    return u[one], v[one]
 
 
 def _solidity(m: NDArray[np.bool_]) -> float:
     from skimage.morphology import convex_hull_image
 
     return float(m.sum()) / max(1.0, float(convex_hull_image(m).sum()))
-
-
-def _root(root: list[int], i: int) -> int:
-    while root[i] != i:
-        i = root[i]
-    return i
 
 
 def _upsample(reg: NDArray[np.bool_], k: int, h: int, w: int) -> NDArray[np.bool_]:
