@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# CI clones the repo beside a copy of shared/, as on the development machines.
-CNMC_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "cnmc-sample"
+# The 24 real C-NMC cells live in the repository (CC BY 3.0, credit in its README), so a fresh clone tests them.
+CNMC_SAMPLE = REPO_ROOT / "tests" / "data" / "cnmc"
 
 
 def under_ci() -> bool:
@@ -34,7 +34,7 @@ def require_service(name: str, reachable: bool, reason: str) -> None:
 
 
 def cnmc_cells() -> list[Path]:
-    """The real C-NMC cells in shared/data/cnmc-sample/{all,hem}; skips (fails under CI) when absent."""
+    """The real C-NMC cells in tests/data/cnmc/{all,hem}; skips (fails under CI) when absent."""
     cells = sorted(CNMC_SAMPLE.glob("*/*.bmp"))
     require_service("C-NMC sample", bool(cells), f"no .bmp files under {CNMC_SAMPLE}")
     return cells

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import CNMC_SAMPLE
 from trainer.dataset import (
     CellRecord,
     Dataset,
@@ -22,7 +23,7 @@ from trainer.dataset import (
     split_by_subject,
 )
 
-SAMPLE = Path(__file__).parents[2].parent / "shared/data/cnmc-sample"
+SAMPLE = CNMC_SAMPLE  # the 24 real C-NMC cells kept in tests/data/cnmc
 
 # Three folds with disjoint subjects, both classes in each; 11 and H11 are different people.
 FOLD_SUBJECTS = {"0": ["1", "11", "H11"], "1": ["2", "H2"], "2": ["3", "H3", "H4"]}
@@ -328,10 +329,6 @@ def test_split_refuses_both_fold_and_fraction(tmp_path: Path) -> None:
 
 
 def test_real_cnmc_sample() -> None:
-    if not SAMPLE.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{SAMPLE} is missing; CI must have the shared sample")
-        pytest.skip(f"{SAMPLE} is absent")
     ds = discover(SAMPLE)
     assert ds.class_counts() == {"all": 14, "hem": 10}
     assert ds.skipped == []
