@@ -20,7 +20,12 @@ magnification give the same result.
    unless together they exceed ``_MAX_NUC_UM2`` (two cells side by side). Cytoplasm: within ``_CYTO_REACH_UM`` of a
    nucleus's convex hull, pixels with stain score above ``_CYTO_SCORE`` (pale blue/lilac) or denser than the field's
    red cells (pale, non-bluish cytoplasm). A watershed on that mask's distance map, seeded by the nuclei, splits
-   touching white cells. The mask comes back to full resolution smoothly (bilinear), without near-black pixels.
+   touching white cells. Two whose nuclei came within the lobe gap (scant-cytoplasm blasts) are one seed, one region:
+   a region over ``_PAIR_ROUNDNESS`` times the disc of its deepest point is cut at the maxima of its distance map
+   standing ``_PAIR_SADDLE_UM`` above their saddles; parts meeting along no neck (``_PAIR_NECK``) or across over
+   ``_PAIR_CUT_UM`` of nucleus rejoin, and it splits only into parts each with a solid nucleus (``_PAIR_NUC_UM2``,
+   ``_PAIR_SOLIDITY``: two round blast nuclei, not a neutrophil's bent lobes). The mask comes back to full
+   resolution smoothly (bilinear), without near-black pixels.
 4. Rejected: nuclei under ``_MIN_NUC_UM2`` (platelets, debris), cells under ``_MIN_CELL_UM2``. A cell touching the
    field's border is kept and marked ``edge``.
 
@@ -75,9 +80,7 @@ _PAIR_MIN_R_UM, _PAIR_NUC_UM2 = 2.5, 12.0  # ... each maximum this deep and each
 _PAIR_SOLIDITY = 0.87  # ... and each part's nucleus a solid body (area over its convex hull's), not a bent lobe
 _PAIR_NECK, _PAIR_CUT_UM = 0.95, 2.8  # ... where they meet along a neck (diameters) crossing this much nucleus, at most
 _KIND_UM = 0.2  # the kind's measurements are taken at about this many um per pixel
-_NUC_SPLIT = (
-    0.55  # split nucleus from cytoplasm by the cell's own stain when the paler class is under 0.55 of the other
-)
+_NUC_SPLIT = 0.55  # split nucleus from cytoplasm by the cell's own stain when the paler class is under this
 _LYMPH_SOLIDITY, _LYMPH_NC = 0.86, 0.25
 _EST_SIDE = 256  # the scale estimate looks at a copy about this many pixels on its longer side
 _RBC_MIN_COUNT = 3  # cells' worth of red pixels needed for an estimate
@@ -323,7 +326,7 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
         cy, cx = float(ys.mean()) + fy0, float(xs.mean()) + fx0
         info = {
             "bbox": (x0 + fx0, y0 + fy0, x1 + fx0, y1 + fy0),
-            "area": float(mask.sum()) * scale * scale,
+            "area_um2": float(mask.sum()) * scale * scale,
             "kind": kind,
             "edge": bool(edge or fy0 + y0 == 0 or fx0 + x0 == 0 or fy0 + y1 == height or fx0 + x1 == width),
             "mask": mask,
@@ -331,15 +334,7 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
         found.append((cy, cx, info))
     found.sort(key=lambda t: (t[0], t[1]))
     cells = tuple(
-        FoundCell(
-            index=i,
-            bbox=info["bbox"],  # type: ignore[arg-type]
-            centroid=(cx, cy),
-            area_um2=info["area"],  # type: ignore[arg-type]
-            kind=info["kind"],  # type: ignore[arg-type]
-            edge=info["edge"],  # type: ignore[arg-type]
-            mask=info["mask"],  # type: ignore[arg-type]
-        )
+        FoundCell(index=i, centroid=(cx, cy), **info)  # type: ignore[arg-type]
         for i, (cy, cx, info) in enumerate(found)
     )
     return FieldSegmentation(cells, scale, source, height, width)
@@ -385,48 +380,37 @@ def _nucleus_markers(nuc: NDArray[np.bool_], wum: float) -> NDArray[np.int32]:
 def _split_pairs(
     labels: NDArray[np.int32], dist: NDArray[np.float32], nuc: NDArray[np.bool_], wum: float
 ) -> NDArray[np.int32]:
-    """Two touching cells left as one region (their nuclei one marker): a region much larger than the disc its
-    deepest point implies is cut along its distance map's saddle, when that saddle lies at least ``_PAIR_SADDLE_UM``
-    below both maxima and each part holds a nucleus of ``_PAIR_NUC_UM2`` or more."""
+    """Two touching white cells left as one region (their nuclei one marker) cut apart: module docstring, step 3."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
-    from skimage.morphology import h_maxima
+    from skimage.morphology import convex_hull_image, h_maxima
 
     objs = ndi.find_objects(labels)
-    todo = []
+    nxt = len(objs) + 1
     for lab_id, sl in enumerate(objs, start=1):
         if sl is None or min(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start) * wum < 2 * _PAIR_MIN_R_UM:
             continue
-        reg = labels[sl] == lab_id
-        deep = float(dist[sl][reg].max())  # a round region's area is about pi deep^2; two cells' about twice that
-        wide = float(reg.sum()) > _PAIR_ROUNDNESS * math.pi * deep * deep and deep * wum >= _PAIR_MIN_R_UM
-        if wide and float(nuc[sl][reg].sum()) * wum * wum >= 2 * _PAIR_NUC_UM2:
-            todo.append(lab_id)
-    nxt = len(objs) + 1
-    for lab_id in todo:
-        sl = objs[lab_id - 1]
-        reg = np.pad(labels[sl] == lab_id, 1)
-        d = ndi.distance_transform_edt(reg)
+        reg, nreg = labels[sl] == lab_id, nuc[sl]
+        deep = float(dist[sl][reg].max())  # round cells: area 0.8-1.8 pi deep^2 (rough edges); two cells: 1.9-3.4
+        if reg.sum() <= _PAIR_ROUNDNESS * math.pi * deep**2 or nreg[reg].sum() * wum**2 < 2 * _PAIR_NUC_UM2:
+            continue
+        d = ndi.distance_transform_edt(np.pad(reg, 1))
         peaks, npk = ndi.label(h_maxima(d, _PAIR_SADDLE_UM / wum) & (d * wum >= _PAIR_MIN_R_UM))
         if npk < 2:
             continue
-        parts = watershed(-d, peaks, mask=reg)[1:-1, 1:-1]
-        nreg = nuc[sl]
-        # parts that meet along no neck (an elongated cell) or across a nucleus (one nucleus halved) are one cell
+        parts = watershed(-d, peaks, mask=d > 0)[1:-1, 1:-1]
         u, v = _joins(parts, nreg, _label_max(d, peaks, npk), wum)
-        graph = coo_matrix((np.ones(u.size), (u, v)), shape=(npk + 1, npk + 1))
-        merged = connected_components(graph, directed=False)[1][parts] + 1
+        merged = connected_components(coo_matrix((np.ones(u.size), (u, v)), shape=(npk + 1, npk + 1)))[1][parts] + 1
         merged[parts == 0] = 0
-        nuc_um2 = np.bincount(merged[nreg].ravel(), minlength=npk + 1) * wum * wum
-        big = np.flatnonzero(nuc_um2[1:] >= _PAIR_NUC_UM2) + 1
-        if big.size < 2 or min(_solidity((merged == g) & nreg) for g in big) < _PAIR_SOLIDITY:
+        big = np.flatnonzero(np.bincount(merged[nreg], minlength=npk + 2)[1:] * wum**2 >= _PAIR_NUC_UM2) + 1
+        nucs = [(merged == g) & nreg for g in big]  # each a solid body, not a bent lobe
+        if big.size < 2 or min(m.sum() / convex_hull_image(m).sum() for m in nucs) < _PAIR_SOLIDITY:
             continue
-        lut = np.zeros(npk + 2, np.int32)
-        lut[big] = np.arange(nxt, nxt + big.size)
-        nxt += big.size
         sub = labels[sl]
-        inside = parts > 0
-        sub[inside] = lut[merged[inside]]
+        sub[parts > 0] = 0  # parts with little nucleus (a red cell beside, cytoplasm) go
+        for g in big:
+            sub[merged == g] = nxt
+            nxt += 1
     return labels
 
 
@@ -435,26 +419,20 @@ def _joins(
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """The neighbouring parts (u, v) that are one cell: their common boundary is no neck (longer than ``_PAIR_NECK``
     of the smaller part's deepest diameter) or crosses over ``_PAIR_CUT_UM`` of nucleus."""
-    n = radius.size
+    n = radius.size + 1
     codes, nucs = [], []
     for a, b, na, nb in (
         (parts[1:], parts[:-1], nreg[1:], nreg[:-1]),
-        (parts[:, 1:], parts[:, :-1], nreg[:, 1:], nreg[:, :-1]),
+        (parts.T[1:], parts.T[:-1], nreg.T[1:], nreg.T[:-1]),
     ):
         m = (a != b) & (a > 0) & (b > 0)
-        codes.append(np.minimum(a[m], b[m]).astype(np.int64) * (n + 1) + np.maximum(a[m], b[m]))
+        codes.append(np.minimum(a[m], b[m]).astype(np.int64) * n + np.maximum(a[m], b[m]))
         nucs.append((na & nb)[m])
     code, inv, total = np.unique(np.concatenate(codes), return_inverse=True, return_counts=True)
     crossed = np.bincount(inv, weights=np.concatenate(nucs), minlength=code.size)
-    u, v = code // (n + 1), code % (n + 1)
+    u, v = code // n, code % n
     one = (total > 2 * _PAIR_NECK * np.minimum(radius[u - 1], radius[v - 1])) | (crossed * wum > _PAIR_CUT_UM)
     return u[one], v[one]
-
-
-def _solidity(m: NDArray[np.bool_]) -> float:
-    from skimage.morphology import convex_hull_image
-
-    return float(m.sum()) / max(1.0, float(convex_hull_image(m).sum()))
 
 
 def _upsample(reg: NDArray[np.bool_], k: int, h: int, w: int) -> NDArray[np.bool_]:
