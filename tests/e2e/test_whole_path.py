@@ -86,7 +86,7 @@ def test_user_path_on_the_embedded_database_with_redis(tmp_path: Path, synth_dat
         )
         run("submit", "slide-2", str(slide), "--model", "elsewhere:v9", "--store", "other", "--wait", env=env)
         unlisted = run("submit", "slide-3", str(slide), "--store", str(tmp_path), env=env, check=False)
-        assert unlisted.returncode == 2 and "not one the workers know" in unlisted.stderr
+        assert unlisted.returncode == 2 and "not one the workers know" in " ".join(unlisted.stderr.split())
     finally:
         worker.stop()
 
