@@ -245,8 +245,14 @@ class LocalStore:
                     )
                 if max_bytes is not None and info.st_size > max_bytes:
                     raise ObjectRefused(uri, _too_large(uri, info.st_size, max_bytes))
-                data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
-                if max_bytes is not None and len(data) > max_bytes:
+                if max_bytes is None:
+                    return fh.read()
+                # read(n) allocates n bytes up front: ask for what the file holds (one more byte shows growth),
+                # never the cap itself (a 256 MiB buffer per cell cost 0.3 ms a read).
+                data = fh.read(min(max_bytes, info.st_size) + 1)
+                if len(data) > info.st_size:  # it grew while being read: read on, still capped (rare)
+                    data += fh.read(max_bytes + 1 - len(data))
+                if len(data) > max_bytes:
                     raise ObjectRefused(uri, _too_large(uri, len(data), max_bytes))
                 return data
 
@@ -444,8 +450,11 @@ class S3Store:
                 size = int(answer.get("ContentLength") or 0)
                 if max_bytes is not None and size > max_bytes:
                     raise ObjectRefused(uri, _too_large(uri, size, max_bytes))
-                data = bytes(body.read() if max_bytes is None else body.read(max_bytes + 1))
-                if max_bytes is not None and len(data) > max_bytes:
+                if max_bytes is None:
+                    return bytes(body.read())
+                # As for files: ask for what the object says it holds (plus one byte), never the cap itself.
+                data = bytes(body.read(min(max_bytes, size) + 1 if size else max_bytes + 1))
+                if len(data) > max_bytes:
                     raise ObjectRefused(uri, _too_large(uri, len(data), max_bytes))
                 return data
 
