@@ -47,54 +47,10 @@ def field_ms(uris: list[str], *, size: int, train_um: float) -> list[float]:
 
 
 def engine_cells_per_s(loaded: Any, uris: list[str], kind: str, db_url: str, batch: int) -> dict[str, Any]:
-    """One sample through worker.engine.score_sample; cells/s counts the cells scored (n_cells - n_failed)."""
-    from core.contract import ScoreMessage
-    from db import repository
-    from db.engine import make_engine, session_factory, transaction
-    from db.migrate import upgrade
-    from worker.engine import score_sample
+    """One sample through the worker's engine (bench.run.bench_engine, local files); cells/s of cells scored."""
+    from bench.run import bench_engine
 
-    upgrade(db_url)
-    sessions = session_factory(make_engine(db_url))
-    sample = f"fields-bench-{kind}"
-    job_id = f"{sample}-{time.time_ns()}"
-    with transaction(sessions) as session:
-        repository.ensure_model(
-            session=session,
-            name=loaded.manifest.name,
-            version=loaded.manifest.version,
-            uri="bench",
-            sha256=loaded.manifest.sha256,
-            sensitivity=loaded.manifest.validation.sensitivity,
-            specificity=loaded.manifest.validation.specificity,
-            threshold=loaded.manifest.threshold,
-        )
-        repository.create_job(session=session, job_id=job_id, n_samples=1)
-        queued = repository.enqueue_sample(
-            session=session, job_id=job_id, sample_id=sample, model_version=loaded.manifest.ref, kind=kind
-        )
-    message = ScoreMessage(
-        job_id=job_id,
-        sample_id=sample,
-        image_uris=tuple(uris),
-        model_version=loaded.manifest.ref,
-        submission=queued.submission,
-        kind=kind,  # type: ignore[arg-type]
-    )
-    with ThreadPoolExecutor(2) as pool:
-        start = time.perf_counter()
-        summary = score_sample(
-            message, loaded=loaded, fetch=LocalStore().read_bytes, sessions=sessions, pool=pool, batch_size=batch
-        )
-        seconds = time.perf_counter() - start
-    scored = summary.n_cells - summary.n_failed
-    return {
-        "images": len(uris),
-        "cells_scored": scored,
-        "seconds": round(seconds, 2),
-        "cells_per_s": round(scored / seconds, 1),
-        "all_fraction": summary.all_fraction,
-    }
+    return bench_engine(loaded, uris, LocalStore().read_bytes, db_url, batch, kind=kind)
 
 
 def synthetic_detection(
@@ -107,7 +63,6 @@ def synthetic_detection(
     A found cell matches the nearest true white cell of its field within that cell's radius; a second match of the
     same true cell counts as an extra (a split).
     """
-    from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
 
@@ -198,7 +153,7 @@ def measure_fields(loaded: Any, work: Path, *, batch: int = 64, n_fields: int = 
     results["fields_e2e_over_crops_e2e"] = round(statistics.median(pairs), 3)
     # The answer itself: the same slide's ALL fraction from its fields and from its cells' own crops.
     fraction_fields, fraction_crops = runs["fields"][0]["all_fraction"], runs["crops"][0]["all_fraction"]
-    results["fields_vs_crops_cells"] = [runs["fields"][0]["cells_scored"], runs["crops"][0]["cells_scored"]]
+    results["fields_vs_crops_cells"] = [runs["fields"][0]["cells"], runs["crops"][0]["cells"]]
     results["fields_vs_crops_fraction"] = [fraction_fields, fraction_crops]
     if fraction_fields is not None and fraction_crops is not None:
         results["fields_vs_crops_fraction_delta"] = round(fraction_fields - fraction_crops, 4)

@@ -220,8 +220,13 @@ def bench_naive(model: Any, images: list[Path], size: int, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def bench_engine(loaded: Any, uris: list[str], fetch: Fetch, db_url: str, batch: int) -> dict[str, Any]:
-    """The worker's engine end to end (fetch + decode + infer + database write), in this process."""
+def bench_engine(
+    loaded: Any, uris: list[str], fetch: Fetch, db_url: str, batch: int, kind: str = "cells"
+) -> dict[str, Any]:
+    """The worker's engine end to end (fetch + decode [+ segment] + infer + database write), in this process.
+
+    cells_per_s counts the cells scored: every image for single cells, the whole lymphoid cells found for fields.
+    """
     from core.contract import ScoreMessage
     from db import repository
     from db.engine import make_engine, session_factory, transaction
@@ -244,26 +249,28 @@ def bench_engine(loaded: Any, uris: list[str], fetch: Fetch, db_url: str, batch:
         )
         repository.create_job(session=session, job_id=sample, n_samples=1)
         queued = repository.enqueue_sample(
-            session=session, job_id=sample, sample_id=sample, model_version=loaded.manifest.ref
+            session=session, job_id=sample, sample_id=sample, model_version=loaded.manifest.ref, kind=kind
         )
+    message = ScoreMessage(
+        job_id=sample,
+        sample_id=sample,
+        image_uris=tuple(uris),
+        model_version=loaded.manifest.ref,
+        submission=queued.submission,
+        kind=kind,  # type: ignore[arg-type]
+    )
     with ThreadPoolExecutor(_io_threads()) as pool:
         start = time.perf_counter()
-        score_sample(
-            ScoreMessage(
-                job_id=sample,
-                sample_id=sample,
-                image_uris=tuple(uris),
-                model_version=loaded.manifest.ref,
-                submission=queued.submission,
-            ),
-            loaded=loaded,
-            fetch=fetch,
-            sessions=sessions,
-            pool=pool,
-            batch_size=batch,
-        )
+        summary = score_sample(message, loaded=loaded, fetch=fetch, sessions=sessions, pool=pool, batch_size=batch)
         seconds = time.perf_counter() - start
-    return {"cells": len(uris), "seconds": round(seconds, 2), "cells_per_s": round(len(uris) / seconds, 1)}
+    scored = summary.n_cells - summary.n_failed
+    return {
+        "images": len(uris),
+        "cells": scored,
+        "seconds": round(seconds, 2),
+        "cells_per_s": round(scored / seconds, 1),
+        "all_fraction": summary.all_fraction,
+    }
 
 
 def _io_threads() -> int:

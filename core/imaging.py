@@ -195,10 +195,9 @@ def decode_image(data: bytes, size: int, *, source: str = "<bytes>", max_pixels:
     return _resized(_open_rgb(data, size, source, limit), size, source)
 
 
-def _open_rgb(data: bytes, size: int, source: str, limit: int) -> Image.Image:
-    """Any allowed format through Pillow's plugins: checked, decoded, cropped to the field, as RGB."""
+def _open_checked(data: bytes, source: str, limit: int, too_big_hint: str) -> Image.Image:
+    """The image's header parsed (no pixel decoded yet), refused if not allowed, over `limit` pixels or tiny."""
     try:
-        # open() only parses the header; pixels are decoded by load() below.
         im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError as exc:
         raise DecodeError(source, f"not a recognised image ({', '.join(ALLOWED_FORMATS)})") from exc
@@ -207,16 +206,27 @@ def _open_rgb(data: bytes, size: int, source: str, limit: int) -> Image.Image:
         raise DecodeError(source, f"declared size is too large ({exc})") from exc
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
         raise DecodeError(source, f"unreadable image header ({exc})") from exc
+    width, height = im.size
+    if width * height > limit:
+        im.close()
+        raise DecodeError(
+            source,
+            f"declared size {width}x{height} is {width * height} pixels, over the limit of {limit}",
+            too_big_hint,
+        )
+    if min(width, height) < MIN_SIDE:
+        im.close()
+        raise DecodeError(source, f"{width}x{height} is smaller than {MIN_SIDE}x{MIN_SIDE} and cannot show a cell")
+    return im
+
+
+def _open_rgb(data: bytes, size: int, source: str, limit: int) -> Image.Image:
+    """Any allowed format through Pillow's plugins: checked, decoded, cropped to the field, as RGB."""
+    im = _open_checked(
+        data, source, limit, "a cell image is about 450x450; raise ALLSCORE_MAX_IMAGE_PIXELS only for trusted input"
+    )
     with im:
         width, height = im.size
-        if width * height > limit:
-            raise DecodeError(
-                source,
-                f"declared size {width}x{height} is {width * height} pixels, over the limit of {limit}",
-                "a cell image is about 450x450; raise ALLSCORE_MAX_IMAGE_PIXELS only for trusted input",
-            )
-        if min(width, height) < MIN_SIDE:
-            raise DecodeError(source, f"{width}x{height} is smaller than {MIN_SIDE}x{MIN_SIDE} and cannot show a cell")
         box: tuple[float, float, float, float] = _crop_box(width, height)
         side = box[2] - box[0]
         if im.format == "JPEG" and side >= 2 * size:
@@ -275,24 +285,10 @@ def decode_field(data: bytes, *, source: str = "<bytes>", max_pixels: int | None
     if not data:
         raise DecodeError(source, "the file is empty")
     limit = get_settings().max_image_pixels if max_pixels is None else max_pixels
-    try:
-        im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except UnidentifiedImageError as exc:
-        raise DecodeError(source, f"not a recognised image ({', '.join(ALLOWED_FORMATS)})") from exc
-    except Image.DecompressionBombError as exc:
-        raise DecodeError(source, f"declared size is too large ({exc})") from exc
-    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
-        raise DecodeError(source, f"unreadable image header ({exc})") from exc
+    im = _open_checked(
+        data, source, limit, "split the field into tiles, or raise ALLSCORE_MAX_IMAGE_PIXELS for trusted input"
+    )
     with im:
-        width, height = im.size
-        if width * height > limit:
-            raise DecodeError(
-                source,
-                f"declared size {width}x{height} is {width * height} pixels, over the limit of {limit}",
-                "split the field into tiles, or raise ALLSCORE_MAX_IMAGE_PIXELS for trusted input",
-            )
-        if min(width, height) < MIN_SIDE:
-            raise DecodeError(source, f"{width}x{height} is smaller than {MIN_SIDE}x{MIN_SIDE} and cannot show a cell")
         try:
             im.load()
             rgb = np.asarray(_to_rgb(im, source), dtype=np.uint8)
