@@ -200,12 +200,12 @@ def bench_raw(model: Any, size: int, batch: int, seconds: float) -> tuple[float,
 
 def bench_loads(uris: list[str], fetch: Fetch, size: int) -> float:
     """CPU ms per cell to fetch and decode, on the engine's I/O pool, with no model running."""
-    from worker.engine import _load_cell
+    from worker.fields import read_cell
 
     with ThreadPoolExecutor(_io_threads()) as pool:
-        list(pool.map(lambda uri: _load_cell(uri, fetch, size, 40_000_000), uris[:100]))
+        list(pool.map(lambda uri: read_cell(uri, fetch, size=size, max_pixels=40_000_000), uris[:100]))
         cpu = cpu_seconds()
-        for _ in pool.map(lambda uri: _load_cell(uri, fetch, size, 40_000_000), uris):
+        for _ in pool.map(lambda uri: read_cell(uri, fetch, size=size, max_pixels=40_000_000), uris):
             pass
         return (cpu_seconds() - cpu) / len(uris) * 1e3
 

@@ -48,7 +48,7 @@ class WorkerContext:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         configure_tensorflow(tf_threads_for(settings))
-        self.sessions: sessionmaker[Session] = session_factory(make_engine(settings.database_url))
+        self.sessions: sessionmaker[Session] = session_factory(make_engine(settings.database_url, settings))
         self.stores = settings.stores()
         self.pool = ThreadPoolExecutor(max_workers=io_threads_for(settings), thread_name_prefix="allscore-io")
         self._models: dict[tuple[str, str], LoadedModel] = {}

@@ -36,11 +36,6 @@ class PoisonSample(AllscoreError):
     """Processing this sample has killed its worker process too many times; it is failed, not redelivered."""
 
 
-def _load_cell(uri: str, fetch: Fetch, size: int, max_pixels: int) -> Unit:
-    """One single-cell image, fetched and decoded (what the bench times as fetch + decode)."""
-    return read_cell(uri, fetch, size=size, max_pixels=max_pixels)
-
-
 def score_units(
     uris: Sequence[str],
     read: Callable[[str], Unit],
