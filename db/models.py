@@ -157,3 +157,60 @@ class Cell(Base):
     scale_source: Mapped[str | None] = mapped_column(String(16))
     # The cell's outline in field pixels, as JSON [[x, y], ...], for the review overlays.
     outline: Mapped[str | None] = mapped_column(Text)
+
+
+# --- Review (migration 0006): what a reviewer says about a result; never a change to the result itself ---------
+
+CORRECTED_CLASSES = ("all", "hem", "other", "not_a_cell")
+REVIEWER_NAME_MAX_LENGTH = 64
+
+
+class ReviewUser(Base):
+    """A person who may log in to `allscore review`; `can_write` False is a read-only user."""
+
+    __tablename__ = "review_users"
+    __table_args__ = (UniqueConstraint("name", name="uq_review_users_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(REVIEWER_NAME_MAX_LENGTH))
+    # hashlib.scrypt, "scrypt$n$r$p$salt_hex$hash_hex" (allscore/review/auth.py).
+    password_hash: Mapped[str] = mapped_column(Text)
+    can_write: Mapped[bool] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class CellVerdict(Base):
+    """A reviewer's verdict on one cell's call, keyed by what the cell is (sample, image, model version) and not
+    by a result row, so a re-score of the same sample keeps it."""
+
+    __tablename__ = "cell_verdicts"
+    __table_args__ = (
+        CheckConstraint(
+            "corrected_class IS NULL OR corrected_class IN ('all', 'hem', 'other', 'not_a_cell')",
+            name="ck_cell_verdicts_corrected_class",
+        ),
+        CheckConstraint(
+            "(agree AND corrected_class IS NULL) OR (NOT agree AND corrected_class IS NOT NULL)",
+            name="ck_cell_verdicts_agree_or_corrected",
+        ),
+    )
+
+    sample_id: Mapped[str] = mapped_column(String(SAMPLE_ID_MAX_LENGTH), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(MODEL_VERSION_MAX_LENGTH), primary_key=True)
+    image_uri: Mapped[str] = mapped_column(Text, primary_key=True)
+    agree: Mapped[bool] = mapped_column()
+    corrected_class: Mapped[str | None] = mapped_column(String(16))
+    reviewer: Mapped[str] = mapped_column(String(REVIEWER_NAME_MAX_LENGTH))
+    reviewed_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class SampleSignoff(Base):
+    """A reviewer's sign-off of one sample's result (one model version), with a comment."""
+
+    __tablename__ = "sample_signoffs"
+
+    sample_id: Mapped[str] = mapped_column(String(SAMPLE_ID_MAX_LENGTH), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(MODEL_VERSION_MAX_LENGTH), primary_key=True)
+    reviewer: Mapped[str] = mapped_column(String(REVIEWER_NAME_MAX_LENGTH))
+    comment: Mapped[str] = mapped_column(Text)
+    signed_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -4,6 +4,8 @@
   timeout and a connection limit, so an analyst's query cannot hold the database.
 - ``allscore_worker`` (migration 0005): what a scoring worker and the sweeper need and nothing more: read and update
   sample rows, write and delete their cell rows. No jobs, no models, no DDL, no views.
+- ``allscore_reviewer`` (migration 0006): what `allscore review` needs: read the analyst views, sample_reviews and
+  models; write only the review tables (cell_verdicts, sample_signoffs, review_users).
 
 Each role can log in once its password is set from the environment (``ALLSCORE_ANALYST_PASSWORD``,
 ``ALLSCORE_WORKER_DB_PASSWORD``) by ``allscore db upgrade``; setting a new one and upgrading again rotates it.
@@ -18,7 +20,11 @@ from sqlalchemy import Connection, text
 
 log = logging.getLogger(__name__)
 
-ROLE_PASSWORDS = {"allscore_analyst": "ALLSCORE_ANALYST_PASSWORD", "allscore_worker": "ALLSCORE_WORKER_DB_PASSWORD"}
+ROLE_PASSWORDS = {
+    "allscore_analyst": "ALLSCORE_ANALYST_PASSWORD",
+    "allscore_worker": "ALLSCORE_WORKER_DB_PASSWORD",
+    "allscore_reviewer": "ALLSCORE_REVIEWER_DB_PASSWORD",
+}
 
 # The password travels as a bound parameter (set_config) and is quoted by the server (%L), so no character in it
 # can break out of the statement. Two databases setting it at once make the loser fail with "tuple concurrently

@@ -59,7 +59,7 @@ def factory(engine: Engine) -> Factory:
 def test_upgrade_creates_tables_and_the_contract_views(pg_url: str, engine: Engine) -> None:
     inspector = inspect(engine)
     assert set(inspector.get_table_names()) >= TABLES
-    assert set(inspector.get_view_names()) == {"sample_results", "cell_results"}
+    assert set(inspector.get_view_names()) == {"sample_results", "cell_results", "sample_reviews"}
     assert [c["name"] for c in inspector.get_columns("sample_results")] == SAMPLE_RESULTS_COLUMNS
     assert [c["name"] for c in inspector.get_columns("cell_results")] == CELL_RESULTS_COLUMNS
     assert current_revision(pg_url) == head_revision()
