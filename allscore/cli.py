@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from allscore.db_cli import db_app
+from allscore.review.cli import review_cmd, users_app
 from allscore.segment_cli import segment_cmd
 from allscore.store_cli import store_app
 from core.errors import AllscoreError
@@ -35,6 +36,8 @@ app.command("status")(status_cmd)
 app.command("report")(report_cmd)
 app.command("segment")(segment_cmd)
 app.command("sweep")(sweep_cmd)
+app.command("review")(review_cmd)
+app.add_typer(users_app, name="users")
 
 
 @app.callback()

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -96,6 +97,9 @@ class ModelManifest(BaseModel):
     # None in versions published before fields existed; they are read as the C-NMC scale.
     um_per_px: float | None = None
     um_per_px_source: str = ""
+    # The training report's PNGs (ROC, confusion matrix, learning curves, per-subject accuracy), file names in the
+    # version's folder; empty in versions published before the report existed.
+    report_pictures: list[str] = Field(default_factory=list)
 
     @field_validator("name")
     @classmethod
@@ -192,8 +196,9 @@ class Registry:
         self.store: ObjectStore = store_for(self.root, self.settings)
 
     # -- publishing ---------------------------------------------------------------------------------
-    def publish(self, model_file: Path, manifest: ModelManifest) -> str:
-        """Upload model.keras and manifest.json as a new immutable version; return `name:version`."""
+    def publish(self, model_file: Path, manifest: ModelManifest, pictures: Sequence[Path] = ()) -> str:
+        """Upload model.keras, the report pictures and manifest.json as a new immutable version; return
+        `name:version`. Each picture must be listed by file name in manifest.report_pictures."""
         _check_name(manifest.name, manifest.ref)
         digest = sha256_file(model_file)
         if manifest.sha256 != digest:
@@ -208,6 +213,10 @@ class Registry:
             )
         try:
             self.store.upload(model_file, join_uri(vdir, MODEL_FILE), overwrite=False)
+            for picture in pictures:
+                if picture.name not in manifest.report_pictures or picture.name in (MODEL_FILE, MANIFEST_FILE):
+                    raise ModelError(f"{picture.name}: a published picture must be listed in report_pictures")
+                self.store.upload(picture, join_uri(vdir, picture.name), overwrite=False)
             # The manifest is written last: a version without one is incomplete and never resolves.
             self.store.write_bytes(manifest_uri, manifest.model_dump_json(indent=2).encode(), overwrite=False)
         except AlreadyExists as exc:

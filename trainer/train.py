@@ -21,6 +21,7 @@ from trainer.arch import DEFAULT_SIZES, build_model, check_architecture
 from trainer.dataset import Dataset, data_scale, discover, split_by_subject
 from trainer.loading import CellArrays, decode_cells
 from trainer.metrics import choose_threshold, summarize
+from trainer.report_pictures import training_report
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class TrainOutcome:
     model: Any
     manifest: ModelManifest
     seconds: float
+    # The training report (trainer/report_pictures.py): file name -> PNG, listed in manifest.report_pictures.
+    pictures: dict[str, bytes] = field(default_factory=dict)
 
 
 def _class_weights(labels: np.ndarray) -> dict[int, float]:
@@ -178,6 +181,16 @@ def train_model(data: Path, config: TrainConfig, console: Console | None = None)
     p_val = predict_proba(model, val.images, batch_size=settings.batch_size)
     threshold = choose_threshold(val.labels, p_val)
     metrics = summarize(val.labels, p_val, threshold, val.subjects)
+    best_epoch = int(np.argmin(history.history["val_loss"])) + 1
+    pictures = training_report(
+        labels=val.labels,
+        p=p_val,
+        threshold=threshold,
+        metrics=metrics,
+        history=history.history,
+        subjects=val.subjects,
+        best_epoch=best_epoch,
+    )
     seconds = time.perf_counter() - started
     manifest = ModelManifest(
         name=config.name,
@@ -196,7 +209,7 @@ def train_model(data: Path, config: TrainConfig, console: Console | None = None)
             **{k: v for k, v in asdict(config).items() if k not in ("extra", "version")},
             "image_size": config.size,
             "epochs_run": len(history.history.get("loss", [])),
-            "best_epoch": int(np.argmin(history.history["val_loss"])) + 1,
+            "best_epoch": best_epoch,
             "class_weights": _class_weights(train.labels),
             "seconds": round(seconds, 1),
             "precision": "float32",  # training always runs in float32; serving may use bfloat16
@@ -208,8 +221,9 @@ def train_model(data: Path, config: TrainConfig, console: Console | None = None)
         data=str(data),
         um_per_px=scale,
         um_per_px_source=scale_source,
+        report_pictures=sorted(pictures),
     )
-    return TrainOutcome(model=model, manifest=manifest, seconds=seconds)
+    return TrainOutcome(model=model, manifest=manifest, seconds=seconds, pictures=pictures)
 
 
 def _describe_split(config: TrainConfig, val_ds: Dataset) -> str:
@@ -224,10 +238,15 @@ def _describe_split(config: TrainConfig, val_ds: Dataset) -> str:
 
 
 def publish(outcome: TrainOutcome, store: str | None = None, settings: Settings | None = None) -> ModelManifest:
-    """Save the model to model.keras, record its sha256 and publish the version to the store."""
+    """Save the model to model.keras, record its sha256 and publish the version, with the training report's
+    pictures beside it, to the store."""
     with tempfile.TemporaryDirectory(prefix="allscore-") as tmp:
         path = Path(tmp) / "model.keras"
         outcome.model.save(path)
+        pictures = []
+        for name, png in outcome.pictures.items():
+            pictures.append(Path(tmp) / name)
+            pictures[-1].write_bytes(png)
         manifest = outcome.manifest.model_copy(update={"sha256": sha256_file(path)})
-        Registry(store, settings).publish(path, manifest)
+        Registry(store, settings).publish(path, manifest, pictures)
     return manifest
