@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# One Dockerfile, three images: `trainer` (TensorFlow, no broker or database clients), `worker` (adds
-# Celery, Redis, SQLAlchemy, psycopg, Alembic) and `flower` (adds Flower). Each runs as a non-root user.
+# One Dockerfile, four images: `trainer` (TensorFlow, no broker or database clients), `worker` (adds
+# Celery, Redis, SQLAlchemy, psycopg, Alembic), `review` (adds the web app) and `flower` (adds Flower).
+# Each runs as a non-root user.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS base
@@ -43,6 +44,15 @@ USER allscore
 ENV ALLSCORE_HOME=/home/allscore/.allscore
 ENTRYPOINT ["allscore"]
 CMD ["worker"]
+
+FROM base AS review
+COPY --from=wheel /wheels /wheels
+RUN pip install "$(ls /wheels/allscore-*.whl)[review]" && rm -rf /wheels
+USER allscore
+ENV ALLSCORE_HOME=/home/allscore/.allscore
+EXPOSE 8080
+ENTRYPOINT ["allscore"]
+CMD ["review", "--host", "0.0.0.0", "--port", "8080"]
 
 FROM base AS flower
 COPY --from=wheel /wheels /wheels

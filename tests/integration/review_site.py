@@ -45,6 +45,8 @@ class ReviewServer:
 
     env: dict[str, str]
     log_path: Path
+    # The service's command (e.g. the compose file's); its host and port are replaced by 127.0.0.1 and a free port.
+    command: list[str] | None = None
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -54,8 +56,11 @@ class ReviewServer:
 
     def start(self, timeout: float = 60.0) -> ReviewServer:
         log = self.log_path.open("ab")
+        args = list(self.command or ["review", "--host", "127.0.0.1", "--port", "8080"])
+        args[args.index("--host") + 1] = "127.0.0.1"
+        args[args.index("--port") + 1] = str(self.port)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "allscore", "review", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "allscore", *args],
             env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"},
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -65,9 +65,24 @@ def rendered(tmp_path: Path) -> dict[str, Any]:
 
 def test_compose_file_is_valid_and_scalable(rendered: dict[str, Any]) -> None:
     services = rendered["services"]
-    assert {"redis", "postgres", "s3", "createbucket", "migrate", "worker", "sweeper", "trainer", "flower"} <= set(
-        services
-    )
+    assert {
+        "redis",
+        "postgres",
+        "s3",
+        "createbucket",
+        "migrate",
+        "worker",
+        "sweeper",
+        "trainer",
+        "flower",
+        "review",
+    } <= set(services)
+    review = services["review"]
+    # The review app: on this host only, its session key from the environment, as its least-privilege role.
+    assert [str(p).split(":")[0] for p in review["ports"]] == ["127.0.0.1"]
+    assert review["environment"]["ALLSCORE_REVIEW_SECRET_KEY"]
+    assert review["environment"]["ALLSCORE_DATABASE_URL"].startswith("postgresql+psycopg://allscore_reviewer:")
+    assert review["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     worker = services["worker"]
     # `docker compose up --scale worker=N` needs no fixed name and no host port.
     assert "container_name" not in worker and "ports" not in worker
@@ -109,13 +124,14 @@ def test_workers_get_least_privilege_keys_to_the_database_and_the_object_store(
     assert "Write" in identities["admin"]["actions"]
     worker_key = identities["worker"]["credentials"][0]
     admin_key = identities["admin"]["credentials"][0]
-    for name in ("worker", "sweeper"):
+    for name in ("worker", "sweeper", "review"):
         env = services[name]["environment"]
         assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (
             worker_key["accessKey"],
             worker_key["secretKey"],
         ), name
-        assert env["ALLSCORE_DATABASE_URL"].startswith("postgresql+psycopg://allscore_worker:"), name
+        role = "allscore_reviewer" if name == "review" else "allscore_worker"
+        assert env["ALLSCORE_DATABASE_URL"].startswith(f"postgresql+psycopg://{role}:"), name
     for name in ("createbucket", "trainer"):
         assert services[name]["environment"]["AWS_ACCESS_KEY_ID"] == admin_key["accessKey"], name
     flower = services["flower"]["environment"]
@@ -141,7 +157,7 @@ def _local_env(service: dict[str, Any], overrides: dict[str, str]) -> dict[str, 
         # The least-privilege role a service logs in as in compose stays its role here (this server trusts
         # local logins, so no password is needed); the owner's URL stays the test's.
         user = parse_url(compose_db).username
-        if user == "allscore_worker":
+        if user in ("allscore_worker", "allscore_reviewer"):
             local = parse_url(overrides["ALLSCORE_DATABASE_URL"]).set(username=user, password=None)
             env["ALLSCORE_DATABASE_URL"] = local.render_as_string(hide_password=False)
     return env
@@ -234,6 +250,35 @@ def test_each_service_command_runs_on_the_host(
         assert (row["status"], row["n_cells"], row["n_failed"]) == ("done", 6, 0)
     finally:
         worker.stop()
+
+    # review: a user is added with the service's image and role, and its command serves the pages behind a login,
+    # reading the scored sample through the views as allscore_reviewer.
+    review_env = _local_env(services["review"], local)
+    assert "allscore_reviewer" in review_env["ALLSCORE_DATABASE_URL"]
+    add = subprocess.run(
+        [sys.executable, "-m", "allscore", "users", "add", "lab", "--password-stdin"],
+        env={**os.environ, **review_env},
+        input="lab-password-1\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert add.returncode == 0, add.stderr
+    from tests.integration.review_site import ReviewServer, login
+
+    review_cmd = services["review"]["command"]
+    assert review_cmd[:1] == ["review"] and "--port" in review_cmd
+    server = ReviewServer(review_env, tmp_path / "review.log", command=review_cmd).start()
+    try:
+        import httpx
+
+        with httpx.Client(base_url=server.url, follow_redirects=False, timeout=30) as client:
+            assert client.get("/").status_code == 303  # to the login page
+            assert login(client, "lab", "lab-password-1").status_code == 303
+            page = client.get("/")
+            assert page.status_code == 200 and "compose-sample" in page.text
+    finally:
+        server.stop()
 
     # sweeper: its command, once (it repeats every 300 s in compose), looks at the database and the broker.
     command = services["sweeper"]["command"]
