@@ -1,0 +1,130 @@
+"""Verdicts, sign-offs and sample_reviews on a real PostgreSQL (the SQLite scenarios), and the roles: the review
+app's allscore_reviewer writes only the review tables; the analysts read sample_reviews."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy.exc import ProgrammingError
+
+from db import reviews
+from db.engine import make_engine, parse_url, session_factory, transaction
+from db.migrate import upgrade
+from tests.unit.test_db_sqlite import Factory
+from tests.unit.test_reviews_db import (
+    MODEL,
+    scenario_refusals,
+    scenario_reviewed_fraction_and_sign_off,
+    scenario_users,
+    scenario_verdicts_survive_a_rescore,
+    scored_sample,
+)
+
+pytestmark = pytest.mark.integration
+
+INSUFFICIENT_PRIVILEGE = "42501"
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[Engine]:
+    engine = make_engine(pg_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def factory(engine: Engine) -> Factory:
+    return session_factory(engine)
+
+
+def test_the_view_has_its_columns(engine: Engine) -> None:
+    assert [c["name"] for c in inspect(engine).get_columns("sample_reviews")] == reviews.SAMPLE_REVIEWS_COLUMNS
+
+
+def test_reviewed_fraction_and_sign_off(factory: Factory) -> None:
+    scenario_reviewed_fraction_and_sign_off(factory)
+
+
+def test_verdicts_survive_a_rescore(factory: Factory) -> None:
+    scenario_verdicts_survive_a_rescore(factory)
+
+
+def test_refusals(factory: Factory) -> None:
+    scenario_refusals(factory)
+
+
+def test_users(factory: Factory) -> None:
+    scenario_users(factory)
+
+
+def _denied(engine: Engine, statement: str) -> None:
+    with pytest.raises(ProgrammingError) as caught, engine.begin() as conn:
+        conn.execute(text(statement))
+    assert getattr(caught.value.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE, statement
+
+
+def test_reviewer_role_writes_only_reviews_and_analysts_read_them(
+    pg_empty_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reviewer_password = f"reviewer{uuid.uuid4().hex}"
+    analyst_password = f"analyst{uuid.uuid4().hex}"
+    monkeypatch.setenv("ALLSCORE_REVIEWER_DB_PASSWORD", reviewer_password)
+    monkeypatch.setenv("ALLSCORE_ANALYST_PASSWORD", analyst_password)
+    upgrade(pg_empty_url)
+    owner = make_engine(pg_empty_url)
+    try:
+        cells = scored_sample(session_factory(owner))
+    finally:
+        owner.dispose()
+
+    reviewer = make_engine(
+        parse_url(pg_empty_url)
+        .set(username="allscore_reviewer", password=reviewer_password)
+        .render_as_string(hide_password=False)
+    )
+    try:
+        factory = session_factory(reviewer)
+        # What the review app does, as its role: add a user, record a verdict and a sign-off, read the views.
+        with transaction(factory) as s:
+            reviews.add_user(session=s, name="ann", password_hash="h", can_write=True)
+            reviews.record_verdict(
+                session=s,
+                sample_id="S1",
+                model_version=MODEL,
+                image_uri=cells[0].image_uri,
+                agree=False,
+                corrected_class="hem",
+                reviewer="ann",
+            )
+            reviews.sign_off(session=s, sample_id="S1", model_version=MODEL, reviewer="ann", comment="ok")
+        with reviewer.connect() as conn:
+            assert conn.execute(text("SELECT threshold FROM models")).all() == []  # readable (none registered here)
+            assert conn.execute(text("SELECT count(*) FROM sample_results")).scalar_one() == 1
+        for statement in (
+            "UPDATE samples SET status = 'failed'",
+            "DELETE FROM cells",
+            "UPDATE cells SET is_all = false",
+            "SELECT * FROM samples",
+            "INSERT INTO jobs (id, submitted_at, n_samples) VALUES ('evil', now(), 0)",
+            "DELETE FROM review_users",
+            "CREATE TABLE reviewer_scratch (x int)",
+        ):
+            _denied(reviewer, statement)
+    finally:
+        reviewer.dispose()
+
+    analyst = create_engine(parse_url(pg_empty_url).set(username="allscore_analyst", password=analyst_password))
+    try:
+        with analyst.connect() as conn:
+            row = conn.execute(
+                text("SELECT n_reviewed, n_disagree, reviewed_fraction, signed_off_by FROM sample_reviews")
+            ).one()
+            assert (row.n_reviewed, row.n_disagree, row.signed_off_by) == (1, 1, "ann")
+            assert row.reviewed_fraction == pytest.approx(2 / 7)
+        _denied(analyst, "SELECT * FROM cell_verdicts")
+        _denied(analyst, "DELETE FROM sample_signoffs")
+    finally:
+        analyst.dispose()
