@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from allscore.db_cli import db_app
+from allscore.export_reviewed import export_reviewed_cmd
 from allscore.review.cli import review_cmd, users_app
 from allscore.segment_cli import segment_cmd
 from allscore.store_cli import store_app
@@ -25,6 +26,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(data_app, name="data")
+# export-reviewed reads the database, which the trainer (data_app's home) never imports: it is added here.
+data_app.command("export-reviewed")(export_reviewed_cmd)
 app.add_typer(models_app, name="models")
 app.command("train")(train_cmd)
 app.command("evaluate")(evaluate_cmd)
