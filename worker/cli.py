@@ -164,8 +164,8 @@ def _pct(value: Any) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
-def results_table(rows: list[dict[str, Any]], title: str) -> Table:
-    """The sample results as a rich table."""
+def results_table(rows: list[dict[str, Any]], title: str, reviews: bool = False) -> Table:
+    """The sample results as a rich table (with `reviews`, the reviewed fraction and the sign-off too)."""
     table = Table(title=title)
     for col in (
         "sample",
@@ -180,8 +180,16 @@ def results_table(rows: list[dict[str, Any]], title: str) -> Table:
         "flags",
     ):
         table.add_column(col, justify="right" if col in ("cells", "ALL", "failed") else "left")
+    if reviews:
+        table.add_column("reviewed")
+        table.add_column("signed off")
     for r in rows:
         ci = "-" if r["ci_low"] is None else f"{r['ci_low']:.1%}-{r['ci_high']:.1%}"
+        review_cells = []
+        if reviews:
+            reviewed = f"{_pct(r['reviewed_fraction'])} ({r['n_reviewed']} cells)" if r.get("n_reviewed") else "-"
+            signed = f"{r['signed_off_by']} {r['signed_off_at']:%Y-%m-%d}" if r.get("signed_off_by") else "-"
+            review_cells = [reviewed, signed]
         table.add_row(
             str(r["sample_id"]),
             str(r["status"]),
@@ -193,6 +201,7 @@ def results_table(rows: list[dict[str, Any]], title: str) -> Table:
             ci,
             _pct(r["corrected_fraction"]),
             str(r["flags"] or r["error"] or ""),
+            *review_cells,
         )
     return table
 
@@ -221,6 +230,9 @@ def report_cmd(
     overlays: Annotated[
         Path | None, typer.Option(help="field samples: write each field with its cells outlined into this folder")
     ] = None,
+    with_reviews: Annotated[
+        bool, typer.Option("--reviews", help="add the reviewers' verdicts and sign-offs (view sample_reviews)")
+    ] = False,
 ) -> None:
     """Per-sample results (the view sample_results), as a table, CSV or JSON; optionally montages."""
     from db import repository
@@ -230,12 +242,17 @@ def report_cmd(
     if fmt not in ("table", "csv", "json"):
         raise typer.BadParameter(f"--format {fmt!r}: choose table, csv or json")
     rows = _results(sample_ids, job)
+    if with_reviews:
+        from worker.report import add_reviews
+
+        with session_factory(make_engine())() as session:
+            rows = add_reviews(rows, session)
     if fmt == "csv":
         typer.echo(to_csv(rows), nl=False)
     elif fmt == "json":
         typer.echo(to_json(rows))
     else:
-        out.print(results_table(rows, "sample results"))
+        out.print(results_table(rows, "sample results", reviews=with_reviews))
     if montage is None and overlays is None:
         return
     with session_factory(make_engine())() as session:

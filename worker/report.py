@@ -216,3 +216,22 @@ def render_overlays(
         canvas.save(path)
         paths.append(path)
     return paths
+
+
+# The review columns `allscore report --reviews` adds (the view sample_reviews, migration 0006).
+REVIEW_COLUMNS = ("n_reviewed", "n_disagree", "reviewed_fraction", "signed_off_by", "signed_off_at", "sign_off_comment")
+
+
+def add_reviews(rows: Sequence[dict[str, Any]], session: Any) -> list[dict[str, Any]]:
+    """The rows with the reviewers' figures (sample_reviews) appended: verdicts, reviewed fraction, sign-off."""
+    from db.reviews import get_sample_reviews
+
+    found = {
+        (r["sample_id"], r["model_version"]): r
+        for r in get_sample_reviews(session=session, sample_ids=sorted({row["sample_id"] for row in rows}))
+    }
+    out = []
+    for row in rows:
+        review = found.get((row["sample_id"], row["model_version"]), {})
+        out.append({**row, **{k: review.get(k) for k in REVIEW_COLUMNS}})
+    return out

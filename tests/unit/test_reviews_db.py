@@ -188,3 +188,42 @@ def test_refusals(factory: Factory) -> None:
 
 def test_users(factory: Factory) -> None:
     scenario_users(factory)
+
+
+def test_report_shows_the_reviews(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'report.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    factory = session_factory(engine)
+    cells = scored_sample(factory)
+    verdict(factory, cells[0], False, "hem")
+    with transaction(factory) as s:
+        reviews.sign_off(session=s, sample_id="S1", model_version=MODEL, reviewer="ann", comment="seen")
+    engine.dispose()
+    env = {**os.environ, "ALLSCORE_DATABASE_URL": url}
+
+    def report(*args: str) -> str:
+        run = subprocess.run(
+            [sys.executable, "-m", "allscore", "report", "S1", *args], env=env, capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    (row,) = json.loads(report("--reviews", "--format", "json"))
+    assert (row["n_reviewed"], row["n_disagree"], row["signed_off_by"], row["sign_off_comment"]) == (
+        1,
+        1,
+        "ann",
+        "seen",
+    )
+    assert row["reviewed_fraction"] == pytest.approx(2 / 7)
+    assert row["all_fraction"] == pytest.approx(3 / 7)
+    table = report("--reviews")
+    assert "28.6% (1 cells)" in table and "ann" in table
+    (plain,) = json.loads(report("--format", "json"))
+    assert "reviewed_fraction" not in plain  # the report's columns are unchanged without --reviews
