@@ -221,7 +221,7 @@ def train_model(data: Path, config: TrainConfig, console: Console | None = None)
         data=str(data),
         um_per_px=scale,
         um_per_px_source=scale_source,
-        report_pictures=sorted(pictures),
+        report_pictures=list(pictures),
     )
     return TrainOutcome(model=model, manifest=manifest, seconds=seconds, pictures=pictures)
 
