@@ -214,7 +214,9 @@ class ReviewedCell:
 def reviewed_cells(*, session: Session, since: datetime | None = None) -> list[ReviewedCell]:
     """Every reviewed scored cell (optionally reviewed at or after `since`), with its reviewer's class."""
     stmt = (
-        select(cell_results, CellVerdict.agree, CellVerdict.corrected_class, CellVerdict.reviewer, CellVerdict.reviewed_at)
+        select(
+            cell_results, CellVerdict.agree, CellVerdict.corrected_class, CellVerdict.reviewer, CellVerdict.reviewed_at
+        )
         .join(
             CellVerdict,
             (CellVerdict.sample_id == cell_results.c.sample_id)
