@@ -41,17 +41,27 @@ def synth_cmd(
 @data_app.command("synth-fields")
 def synth_fields_cmd(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="folder to write the fields into")],
-    fields: Annotated[int, typer.Option(help="fields (1024x768 PNG, each at its own scale)")] = 12,
+    fields: Annotated[int, typer.Option(help="fields (1024x768 PNG; one slide, all at one scale)")] = 12,
     cells_per_field: Annotated[int, typer.Option(help="white cells per field")] = 12,
     all_fraction: Annotated[float, typer.Option(help="probability that a white cell is malignant")] = 0.3,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     crops: Annotated[bool, typer.Option(help="also write each white cell's 450x450 crop")] = False,
+    um_per_px: Annotated[
+        float | None, typer.Option("--um-per-px", help="the slide's scale; default drawn from 0.08-0.16", min=0.01)
+    ] = None,
 ) -> None:
     """Write SYNTHETIC smear fields (fields/*.png) with known white cells (truth.csv) and optional crops."""
     from trainer.synth_fields import synthesize_fields
 
+    scale = (um_per_px, um_per_px) if um_per_px else (0.08, 0.16)
     summary = synthesize_fields(
-        out_dir, fields=fields, cells_per_field=cells_per_field, all_fraction=all_fraction, seed=seed, crops=crops
+        out_dir,
+        fields=fields,
+        cells_per_field=cells_per_field,
+        all_fraction=all_fraction,
+        seed=seed,
+        crops=crops,
+        um_per_px=scale,
     )
     err.print(f"wrote {summary.describe()}")
     typer.echo(str(out_dir))

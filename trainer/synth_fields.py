@@ -1,15 +1,15 @@
 """Synthetic microscope fields: whole smear-like photographs with known white cells. THE DATA IS SYNTHETIC.
 
-A field imitates a photograph of a stained peripheral-blood or marrow smear at high magnification: a light
-pinkish-cream background with gentle vignetting and sensor noise, red cells (pink discs about 7.5 um across with
-a paler centre, some overlapping one another) covering 30-50% of it, a few platelets (small purple granular dots)
-and a given number of white cells. The white cells are trainer.synth's C-NMC-like lymphoid cells: each is drawn
-by render_cell at the C-NMC crops' scale (SYNTH_UM_PER_PX), rescaled to the field's own scale (drawn per field
-from a range, so a cell keeps its size in micrometres) and laid over the background by its coverage, the nucleus
-opaque and the cytoplasm partly see-through (CYTOPLASM_OPACITY: on a smear it is a thin, paler layer, where the
-C-NMC crops show it as dark as the nucleus). About ``touching`` of them touch another white cell (outlines meeting,
-not overlapping), some red cells overlap white cells' edges (over or under them) and a few white cells are cut by
-the field's edge on purpose. Nothing made here is a real cell.
+A field imitates a photograph of a stained peripheral-blood or marrow smear at high magnification: a light pinkish-
+cream background with gentle vignetting and sensor noise, red cells (pink discs about 7.5 um across with a paler
+centre, some overlapping one another) covering 30-50% of it, a few platelets (small purple granular dots) and a
+given number of white cells. The white cells are trainer.synth's C-NMC-like lymphoid cells: each is drawn by
+render_cell at the C-NMC crops' scale (SYNTH_UM_PER_PX), rescaled to the slide's scale (one slide, one
+magnification: drawn once from a range, so a cell keeps its size in micrometres) and laid over the background by its
+coverage, the nucleus opaque and the cytoplasm partly see-through (CYTOPLASM_OPACITY: on a smear it is a thin, paler
+layer, where the C-NMC crops show it as dark as the nucleus). About ``touching`` of them touch another white cell
+(outlines meeting, not overlapping), some red cells overlap white cells' edges (over or under them) and a few white
+cells are cut by the field's edge on purpose. Nothing made here is a real cell.
 
 Layout under OUT:
 
@@ -129,10 +129,14 @@ def synthesize_fields(
     seed: int = 0,
     crops: bool = False,
     cytoplasm_opacity: float = CYTOPLASM_OPACITY,
+    one_scale: bool = True,
 ) -> FieldsSummary:
     """Write synthetic smear fields with known white cells under out (see the module docstring).
 
-    cytoplasm_opacity 1.0 lays the cells in exactly as their crops show them (cytoplasm as dark as the crop's).
+    The fields are one slide: imaged at one magnification, so every field has one scale, drawn (uniformly) from
+    `um_per_px`; ``one_scale=False`` draws one per field (for checks that the same cells give the same result at
+    another magnification). cytoplasm_opacity 1.0 lays the cells in exactly as their crops show them (cytoplasm as
+    dark as the crop's).
     """
     out = Path(out)
     low, high = um_per_px
@@ -160,9 +164,11 @@ def synthesize_fields(
     tint = subject_tint(np.random.default_rng([seed, 5]))  # one subject (one stain) for the whole sample
     rows: list[dict[str, object]] = []
     n_all = 0
+    slide_scale = float(np.random.default_rng([seed, 6]).uniform(low, high))
     for number in range(1, fields + 1):
         rng = np.random.default_rng([seed, 5, number])  # one stream per field
-        scale = float(rng.uniform(low, high))
+        field_scale = float(rng.uniform(low, high))
+        scale = field_scale if not one_scale else slide_scale
         image, cells = make_field(
             rng, tint, scale, width, height, cells_per_field, all_fraction, touching, cytoplasm_opacity
         )

@@ -45,17 +45,18 @@ def _stained(pixel: np.ndarray) -> bool:
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> FieldsSummary:
-    return synthesize_fields(tmp_path_factory.mktemp("fields") / "out", um_per_px=SCALES, seed=3, crops=True, **SMALL)
+    out = tmp_path_factory.mktemp("fields") / "out"
+    return synthesize_fields(out, um_per_px=SCALES, seed=3, crops=True, one_scale=False, **SMALL)
 
 
 def test_fields_are_deterministic_for_a_seed(tmp_path: Path, small: FieldsSummary) -> None:
-    again = synthesize_fields(tmp_path / "again", um_per_px=SCALES, seed=3, crops=True, **SMALL)
-    other = synthesize_fields(tmp_path / "other", um_per_px=SCALES, seed=4, **SMALL)
+    again = synthesize_fields(tmp_path / "again", um_per_px=SCALES, seed=3, crops=True, one_scale=False, **SMALL)
+    other = synthesize_fields(tmp_path / "other", um_per_px=SCALES, seed=4, one_scale=False, **SMALL)
     assert _digest(again.root) == _digest(small.root)
     assert _digest(other.root)["fields/field_001.png"] != _digest(small.root)["fields/field_001.png"]
     # Writing the crops takes nothing from the random streams: the fields are the same either way.
     fields_only = {k: v for k, v in _digest(small.root).items() if k.startswith("fields/")}
-    plain = synthesize_fields(tmp_path / "plain", um_per_px=SCALES, seed=3, **SMALL)
+    plain = synthesize_fields(tmp_path / "plain", um_per_px=SCALES, seed=3, one_scale=False, **SMALL)
     assert {k: v for k, v in _digest(plain.root).items() if k.startswith("fields/")} == fields_only
 
 
@@ -198,7 +199,15 @@ def test_the_field_segmenter_finds_the_white_cells(tmp_path: Path, scale_given: 
     # true centroid, with and without being told the scale.
     segment = pytest.importorskip("core.segment")
     summary = synthesize_fields(
-        tmp_path / "out", fields=3, cells_per_field=4, width=640, height=480, touching=0.0, seed=5, um_per_px=SCALES
+        tmp_path / "out",
+        fields=3,
+        cells_per_field=4,
+        width=640,
+        height=480,
+        touching=0.0,
+        seed=5,
+        um_per_px=SCALES,
+        one_scale=False,  # three magnifications
     )
     rows = _truth(summary.root)
     matched = found = 0
@@ -219,3 +228,10 @@ def test_the_field_segmenter_finds_the_white_cells(tmp_path: Path, scale_given: 
         matched += len(hits)
     assert matched / len(rows) >= 0.95  # recall
     assert matched / found >= 0.95  # precision
+
+
+def test_a_slide_is_imaged_at_one_magnification_by_default(tmp_path: Path) -> None:
+    # The worker estimates one scale per sample (a slide): by default every field of a run shares one scale.
+    summary = synthesize_fields(tmp_path / "out", fields=3, cells_per_field=2, width=320, height=240, seed=9)
+    scales = {r["um_per_px"] for r in _truth(summary.root)}
+    assert len(scales) == 1 and SCALES[0] <= float(scales.pop()) <= SCALES[1]
