@@ -7,6 +7,7 @@ Screenshots of every page are written under the test's tmp folder and copied to 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from core.settings import reset_settings_cache
 from db.engine import make_engine, parse_url
 from db.migrate import upgrade
 from tests.fixtures import PublishedModel
-from tests.helpers import CNMC_SAMPLE, cnmc_cells, require_service
+from tests.helpers import CNMC_SAMPLE, REPO_ROOT, cnmc_cells, require_service
 from tests.integration.review_site import (
     CHROMIUM,
     PASSWORDS,
@@ -115,6 +116,13 @@ def site(pg_admin_url: str, tiny_model: PublishedModel, tmp_path_factory: pytest
             assert {r["status"] for r in rows} == {"done"}, rows
             job2 = submit_sample("SLIDE-HIGH", samples["SLIDE-HIGH"], model_ref=other.ref)
             assert wait_for_job(job2, 1, timeout=120)[0]["status"] == "done"
+            # A field sample: two real BCCD fields, in which the worker finds the white cells.
+            fields = tmp / "slides" / "SLIDE-FIELDS"
+            fields.mkdir()
+            for jpg in sorted((REPO_ROOT / "tests" / "data" / "bccd" / "JPEGImages").glob("*.jpg"))[:2]:
+                shutil.copy(jpg, fields / jpg.name)
+            job3 = submit_sample("SLIDE-FIELDS", [str(fields)], model_ref=tiny_model.ref, kind="fields")
+            assert wait_for_job(job3, 1, timeout=240)[0]["status"] == "done"
             worker.stop()
             run_cli(["users", "add", "alice", "--password-stdin"], env, stdin=PASSWORDS["alice"] + "\n")
             run_cli(["users", "add", "viewer", "--read-only", "--password-stdin"], env, PASSWORDS["viewer"] + "\n")
@@ -173,7 +181,8 @@ def test_a_reviewer_reviews_a_flagged_sample_in_a_browser(site: Site, tmp_path: 
         page.click("button[type=submit]")
         expect(page.locator("h1")).to_have_text("Samples")
         shot(page, "02_samples.png")
-        assert page.locator("#samples tbody tr").count() == len(FRACTIONS) + 3  # + CNMC, BROKEN, HIGH under v2
+        # + CNMC, BROKEN, FIELDS, and HIGH under v2
+        assert page.locator("#samples tbody tr").count() == len(FRACTIONS) + 4
 
         # Filter to the flagged samples: exactly the flagged ones are listed, highest ALL fraction first.
         page.select_option("select[name=flag]", "any")
@@ -265,6 +274,17 @@ def test_a_reviewer_reviews_a_flagged_sample_in_a_browser(site: Site, tmp_path: 
             "() => [...document.querySelectorAll('.pictures img')].every(i => i.complete && i.naturalWidth > 200)"
         )
         shot(page, "06_model.png")
+
+        # A field sample shows each field with its cells outlined, read from the store.
+        page.goto(site.url + "/sample?id=SLIDE-FIELDS")
+        expect(page.locator("h1")).to_contain_text("Sample SLIDE-FIELDS")
+        assert page.locator(".fields img").count() == 2
+        page.locator(".fields").scroll_into_view_if_needed()
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.fields img')].every(i => i.complete && i.naturalWidth >= 640)",
+            timeout=60_000,
+        )
+        shot(page, "07_field_sample.png")
 
         # Log out: the session ends, and the pages are behind the login again.
         page.click("header button[type=submit]")
