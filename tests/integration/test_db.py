@@ -96,7 +96,7 @@ def test_concurrent_upgrades_of_a_fresh_database(pg_empty_url: str) -> None:
             views = conn.execute(text("SELECT viewname FROM pg_views WHERE schemaname = current_schema()")).scalars()
             versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars()
             assert sorted(t for t in tables if t != "alembic_version") == sorted(TABLES)
-            assert sorted(views) == ["cell_results", "sample_results"]
+            assert sorted(views) == ["cell_results", "sample_results", "sample_reviews"]
             assert list(versions) == [head_revision()]
     finally:
         engine.dispose()

@@ -90,7 +90,7 @@ CELL_RESULTS_COLUMNS = [
     "scale_source",
     "outline",
 ]
-TABLES = {"models", "jobs", "samples", "cells"}
+TABLES = {"models", "jobs", "samples", "cells", "review_users", "cell_verdicts", "sample_signoffs"}
 
 Factory = sessionmaker[Session]
 
