@@ -1,9 +1,14 @@
 """Microscope fields in the bench: segmentation time per field, and end to end from fields against from crops.
 
 - ``field_ms_p50``: milliseconds per field on one thread to decode, segment and cut out the cells (what a worker's
-  I/O thread does per field), median over synthetic fields of 640x480 and of 2048x1536.
-- ``fields_e2e_over_crops_e2e``: cells/s through the engine (local files, SQLite) from synthetic fields of 12 white
-  cells each, over cells/s from the same cells given as their C-NMC crops; the model is the bench's (seed, float32).
+  I/O thread does per field), median over synthetic fields of 640x480 and of 2048x1536, as PNG and as JPEG.
+- ``fields_e2e_over_crops_e2e``: cells/s through the engine (local files, SQLite) from a synthetic slide of 25
+  fields of 12 white cells each (1024x768 JPEG, quality 92: what microscope cameras write; BCCD's fields are JPEG),
+  over cells/s from the same cells given as their C-NMC crops; the model is the bench's (seed, float32).
+  ``fields_e2e_over_crops_e2e_png``: the same from the lossless PNG fields (PNG decoding costs about 4x JPEG's).
+- ``fields_vs_crops_fraction_delta``: that slide's ALL fraction from its fields minus from its cells' crops, the
+  slide's scale given as a lab with a calibrated microscope gives it; ``..._estimated_scale``: the scale measured
+  from the red cells instead.
 
 Run alone: ``python -m bench.fields`` (trains a small bench model first) or from ``bench.run``.
 """
@@ -33,6 +38,19 @@ def _fields(out: Path, *, n: int, width: int, height: int, seed: int, crops: boo
     return sorted(str(p) for p in (out / "fields").glob("*.png"))
 
 
+def _as_jpeg(uris: list[str], quality: int = 92) -> list[str]:
+    """The same fields written beside them as JPEG (4:4:4, the given quality): a camera's format."""
+    from PIL import Image
+
+    out = []
+    for uri in uris:
+        path = Path(uri).with_suffix(".jpg")
+        with Image.open(uri) as image:
+            image.save(path, "JPEG", quality=quality, subsampling=0)
+        out.append(str(path))
+    return out
+
+
 def field_ms(uris: list[str], *, size: int, train_um: float) -> list[float]:
     """Wall ms per field on this thread: read, decode, segment, cut every whole lymphoid cell."""
     from worker.fields import read_field
@@ -46,11 +64,13 @@ def field_ms(uris: list[str], *, size: int, train_um: float) -> list[float]:
     return times
 
 
-def engine_cells_per_s(loaded: Any, uris: list[str], kind: str, db_url: str, batch: int) -> dict[str, Any]:
+def engine_cells_per_s(
+    loaded: Any, uris: list[str], kind: str, db_url: str, batch: int, um_per_px: float | None = None
+) -> dict[str, Any]:
     """One sample through the worker's engine (bench.run.bench_engine, local files); cells/s of cells scored."""
     from bench.run import bench_engine
 
-    return bench_engine(loaded, uris, LocalStore().read_bytes, db_url, batch, kind=kind)
+    return bench_engine(loaded, uris, LocalStore().read_bytes, db_url, batch, kind=kind, um_per_px=um_per_px)
 
 
 def synthetic_detection(
@@ -125,38 +145,57 @@ def measure_fields(loaded: Any, work: Path, *, batch: int = 64, n_fields: int = 
     results: dict[str, Any] = {"synthetic_detection": synthetic_detection(work / "detect")}
     small = _fields(work / "f640", n=12, width=640, height=480, seed=21)
     large = _fields(work / "f2048", n=6, width=2048, height=1536, seed=22)
+    small_jpeg, large_jpeg = _as_jpeg(small), _as_jpeg(large)
     field_ms(small[:2], size=size, train_um=train_um)  # warm: imports, caches
-    per_small = field_ms(small, size=size, train_um=train_um)
-    per_large = field_ms(large, size=size, train_um=train_um)
     results["field_ms_p50"] = {
-        "640x480": round(statistics.median(per_small), 1),
-        "2048x1536": round(statistics.median(per_large), 1),
+        name: round(statistics.median(field_ms(uris, size=size, train_um=train_um)), 1)
+        for name, uris in (
+            ("640x480", small),
+            ("2048x1536", large),
+            ("640x480_jpeg", small_jpeg),
+            ("2048x1536_jpeg", large_jpeg),
+        )
     }
 
     same = work / "same"
     uris = _fields(same, n=n_fields, width=1024, height=768, seed=23, crops=True)
+    jpegs = _as_jpeg(uris)
     # The same cells as crops: those not cut by a field's edge (edge cells are counted, not scored, from fields).
     with (same / "truth.csv").open() as fh:
-        crops = sorted(str(same / row["crop"]) for row in csv.DictReader(fh) if row["edge"] == "0" and row["crop"])
+        truth = list(csv.DictReader(fh))
+    crops = sorted(str(same / row["crop"]) for row in truth if row["edge"] == "0" and row["crop"])
+    scale = float(truth[0]["um_per_px"])  # one slide, one magnification
     db = f"sqlite:///{work / 'fields-bench.db'}"
     engine_cells_per_s(loaded, crops[:64], "cells", db, batch)  # warm the traced graph
-    pairs = []
-    runs: dict[str, list[dict[str, Any]]] = {"fields": [], "crops": []}
+    pairs, pairs_png = [], []
+    runs: dict[str, list[dict[str, Any]]] = {"fields_jpeg": [], "fields_png": [], "crops": []}
     for _ in range(3):
         from_crops = engine_cells_per_s(loaded, crops, "cells", db, batch)
-        from_fields = engine_cells_per_s(loaded, uris, "fields", db, batch)
+        from_jpeg = engine_cells_per_s(loaded, jpegs, "fields", db, batch, um_per_px=scale)
+        from_png = engine_cells_per_s(loaded, uris, "fields", db, batch, um_per_px=scale)
         runs["crops"].append(from_crops)
-        runs["fields"].append(from_fields)
-        pairs.append(round(from_fields["cells_per_s"] / from_crops["cells_per_s"], 3))
+        runs["fields_jpeg"].append(from_jpeg)
+        runs["fields_png"].append(from_png)
+        pairs.append(round(from_jpeg["cells_per_s"] / from_crops["cells_per_s"], 3))
+        pairs_png.append(round(from_png["cells_per_s"] / from_crops["cells_per_s"], 3))
     results["fields_engine_runs"] = runs
     results["fields_e2e_over_crops_e2e_pairs"] = pairs
     results["fields_e2e_over_crops_e2e"] = round(statistics.median(pairs), 3)
+    results["fields_e2e_over_crops_e2e_png_pairs"] = pairs_png
+    results["fields_e2e_over_crops_e2e_png"] = round(statistics.median(pairs_png), 3)
     # The answer itself: the same slide's ALL fraction from its fields and from its cells' own crops.
-    fraction_fields, fraction_crops = runs["fields"][0]["all_fraction"], runs["crops"][0]["all_fraction"]
-    results["fields_vs_crops_cells"] = [runs["fields"][0]["cells"], runs["crops"][0]["cells"]]
+    estimated = engine_cells_per_s(loaded, uris, "fields", db, batch)
+    fraction_fields, fraction_crops = runs["fields_png"][0]["all_fraction"], runs["crops"][0]["all_fraction"]
+    results["fields_vs_crops_slide"] = {
+        "um_per_px": scale,
+        "true_all_fraction": round(sum(r["label"] == "all" for r in truth if r["edge"] == "0") / len(crops), 4),
+        "cells_fields_crops": [runs["fields_png"][0]["cells"], runs["crops"][0]["cells"]],
+    }
     results["fields_vs_crops_fraction"] = [fraction_fields, fraction_crops]
     if fraction_fields is not None and fraction_crops is not None:
         results["fields_vs_crops_fraction_delta"] = round(fraction_fields - fraction_crops, 4)
+    if estimated["all_fraction"] is not None and fraction_crops is not None:
+        results["fields_vs_crops_fraction_delta_estimated_scale"] = round(estimated["all_fraction"] - fraction_crops, 4)
     return results
 
 
@@ -166,6 +205,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--fields", type=int, default=25, help="fields of 12 white cells (25: a 300-cell slide)")
+    parser.add_argument("--model-store", help="a store holding bench:v1 from an earlier run (skips training)")
     args = parser.parse_args()
     from bench.run import machine, set_env, train_bench_model
     from core.artifact import load_model
@@ -173,7 +213,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="allscore-fields-bench-"))
     set_env(ALLSCORE_HOME=str(work / "home"))
-    store = train_bench_model(work, args.size, args.epochs)
+    store = args.model_store or train_bench_model(work, args.size, args.epochs)
     loaded = load_model("bench:v1", store=store)
     loaded.model = ServingModel(loaded.model, "float32")
     results = {"machine": machine(), "args": vars(args), **measure_fields(loaded, work, n_fields=args.fields)}

@@ -221,7 +221,13 @@ def bench_naive(model: Any, images: list[Path], size: int, n: int) -> float:
 
 
 def bench_engine(
-    loaded: Any, uris: list[str], fetch: Fetch, db_url: str, batch: int, kind: str = "cells"
+    loaded: Any,
+    uris: list[str],
+    fetch: Fetch,
+    db_url: str,
+    batch: int,
+    kind: str = "cells",
+    um_per_px: float | None = None,
 ) -> dict[str, Any]:
     """The worker's engine end to end (fetch + decode [+ segment] + infer + database write), in this process.
 
@@ -258,6 +264,7 @@ def bench_engine(
         model_version=loaded.manifest.ref,
         submission=queued.submission,
         kind=kind,  # type: ignore[arg-type]
+        um_per_px=um_per_px,
     )
     with ThreadPoolExecutor(_io_threads()) as pool:
         start = time.perf_counter()

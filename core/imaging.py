@@ -40,7 +40,7 @@ _HINT = "check that it is a complete BMP, PNG, JPEG or TIFF image of one cell"
 _BMP_INFO_SIZES = (40, 52, 56, 108, 124)
 
 # Pillow box-reduces by the whole factor that leaves at least this many times the output size.
-_REDUCING_GAP = 1.0
+REDUCING_GAP = 1.0
 
 # The kernel sums up to this many BMP rows in 16 bits (255 x 255 fits).
 _KERNEL_MAX_FACTOR = 255
@@ -126,7 +126,7 @@ def _plain_bmp(data: bytes, limit: int, size: int) -> _BmpField | None:
         return None
     left, top, right, _bottom = _crop_box(width, rows)
     side = right - left
-    factor = int(side / size / _REDUCING_GAP) or 1  # Image.resize's own choice
+    factor = int(side / size / REDUCING_GAP) or 1  # Image.resize's own choice
     if factor > _KERNEL_MAX_FACTOR:
         return None
     # Rows are stored bottom-up unless the height is negative.
@@ -257,7 +257,7 @@ def _resized(rgb: Image.Image, size: int, source: str) -> np.ndarray:
         # Pillow first box-reduces by the largest whole factor (450 -> 150 for 128), then resamples
         # bilinearly: 0.7 ms instead of 1.5 ms per 450x450 cell here, within 0.2 grey levels of a full
         # bilinear pass. Decoding runs on the cores the model needs, so its cost shows in cells/s.
-        out_image = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=_REDUCING_GAP)
+        out_image = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
     out = np.array(out_image, dtype=np.uint8)
     expected = (size, size, 3)
     # Pillow's contract, but the model depends on it: fail here rather than deep inside a batch.

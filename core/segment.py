@@ -79,6 +79,7 @@ _PAIR_SADDLE_UM = 0.6  # ... split where two maxima of its distance map stand th
 _PAIR_MIN_R_UM, _PAIR_NUC_UM2 = 2.5, 12.0  # ... each maximum this deep and each part with this much nucleus
 _PAIR_SOLIDITY = 0.87  # ... and each part's nucleus a solid body (area over its convex hull's), not a bent lobe
 _PAIR_NECK, _PAIR_CUT_UM = 0.95, 2.8  # ... where they meet along a neck (diameters) crossing this much nucleus, at most
+_SPUR_UM = 2.5  # a cell's region loses parts thinner than this (cytoplasm leaking into a red cell)
 _KIND_UM = 0.2  # the kind's measurements are taken at about this many um per pixel
 _NUC_SPLIT = 0.55  # split nucleus from cytoplasm by the cell's own stain when the paler class is under this
 _LYMPH_SOLIDITY, _LYMPH_NC = 0.86, 0.25
@@ -304,13 +305,11 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
     for lab_id, sl in enumerate(objs, start=1):
         if sl is None:
             continue
-        reg = labels[sl] == lab_id
-        reg = _fill_holes(reg)
+        reg = _fill_holes(labels[sl] == lab_id)
         nreg = nuc[sl] & reg
-        nuc_um2 = float(nreg.sum()) * px_area
-        cell_um2 = float(reg.sum()) * px_area
-        if nuc_um2 < _MIN_NUC_UM2 or cell_um2 < _MIN_CELL_UM2:
+        if float(nreg.sum()) * px_area < _MIN_NUC_UM2 or float(reg.sum()) * px_area < _MIN_CELL_UM2:
             continue
+        reg = _smooth_region(reg, nreg, wum)  # the outline, once the region is known to be a cell
         edge = sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == hw or sl[1].stop == ww
         fy0, fx0 = sl[0].start * k, sl[1].start * k
         fy1 = height if sl[0].stop == hw else min(height, sl[0].stop * k)
@@ -435,11 +434,32 @@ def _joins(
     return u[one], v[one]
 
 
+def _smooth_region(reg: NDArray[np.bool_], nreg: NDArray[np.bool_], wum: float) -> NDArray[np.bool_]:
+    """One cell's region (holes filled) without spurs thinner than ``_SPUR_UM`` (pale cytoplasm leaking into a red
+    cell lying under or over it): an opening, then the part that holds the nucleus."""
+    r = _SPUR_UM / 2 / wum
+    if r < 1:
+        return reg
+    from skimage.morphology import isotropic_opening  # thresholds Euclidean distance maps: any radius, one cost
+
+    opened = isotropic_opening(np.pad(reg, 1), r)[1:-1, 1:-1] | (nreg & reg)
+    comps, n = ndi.label(opened)
+    if n > 1:
+        sizes = np.bincount(comps[nreg & opened], minlength=n + 1)
+        sizes[0] = 0
+        opened = comps == int(np.argmax(sizes)) if sizes.any() else opened
+    return opened
+
+
 def _upsample(reg: NDArray[np.bool_], k: int, h: int, w: int) -> NDArray[np.bool_]:
-    """A working-scale mask at full resolution, with smooth (bilinear) rather than blocky edges."""
+    """A working-scale mask at full resolution, with smooth edges: blurred over about a working pixel, resampled
+    bilinearly and cut at one half (a blocky outline reads as an irregular cell, which the model takes for ALL)."""
     if k == 1:
         return reg[:h, :w].copy()
-    im = Image.fromarray(reg.astype(np.uint8) * 255).resize((reg.shape[1] * k, reg.shape[0] * k), Image.BILINEAR)
+    soft = ndi.gaussian_filter(np.pad(reg, 2).astype(np.float32), 0.7)[2:-2, 2:-2]
+    im = Image.fromarray(np.round(soft * 255).astype(np.uint8)).resize(
+        (reg.shape[1] * k, reg.shape[0] * k), Image.BILINEAR
+    )
     out = np.zeros((h, w), bool)
     arr = np.asarray(im)[:h, :w] >= 128
     out[: arr.shape[0], : arr.shape[1]] = arr
@@ -450,8 +470,6 @@ def _features(
     crop: NDArray[np.uint8], mask: NDArray[np.bool_], bg: list[float] | None, scale: float
 ) -> dict[str, float]:
     """Nucleus and cytoplasm measurements of one cell, on its crop shrunk to about ``_KIND_UM`` um per pixel."""
-    from skimage.measure import regionprops
-
     k = max(1, round(_KIND_UM / scale))
     img = _shrink(crop, k)
     cell = mask[k // 2 : k // 2 + img.shape[1] * k : k, k // 2 : k // 2 + img.shape[2] * k : k]
@@ -471,7 +489,7 @@ def _features(
     cyto = cell & ~ndi.binary_dilation(nuc, iterations=1)
     nuc_area = float(nuc.sum()) * px
     cell_area = max(px, float(cell.sum()) * px)
-    solidity = float(regionprops(nuc.astype(np.uint8))[0].solidity) if nuc.any() else 0.0
+    solidity = _solidity(nuc)
     cs, cd = score[cyto], dens[cyto]
     return {
         "nuc_um2": nuc_area,
@@ -485,6 +503,24 @@ def _features(
         "nuc_dens": float(dens[nuc].mean()) if nuc.any() else 0.0,
         "sep": sep,
     }
+
+
+def _solidity(mask: NDArray[np.bool_]) -> float:
+    """Pixels over the area of their convex hull (the hull of the pixels' corners, as scikit-image's convex_hull_image
+    takes it), from the hull's vertices alone: the hull is never rasterised."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    n = int(mask.sum())
+    if n == 0:
+        return 0.0
+    edge = mask & ~ndi.binary_erosion(mask)
+    ys, xs = np.nonzero(edge)
+    corners = np.concatenate([np.column_stack([xs + dx, ys + dy]) for dx in (-0.5, 0.5) for dy in (-0.5, 0.5)])
+    try:
+        area = float(ConvexHull(corners).volume)  # a 2-D hull's "volume" is its area
+    except QhullError:
+        return 1.0
+    return min(1.0, n / area) if area > 0 else 1.0
 
 
 def _halfway(v: NDArray[np.float32]) -> float:
@@ -501,34 +537,86 @@ def _kind(crop: NDArray[np.uint8], mask: NDArray[np.bool_], bg: list[float] | No
     return OTHER
 
 
+def _scaled(rgb: np.ndarray, cell: FoundCell, f: float) -> tuple[np.ndarray, float, float]:
+    """The cell's bbox, black outside its mask, resized by f (bilinear, the mask resized with it and reapplied)."""
+    x0, y0, x1, y1 = cell.bbox
+    sub = rgb[y0:y1, x0:x1].copy()
+    sub[~cell.mask] = 0
+    nw, nh = max(1, round((x1 - x0) * f)), max(1, round((y1 - y0) * f))
+    if (nw, nh) == (x1 - x0, y1 - y0):
+        return sub, 1.0, 1.0
+    big = np.asarray(Image.fromarray(sub).resize((nw, nh), Image.BILINEAR))
+    m = np.asarray(Image.fromarray(cell.mask.astype(np.uint8) * 255).resize((nw, nh), Image.BILINEAR)) >= 128
+    return np.where(m[..., None], big, 0).astype(np.uint8), nw / (x1 - x0), nh / (y1 - y0)
+
+
+def _offset(cell: FoundCell, fx: float, fy: float, size: int) -> tuple[int, int]:
+    """Where the resized bbox's top-left goes so that the mask centroid lands on the output's centre pixel."""
+    cx, cy = cell.centroid
+    x0, y0 = cell.bbox[0], cell.bbox[1]
+    ox = round((size - 1) / 2 - ((cx - x0 + 0.5) * fx - 0.5))
+    oy = round((size - 1) / 2 - ((cy - y0 + 0.5) * fy - 0.5))
+    return ox, oy
+
+
+def _paste(out: np.ndarray, sub: np.ndarray, ox: int, oy: int) -> None:
+    """sub into out with its top-left at (ox, oy), clipped to out."""
+    sy0, sx0 = max(0, -oy), max(0, -ox)
+    dy0, dx0 = max(0, oy), max(0, ox)
+    hh = min(sub.shape[0] - sy0, out.shape[0] - dy0)
+    ww = min(sub.shape[1] - sx0, out.shape[1] - dx0)
+    if hh > 0 and ww > 0:
+        out[dy0 : dy0 + hh, dx0 : dx0 + ww] = sub[sy0 : sy0 + hh, sx0 : sx0 + ww]
+
+
+def _check_scales(*values: float) -> None:
+    if not all(v > 0 for v in values):
+        raise SegmentationError("cutting a cell needs positive scales and size")
+
+
 def cut_cell(
     rgb: np.ndarray, cell: FoundCell, *, field_um_per_px: float, target_um_per_px: float, size: int = CROP_SIZE
 ) -> np.ndarray:
     """The cell at ``target_um_per_px``, black outside its mask, its mask centroid at the centre; clipped, not fit."""
     rgb = _check(rgb)
-    if not (field_um_per_px > 0 and target_um_per_px > 0 and size > 0):
-        raise SegmentationError("cut_cell needs positive scales and size")
-    x0, y0, x1, y1 = cell.bbox
-    sub = rgb[y0:y1, x0:x1].copy()
-    sub[~cell.mask] = 0
-    f = field_um_per_px / target_um_per_px
-    nw, nh = max(1, round((x1 - x0) * f)), max(1, round((y1 - y0) * f))
-    if (nw, nh) != (x1 - x0, y1 - y0):
-        big = np.asarray(Image.fromarray(sub).resize((nw, nh), Image.LANCZOS if f < 1 else Image.BILINEAR))
-        m = np.asarray(Image.fromarray(cell.mask.astype(np.uint8) * 255).resize((nw, nh), Image.BILINEAR)) >= 128
-        sub = np.where(m[..., None], big, 0).astype(np.uint8)
-        fx, fy = nw / (x1 - x0), nh / (y1 - y0)
-    else:
-        fx = fy = 1.0
-    cx, cy = cell.centroid
-    # mask centroid in the resized crop's pixel indices, placed at the output's centre pixel
-    ox = round((size - 1) / 2 - ((cx - x0 + 0.5) * fx - 0.5))
-    oy = round((size - 1) / 2 - ((cy - y0 + 0.5) * fy - 0.5))
+    _check_scales(field_um_per_px, target_um_per_px, size)
+    sub, fx, fy = _scaled(rgb, cell, field_um_per_px / target_um_per_px)
     out = np.zeros((size, size, 3), np.uint8)
-    sy0, sx0 = max(0, -oy), max(0, -ox)
-    dy0, dx0 = max(0, oy), max(0, ox)
-    hh = min(sub.shape[0] - sy0, size - dy0)
-    ww = min(sub.shape[1] - sx0, size - dx0)
-    if hh > 0 and ww > 0:
-        out[dy0 : dy0 + hh, dx0 : dx0 + ww] = sub[sy0 : sy0 + hh, sx0 : sx0 + ww]
+    _paste(out, sub, *_offset(cell, fx, fy, size))
     return out
+
+
+def cut_for_model(
+    rgb: np.ndarray, cell: FoundCell, *, field_um_per_px: float, train_um_per_px: float, size: int
+) -> np.ndarray:
+    """The model's input for one cell: exactly ``model_input(cut_cell(..., train_um_per_px, CROP_SIZE), size)``, the
+    C-NMC crop at the training scale taken down to the model's size as a crop file would be, without the 450x450
+    canvas. The model was trained on crops taken down that way; cutting straight at the input's scale resamples
+    once, sharper, and moved a synthetic slide's ALL fraction by +0.03 against its cells' own crops.
+
+    Pillow's resize with ``reducing_gap`` box-reduces by a whole factor first (450 -> 150 for 128); the cell is the
+    only non-black part of the crop, so only its block-aligned part is reduced, into a black reduced canvas, which
+    is then resized as the whole crop would be. Where the cell reaches the crop's last partial block, the whole crop
+    is made instead.
+    """
+    from core.imaging import REDUCING_GAP, model_input
+
+    rgb = _check(rgb)
+    _check_scales(field_um_per_px, train_um_per_px, size)
+    sub, fx, fy = _scaled(rgb, cell, field_um_per_px / train_um_per_px)
+    ox, oy = _offset(cell, fx, fy, CROP_SIZE)
+    k = int(CROP_SIZE / size / REDUCING_GAP) or 1
+    whole = CROP_SIZE // k * k
+    x0, y0 = max(0, ox) // k * k, max(0, oy) // k * k
+    x1 = min(CROP_SIZE, -(-(ox + sub.shape[1]) // k) * k)
+    y1 = min(CROP_SIZE, -(-(oy + sub.shape[0]) // k) * k)
+    if k == 1 or x1 > whole or y1 > whole or x1 <= x0 or y1 <= y0:
+        crop = np.zeros((CROP_SIZE, CROP_SIZE, 3), np.uint8)
+        _paste(crop, sub, ox, oy)
+        return model_input(crop, size)
+    region = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
+    _paste(region, sub, ox - x0, oy - y0)
+    small = np.zeros((-(-CROP_SIZE // k), -(-CROP_SIZE // k), 3), np.uint8)
+    small[y0 // k : y1 // k, x0 // k : x1 // k] = np.asarray(Image.fromarray(region).reduce(k))
+    box = (0.0, 0.0, CROP_SIZE / k, CROP_SIZE / k)  # the part of the reduced canvas that is the crop (Pillow's box)
+    return np.asarray(Image.fromarray(small).resize((size, size), Image.BILINEAR, box=box))

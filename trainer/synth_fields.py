@@ -19,8 +19,11 @@ Layout under OUT:
   part in field pixels; radius_px and diameter_um: the whole cell's equivalent-circle radius in field pixels and
   diameter in micrometres; label all|hem; edge 1 when the field's edge cuts the cell; um_per_px: the field's
   scale; crop: the cell's crop relative to OUT, or empty).
-- with crops: ``crops/{all,hem}/cell_NNNN.bmp``: each white cell's 450x450 crop exactly as render_cell drew it
-  before it went into its field, so the same cells can be scored as crops and as fields.
+- with crops: ``crops/{all,hem}/cell_NNNN.bmp``: each white cell as its field shows it, cut out by its true
+  outline (black outside, centred, 450x450 at SYNTH_UM_PER_PX): a perfect segmentation's crop, so the same cells
+  can be scored as crops and as fields and the difference is the worker's segmentation, scale and cut alone. (The
+  cell as render_cell drew it, before it went into the field, has the crops' dark cytoplasm: not what the field
+  shows.)
 
 Output is deterministic for a seed; a 1024x768 field takes about 0.2 s.
 """
@@ -37,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from core.segment import FoundCell, cut_cell
 from trainer.dataset import CLASS_NAMES, DatasetError
 from trainer.synth import SYNTH_UM_PER_PX, render_cell_layers, subject_tint
 
@@ -177,10 +181,10 @@ def synthesize_fields(
         for index, cell in enumerate(cells, start=1):
             label = CLASS_NAMES[int(cell.malignant)]
             crop_name = ""
+            x, y = _visible_centroid(cell, width, height)
             if crops:
                 crop_name = f"crops/{label}/cell_{len(rows) + 1:04d}.bmp"
-                Image.fromarray(cell.crop).save(out / crop_name, "BMP")
-            x, y = _visible_centroid(cell, width, height)
+                Image.fromarray(_as_imaged(image, cell, (x, y), scale)).save(out / crop_name, "BMP")
             rows.append(
                 {
                     "field": field_name,
@@ -405,6 +409,33 @@ def _visible_centroid(cell: _WhiteCell, width: int, height: int) -> tuple[float,
     yy, xx = np.mgrid[ys0:ys1, xs0:xs1]
     total = float(part.sum())
     return cell.x0 + float((part * xx).sum() / total), cell.y0 + float((part * yy).sum() / total)
+
+
+def _as_imaged(image: np.ndarray, cell: _WhiteCell, centroid: tuple[float, float], um_per_px: float) -> np.ndarray:
+    """The cell as the field shows it, cut by its true outline: a perfect segmentation's C-NMC-style crop.
+
+    The field's own pixels inside the cell's mask (its pale cytoplasm, red cells lying over it, noise), black
+    outside, at SYNTH_UM_PER_PX, centred on the visible part's centroid: what the worker's cut of this cell would
+    be if its segmentation were exact, so fields against crops measures segmentation, scale and cutting alone.
+    """
+    height, width = image.shape[:2]
+    h, w = cell.alpha.shape
+    xs0, ys0 = max(0, -cell.x0), max(0, -cell.y0)
+    xs1, ys1 = min(w, width - cell.x0), min(h, height - cell.y0)
+    mask = cell.mask[ys0:ys1, xs0:xs1]
+    rows, cols = np.nonzero(mask)
+    y0, y1, x0, x1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+    fx0, fy0 = cell.x0 + xs0 + x0, cell.y0 + ys0 + y0
+    found = FoundCell(
+        index=0,
+        bbox=(fx0, fy0, fx0 + x1 - x0, fy0 + y1 - y0),
+        centroid=centroid,
+        area_um2=float(mask.sum()) * um_per_px**2,
+        kind="lymphoid",
+        edge=cell.edge,
+        mask=mask[y0:y1, x0:x1],
+    )
+    return cut_cell(image, found, field_um_per_px=um_per_px, target_um_per_px=SYNTH_UM_PER_PX, size=CROP_SIZE)
 
 
 def _composite(field: np.ndarray, cell: _WhiteCell) -> None:

@@ -2,9 +2,9 @@
 
 Runs in the worker's I/O threads. A single-cell image is decoded to the model's input. A field is decoded whole,
 segmented (core.segment), and each whole lymphoid cell is cut out C-NMC style (black outside its mask, centred)
-straight at the model's input size and at the scale the model was trained on; `other` cells and cells cut by
-the field's edge are recorded, not scored. An image that cannot be read is one row with its error; the rest of
-the sample goes on.
+at the scale the model was trained on and taken to the model's input size exactly as its crop would be; `other`
+cells and cells cut by the field's edge are recorded, not scored. An image that cannot be read is one row with its
+error; the rest of the sample goes on.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core.imaging import DecodeError, decode_field, decode_image
-from core.segment import CROP_SIZE, FoundCell, SegmentationError, cut_cell, estimate_um_per_px, segment_field
+from core.segment import FoundCell, SegmentationError, cut_for_model, estimate_um_per_px, segment_field
 from core.storage import ObjectNotFound, StorageError, StorageUnavailable, StoreDenied
 from db.records import FieldCell
 
@@ -185,9 +185,6 @@ def read_field(
         return Unit(uri, [Item(uri, error=str(exc))], error=str(exc))
     source = scale_source if (scale_source and um_per_px is not None) else found.scale_source
     unit = Unit(uri, um_per_px=found.um_per_px, scale_source=source)
-    # The model's input is the C-NMC crop (CROP_SIZE across at train_um_per_px) scaled to `size`: cut it at
-    # that scale directly, one resample from the field's own pixels.
-    input_um_per_px = train_um_per_px * CROP_SIZE / size
     for cell in found.cells:
         info = FieldCell(
             field_uri=uri,
@@ -203,8 +200,9 @@ def read_field(
         )
         item = Item(f"{uri}#cell={cell.index}", field=info)
         if info.scored:
-            item.image = cut_cell(
-                rgb, cell, field_um_per_px=found.um_per_px, target_um_per_px=input_um_per_px, size=size
+            # The model's input as the cell's C-NMC crop (at train_um_per_px) would give it, resampled the same way.
+            item.image = cut_for_model(
+                rgb, cell, field_um_per_px=found.um_per_px, train_um_per_px=train_um_per_px, size=size
             )
         unit.items.append(item)
     return unit

@@ -20,6 +20,7 @@ from core.segment import (
     FoundCell,
     SegmentationError,
     cut_cell,
+    cut_for_model,
     estimate_um_per_px,
     segment_field,
 )
@@ -221,6 +222,23 @@ def test_cut_cell_keeps_the_scale_and_clips_a_cell_larger_than_the_frame() -> No
     assert (small.max(axis=2) > 0).all()  # 200 px at 0.02 um is 4 um: all inside the cell, clipped
     same = cut_cell(rgb, cell, field_um_per_px=seg.um_per_px, target_um_per_px=seg.um_per_px, size=600)
     assert (same.max(axis=2) > 0).sum() == pytest.approx(cell.mask.sum(), rel=0.02)
+
+
+@pytest.mark.parametrize("size", [64, 128, 224, 450])
+def test_the_model_sees_a_field_cell_exactly_as_it_would_see_its_crop(size: int) -> None:
+    # The model was trained on 450x450 crops taken down to its input by decode_image: a cell cut from a field must
+    # reach the model through the same resampling, pixel for pixel (cutting straight at the input's scale moved a
+    # slide's ALL fraction by 0.03).
+    from core.imaging import model_input
+
+    for name in ("BloodImage_00200.jpg", "BloodImage_00048.jpg"):
+        rgb = field(name)
+        seg = segment_field(rgb, um_per_px=0.1)
+        assert seg.cells
+        for cell in seg.cells:
+            crop = cut_cell(rgb, cell, field_um_per_px=0.1, target_um_per_px=CNMC_UM_PER_PX)
+            fast = cut_for_model(rgb, cell, field_um_per_px=0.1, train_um_per_px=CNMC_UM_PER_PX, size=size)
+            assert np.array_equal(fast, model_input(crop, size))
 
 
 @pytest.mark.parametrize(
