@@ -57,6 +57,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
+from core import morph
 from core.errors import AllscoreError
 
 CROP_SIZE = 450
@@ -183,20 +184,6 @@ def _label_max(values: NDArray[np.generic], lab: NDArray[np.int32], n: int) -> N
     return out
 
 
-def _distance(mask: NDArray[np.bool_]) -> NDArray[np.float32]:
-    """Distance to the nearest False pixel, octagonal (mean of the city-block and chessboard distances: within 8 %
-    of Euclidean, five times faster than the exact transform)."""
-    taxi = ndi.distance_transform_cdt(mask, metric="taxicab")
-    chess = ndi.distance_transform_cdt(mask, metric="chessboard")
-    return np.asarray((taxi + chess) * 0.5, np.float32)
-
-
-def _disk(r: float) -> NDArray[np.bool_]:
-    n = max(0, math.floor(r))
-    yy, xx = np.mgrid[-n : n + 1, -n : n + 1]
-    return np.asarray(xx * xx + yy * yy <= r * r + 1e-9)
-
-
 def estimate_um_per_px(rgb: np.ndarray) -> float | None:
     """um per pixel from the typical red-cell diameter (``RBC_DIAMETER_UM``); None if too few red cells are seen."""
     rgb = _check(rgb)
@@ -236,8 +223,8 @@ def _rbc_diameter(img: NDArray[np.float32]) -> float | None:
 
 def _red_diameter(red: NDArray[np.bool_]) -> float | None:
     """The red-cell diameter in pixels from a mask of red-cell pixels (None if too few cells in it)."""
-    red = _fill_holes(ndi.binary_opening(red, _disk(1.5)))
-    edt = _distance(red)
+    red = _fill_holes(morph.opening(red, morph.disk(1.5)))
+    edt = morph.distance(red)
     # leave out masses thicker than the typical red-cell clump (1.6x its area-weighted median inscribed radius):
     # red cells fused into a mass, or a ring of red cells around a gap that filling holes turned into a disk
     lab, n = ndi.label(red)
@@ -284,18 +271,18 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
     wum = scale * k  # um per working pixel
     px_area = wum * wum
     score, dens, specimen, bg = _stain(img)
-    score = ndi.uniform_filter(score, 3) if wum < 0.45 else score
+    score = morph.mean3(score) if wum < 0.45 else score
 
     nuc = (score > _NUC_SCORE) & specimen
-    nuc = ndi.binary_opening(nuc, _disk(0.6 / wum)) if 0.6 / wum >= 1 else nuc
+    nuc = morph.opening(nuc, morph.disk(0.6 / wum)) if 0.6 / wum >= 1 else nuc
     if not nuc.any():
         return FieldSegmentation((), scale, source, height, width)
     markers = _nucleus_markers(nuc, wum)
 
-    near = _distance(~_hulls(markers)) * wum <= _CYTO_REACH_UM
+    near = morph.distance(~_hulls(markers)) * wum <= _CYTO_REACH_UM
     cand = (((score > _CYTO_SCORE) | (dens > _cyto_density(score, dens, specimen & ~near))) & specimen & near) | nuc
-    cand = _fill_holes(ndi.binary_opening(cand, _disk(max(1.0, 0.8 / wum))) | nuc)
-    elev = -_distance(cand)
+    cand = _fill_holes(morph.opening(cand, morph.disk(max(1.0, 0.8 / wum))) | nuc)
+    elev = -morph.distance(cand)
     labels = watershed(elev, markers, mask=cand)
     labels = _split_pairs(labels, -elev, nuc, wum)
 
@@ -365,7 +352,7 @@ def _nucleus_markers(nuc: NDArray[np.bool_], wum: float) -> NDArray[np.int32]:
     """One label per nucleus: lobes closer than ``_LOBE_GAP_UM`` join, unless together they are larger than any one
     nucleus (``_MAX_NUC_UM2``: two white cells side by side), when each solid part stays its own."""
     comps, nc = ndi.label(nuc)
-    groups, ng = ndi.label(ndi.binary_dilation(nuc, _disk(max(1.0, _LOBE_GAP_UM / 2 / wum))))
+    groups, ng = ndi.label(morph.dilation(nuc, morph.disk(max(1.0, _LOBE_GAP_UM / 2 / wum))))
     idx = np.arange(1, nc + 1)
     comp_group = _label_max(groups, comps, nc).astype(np.int64)
     comp_area = np.asarray(ndi.sum(nuc, comps, idx)) * wum * wum
@@ -440,9 +427,7 @@ def _smooth_region(reg: NDArray[np.bool_], nreg: NDArray[np.bool_], wum: float) 
     r = _SPUR_UM / 2 / wum
     if r < 1:
         return reg
-    from skimage.morphology import isotropic_opening  # thresholds Euclidean distance maps: any radius, one cost
-
-    opened = isotropic_opening(np.pad(reg, 1), r)[1:-1, 1:-1] | (nreg & reg)
+    opened = morph.opening(np.pad(reg, 1), morph.disk(r))[1:-1, 1:-1] | (nreg & reg)
     comps, n = ndi.label(opened)
     if n > 1:
         sizes = np.bincount(comps[nreg & opened], minlength=n + 1)
@@ -486,7 +471,7 @@ def _features(
     comps, n = ndi.label(nuc)
     areas = np.asarray(ndi.sum(nuc, comps, np.arange(1, n + 1))) * px
     lobes = int((areas >= 2.0).sum())
-    cyto = cell & ~ndi.binary_dilation(nuc, iterations=1)
+    cyto = cell & ~morph.dilation(nuc)
     nuc_area = float(nuc.sum()) * px
     cell_area = max(px, float(cell.sum()) * px)
     solidity = _solidity(nuc)
@@ -513,7 +498,7 @@ def _solidity(mask: NDArray[np.bool_]) -> float:
     n = int(mask.sum())
     if n == 0:
         return 0.0
-    edge = mask & ~ndi.binary_erosion(mask)
+    edge = mask & ~morph.erosion(mask)
     ys, xs = np.nonzero(edge)
     corners = np.concatenate([np.column_stack([xs + dx, ys + dy]) for dx in (-0.5, 0.5) for dy in (-0.5, 0.5)])
     try:

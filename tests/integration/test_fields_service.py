@@ -123,7 +123,8 @@ def test_a_worker_scores_real_bccd_fields_with_a_row_per_cell_and_an_overlay_per
         assert cell["image_uri"] == f"{cell['field_uri']}#cell={cell['cell_index']}"
         assert 0 <= cell["bbox_x0"] < cell["bbox_x1"] <= 640 and 0 <= cell["bbox_y0"] < cell["bbox_y1"] <= 480
         assert cell["bbox_x0"] <= cell["centroid_x"] <= cell["bbox_x1"]
-        assert cell["cell_kind"] in ("lymphoid", "other") and cell["area_um2"] > 20
+        # a cell holds at least its nucleus: 10 um2 or more (smaller stained specks are platelets or debris)
+        assert cell["cell_kind"] in ("lymphoid", "other") and cell["area_um2"] > 10
         scored = cell["cell_kind"] == "lymphoid" and not cell["edge"]
         assert (cell["p_all"] is not None) == scored, cell
     # Every hand-boxed white cell of these fields lies under a cell found (recall itself, centroid in box, is

@@ -1,0 +1,69 @@
+"""core.morph: OpenCV and the scipy fallback give the same pixels (segmentation's results must not depend on which
+is installed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from core import morph
+
+
+def _masks() -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    out = [np.ones((9, 12), bool), np.zeros((9, 12), bool), np.eye(6, dtype=bool), np.ones((1, 7), bool)]
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(3, 90, 2))
+        out.append(ndi.gaussian_filter(rng.random((h, w)), rng.uniform(0.5, 3)) > rng.uniform(0.4, 0.6))
+    return out
+
+
+def _run(backend: str, monkeypatch: pytest.MonkeyPatch) -> list[list[np.ndarray]]:
+    monkeypatch.setenv("ALLSCORE_MORPH", backend)
+    assert morph.backend() == backend
+    rng = np.random.default_rng(3)
+    results = []
+    for mask in _masks():
+        fp = morph.disk(float(rng.uniform(0, 4.5)))
+        values = rng.random(mask.shape).astype(np.float32)
+        results.append(
+            [
+                morph.opening(mask, fp),
+                morph.dilation(mask, fp),
+                morph.erosion(mask, fp),
+                morph.dilation(mask),
+                morph.erosion(mask),
+                morph.distance(mask),
+                morph.mean3(values),
+            ]
+        )
+    return results
+
+
+def test_opencv_and_scipy_give_the_same_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("cv2")
+    fast, plain = _run("opencv", monkeypatch), _run("scipy", monkeypatch)
+    for case, (a_row, b_row) in enumerate(zip(fast, plain, strict=True)):
+        for op, (a, b) in enumerate(zip(a_row, b_row, strict=True)):
+            assert a.shape == b.shape and a.dtype == b.dtype, (case, op)
+            if a.dtype == bool:
+                assert np.array_equal(a, b), (case, op)
+            else:
+                np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"case {case}, op {op}")
+
+
+def test_what_the_operations_do() -> None:
+    # one 5x5 square and a stray pixel: an opening by the radius-1 disk (a cross) rounds the square's corners and
+    # removes the stray pixel; erosion by the cross leaves the square's 3x3 core; the distance map peaks at the
+    # square's centre (3 steps from the background in both metrics)
+    mask = np.zeros((9, 9), bool)
+    mask[2:7, 2:7] = True
+    mask[0, 8] = True
+    opened = morph.opening(mask, morph.disk(1))
+    corners = np.zeros_like(mask)
+    corners[[2, 2, 6, 6], [2, 6, 2, 6]] = True
+    assert np.array_equal(opened, mask & ~corners & (np.arange(9)[None, :] < 8))
+    assert morph.erosion(mask).sum() == 9
+    assert morph.distance(mask)[4, 4] == 3.0 and morph.distance(mask)[0, 0] == 0.0
+    assert morph.disk(1.5).sum() == 9 and morph.disk(0).sum() == 1
