@@ -93,3 +93,61 @@ def mean3(values: NDArray[np.float32]) -> NDArray[np.float32]:
     if backend() == "scipy":
         return np.asarray(ndi.uniform_filter(values, 3), np.float32)
     return np.asarray(cv2.blur(values, (3, 3), borderType=cv2.BORDER_REFLECT), np.float32)
+
+
+def fill_holes(mask: Mask) -> Mask:
+    """The mask with its holes filled: background not 4-connected to the image's border (scipy's binary_fill_holes)."""
+    if not mask.any() or mask.all():
+        return mask.copy()
+    if backend() == "scipy":
+        lab, n = ndi.label(~mask)
+        lut = np.ones(n + 1, bool)
+        lut[0] = False
+        lut[np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))] = False
+        return np.asarray(mask | lut[lab])
+    # Flood the background from outside the image (a one-pixel frame), 4-connected; what it cannot reach is a hole.
+    h, w = mask.shape
+    canvas = np.zeros((h + 2, w + 2), np.uint8)
+    canvas[1:-1, 1:-1] = mask
+    cv2.floodFill(canvas, np.zeros((h + 4, w + 4), np.uint8), (0, 0), 2, flags=4)
+    return np.asarray(canvas[1:-1, 1:-1] != 2)
+
+
+def hull(mask: Mask) -> Mask:
+    """The mask's convex hull as pixels: those on or inside the convex polygon through its pixels' centres. The two
+    backends may differ by a pixel along the hull's edges."""
+    if int(np.count_nonzero(mask)) < 3:
+        return mask.copy()
+    if backend() == "scipy":
+        from skimage.morphology import convex_hull_image
+
+        return np.asarray(convex_hull_image(mask, offset_coordinates=False) | mask)
+    points = cv2.findNonZero(_u8(mask))
+    out = np.zeros(mask.shape, np.uint8)
+    cv2.fillConvexPoly(out, cv2.convexHull(points), 1)
+    return np.asarray(out, dtype=bool) | mask
+
+
+def corner_hull_area(mask: Mask) -> float:
+    """The area of the convex hull of the mask's pixels taken as unit squares (the hull of their corners).
+
+    That hull is the hull of the pixel centres grown by a unit square, whose area is the centres' hull's area plus
+    its width plus its height plus one (the Minkowski sum of a convex polygon and a unit square).
+    """
+    if not mask.any():
+        return 0.0
+    if backend() == "scipy":
+        from scipy.spatial import ConvexHull, QhullError
+
+        ys, xs = np.nonzero(mask & ~erosion(mask))
+        centres = np.column_stack([xs, ys]).astype(np.float64)
+        try:
+            inner = float(ConvexHull(centres).volume)  # a 2-D hull's "volume" is its area
+        except QhullError:  # all on one line (or one point): no area
+            inner = 0.0
+    else:
+        centres = cv2.findNonZero(_u8(mask)).reshape(-1, 2).astype(np.float64)
+        inner = float(cv2.contourArea(cv2.convexHull(centres.astype(np.float32)))) if len(centres) >= 3 else 0.0
+    width = float(centres[:, 0].max() - centres[:, 0].min())
+    height = float(centres[:, 1].max() - centres[:, 1].min())
+    return inner + width + height + 1.0
