@@ -219,7 +219,6 @@ def _red_diameter(red: NDArray[np.bool_]) -> float | None:
     lab, n = ndi.label(red)
     if n == 0:
         return None
-    idx = np.arange(1, n + 1)
     r = _label_max(edt, lab, n)
     area = np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(np.float64)
     order = np.argsort(r)
