@@ -151,3 +151,13 @@ def corner_hull_area(mask: Mask) -> float:
     width = float(centres[:, 0].max() - centres[:, 0].min())
     height = float(centres[:, 1].max() - centres[:, 1].min())
     return inner + width + height + 1.0
+
+
+def resize_linear(image: NDArray[np.uint8], width: int, height: int) -> NDArray[np.uint8]:
+    """A uint8 image (H, W) or (H, W, 3) resized bilinearly, pixel centres aligned (OpenCV's INTER_LINEAR, or
+    Pillow's BILINEAR in the fallback: they differ by at most one grey level). For enlarging: neither antialiases."""
+    if backend() == "scipy":
+        from PIL import Image
+
+        return np.array(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
+    return np.asarray(cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR))

@@ -29,14 +29,15 @@ magnification give the same result.
 4. Rejected: nuclei under ``_MIN_NUC_UM2`` (platelets, debris), cells under ``_MIN_CELL_UM2``. A cell touching the
    field's border is kept and marked ``edge``.
 
-Kind rule, measured on each cell at about ``_KIND_UM`` um per pixel. The nucleus is the cell's pixels stained more
-than halfway between the cell's 10th and 90th percentiles, in both stain score and density (where the paler half's
-score is under ``_NUC_SPLIT`` of the other's: granular cytoplasm is stained too, and the gaps between lobes are
-paler); else the fixed nucleus score. ``lymphoid`` when the nucleus is one body (no second lobe of 2 um2 or more),
-solid (area over convex-hull area >= ``_LYMPH_SOLIDITY``) and at least ``_LYMPH_NC`` of the cell (nucleus-to-cell
-area); ``other`` otherwise: lobed or segmented nuclei (neutrophils, eosinophils), folded or kidney-shaped nuclei
-(monocytes, bands) and cells mostly cytoplasm. Lymphocytes and lymphoblasts are lymphoid. Known limits: monocytes
-with a round nucleus come out lymphoid (about 40 % of the typed test monocytes); granule colour is not used.
+Kind rule, measured on each cell in the detection copy (about ``_WORK_UM`` um per pixel). The nucleus is the cell's
+pixels stained more than halfway between the cell's 10th and 90th percentiles, in both stain score and density
+(where the paler half's score is under ``_NUC_SPLIT`` of the other's: granular cytoplasm is stained too, and the
+gaps between lobes are paler); else the fixed nucleus score. ``lymphoid`` when the nucleus is one body (no second
+lobe of 2 um2 or more), solid (area over convex-hull area >= ``_LYMPH_SOLIDITY``) and at least ``_LYMPH_NC`` of the
+cell (nucleus-to-cell area); ``other`` otherwise: lobed or segmented nuclei (neutrophils, eosinophils), folded or
+kidney-shaped nuclei (monocytes, bands) and cells mostly cytoplasm. Lymphocytes and lymphoblasts are lymphoid. Known
+limits: monocytes with a round nucleus come out lymphoid (about 35 % of the typed test monocytes); granule colour is
+not used.
 
 C-NMC scale (``CNMC_UM_PER_PX``): C-NMC does not publish it. The 24 real cells of cnmc-sample have a whole-cell
 equivalent diameter (non-black mask) of median 199 px (hem, normal B-lymphoid; 162-239 px) and 232 px (all,
@@ -81,7 +82,6 @@ _PAIR_MIN_R_UM, _PAIR_NUC_UM2 = 2.5, 12.0  # ... each maximum this deep and each
 _PAIR_SOLIDITY = 0.87  # ... and each part's nucleus a solid body (area over its convex hull's), not a bent lobe
 _PAIR_NECK, _PAIR_CUT_UM = 0.95, 2.8  # ... where they meet along a neck (diameters) crossing this much nucleus, at most
 _SPUR_UM = 2.5  # a cell's region loses parts thinner than this (cytoplasm leaking into a red cell)
-_KIND_UM = 0.2  # the kind's measurements are taken at about this many um per pixel
 _NUC_SPLIT = 0.55  # split nucleus from cytoplasm by the cell's own stain when the paler class is under this
 _LYMPH_SOLIDITY, _LYMPH_NC = 0.86, 0.25
 _EST_SIDE = 256  # the scale estimate looks at a copy about this many pixels on its longer side
@@ -258,7 +258,8 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
     img = _shrink(rgb, k)
     wum = scale * k  # um per working pixel
     px_area = wum * wum
-    score, dens, specimen, bg = _stain(img)
+    score, dens, specimen, _ = _stain(img)
+    raw_score = score
     score = morph.mean3(score) if wum < 0.45 else score
 
     nuc = (score > _NUC_SCORE) & specimen
@@ -296,7 +297,7 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
         ys, xs = np.nonzero(full)
         y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
         mask = full[y0:y1, x0:x1].copy()
-        kind = _kind(rgb[fy0 + y0 : fy0 + y1, fx0 + x0 : fx0 + x1], mask, bg, scale)
+        kind = _kind(raw_score[sl], dens[sl], reg, wum * wum)
         cy, cx = float(ys.mean()) + fy0, float(xs.mean()) + fx0
         info = {
             "bbox": (x0 + fx0, y0 + fy0, x1 + fx0, y1 + fy0),
@@ -437,14 +438,10 @@ def _upsample(reg: NDArray[np.bool_], k: int, h: int, w: int) -> NDArray[np.bool
 
 
 def _features(
-    crop: NDArray[np.uint8], mask: NDArray[np.bool_], bg: list[float] | None, scale: float
+    score: NDArray[np.float32], dens: NDArray[np.float32], cell: NDArray[np.bool_], px: float
 ) -> dict[str, float]:
-    """Nucleus and cytoplasm measurements of one cell, on its crop shrunk to about ``_KIND_UM`` um per pixel."""
-    k = max(1, round(_KIND_UM / scale))
-    img = _shrink(crop, k)
-    cell = mask[k // 2 : k // 2 + img.shape[1] * k : k, k // 2 : k // 2 + img.shape[2] * k : k]
-    px = (scale * k) ** 2
-    score, dens, _, _ = _stain(img, bg)
+    """Nucleus and cytoplasm measurements of one cell from the detection copy's stain score (before smoothing) and
+    density; ``px`` is one pixel's area in um2."""
     nuc = cell & (score > _NUC_SCORE)
     v = score[cell]
     sep = 0.0
@@ -500,9 +497,9 @@ def _percentile(v: NDArray[np.float32], q: float) -> float:
     return a + (b - a) * (pos - lo)
 
 
-def _kind(crop: NDArray[np.uint8], mask: NDArray[np.bool_], bg: list[float] | None, scale: float) -> str:
+def _kind(score: NDArray[np.float32], dens: NDArray[np.float32], cell: NDArray[np.bool_], px: float) -> str:
     """``lymphoid`` for one round solid nucleus filling most of the cell; ``other`` otherwise (see module doc)."""
-    f = _features(crop, mask, bg, scale)
+    f = _features(score, dens, cell, px)
     if f["lobes"] <= 1 and f["solidity"] >= _LYMPH_SOLIDITY and f["nc"] >= _LYMPH_NC:
         return LYMPHOID
     return OTHER
@@ -516,9 +513,14 @@ def _scaled(rgb: np.ndarray, cell: FoundCell, f: float) -> tuple[np.ndarray, flo
     nw, nh = max(1, round((x1 - x0) * f)), max(1, round((y1 - y0) * f))
     if (nw, nh) == (x1 - x0, y1 - y0):
         return sub, 1.0, 1.0
-    big = np.asarray(Image.fromarray(sub).resize((nw, nh), Image.BILINEAR))
-    m = np.asarray(Image.fromarray(cell.mask.astype(np.uint8) * 255).resize((nw, nh), Image.BILINEAR)) >= 128
-    return np.where(m[..., None], big, 0).astype(np.uint8), nw / (x1 - x0), nh / (y1 - y0)
+    if f < 1:  # shrinking: Pillow's bilinear filter widens with the factor (antialiased); OpenCV's does not
+        big = np.array(Image.fromarray(sub).resize((nw, nh), Image.BILINEAR))
+        off = np.asarray(Image.fromarray(cell.mask.view(np.uint8) * np.uint8(255)).resize((nw, nh), Image.BILINEAR))
+    else:
+        big = morph.resize_linear(sub, nw, nh)
+        off = morph.resize_linear(cell.mask.view(np.uint8) * np.uint8(255), nw, nh)
+    big[off < 128] = 0
+    return big, nw / (x1 - x0), nh / (y1 - y0)
 
 
 def _offset(cell: FoundCell, fx: float, fy: float, size: int) -> tuple[int, int]:
