@@ -161,3 +161,12 @@ def resize_linear(image: NDArray[np.uint8], width: int, height: int) -> NDArray[
 
         return np.array(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
     return np.asarray(cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR))
+
+
+def component_areas(mask: Mask) -> NDArray[np.int64]:
+    """The pixel counts of the mask's 4-connected components (in no particular order)."""
+    if backend() == "scipy":
+        lab, n = ndi.label(mask)
+        return np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(np.int64)
+    _, _, stats, _ = cv2.connectedComponentsWithStats(_u8(mask), connectivity=4)
+    return np.asarray(stats[1:, cv2.CC_STAT_AREA], np.int64)

@@ -413,7 +413,7 @@ def _smooth_region(reg: NDArray[np.bool_], nreg: NDArray[np.bool_], wum: float) 
     r = _SPUR_UM / 2 / wum
     if r < 1:
         return reg
-    opened = morph.opening(np.pad(reg, 1), morph.disk(r))[1:-1, 1:-1] | (nreg & reg)
+    opened = morph.opening(reg, morph.disk(r)) | (nreg & reg)  # outside the slice is background
     comps, n = ndi.label(opened)
     if n > 1:
         sizes = np.bincount(comps[nreg & opened], minlength=n + 1)
@@ -427,7 +427,7 @@ def _upsample(reg: NDArray[np.bool_], k: int, h: int, w: int) -> NDArray[np.bool
     bilinearly and cut at one half (a blocky outline reads as an irregular cell, which the model takes for ALL)."""
     if k == 1:
         return reg[:h, :w].copy()
-    soft = ndi.gaussian_filter(np.pad(reg, 2).astype(np.float32), 0.7)[2:-2, 2:-2]
+    soft = ndi.gaussian_filter(reg.astype(np.float32), 0.7, mode="constant")
     im = Image.fromarray(np.round(soft * 255).astype(np.uint8)).resize(
         (reg.shape[1] * k, reg.shape[0] * k), Image.BILINEAR
     )
@@ -450,8 +450,7 @@ def _features(
         sep = float(v[v <= t].mean()) / max(1e-3, float(v[v > t].mean()))
         if sep < _NUC_SPLIT:  # stained more than halfway, by both the stain score and the density
             nuc = cell & (score > max(t, _NUC_SCORE)) & (dens > _halfway(dens[cell]))
-    comps, n = ndi.label(nuc)
-    areas = np.bincount(comps.ravel(), minlength=n + 1)[1:] * px
+    areas = morph.component_areas(nuc) * px
     lobes = int((areas >= 2.0).sum())
     cyto = cell & ~morph.dilation(nuc)
     nuc_area = float(nuc.sum()) * px
