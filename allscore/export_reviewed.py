@@ -8,8 +8,9 @@ by subject never puts one slide on both sides):
     OUT/reviewed.csv                           one row per cell written: where it came from, who said what
 
 Cells corrected to `other` or `not_a_cell` are not training data for the ALL/hem model and are left out (counted).
-A single-cell image is written as it is (decoded, saved as PNG); a cell found in a field is cut from its field
-black outside its outline, as the worker's crops are.
+A single-cell image is written as it is (decoded, saved as PNG); a cell found in a field is cut from its field as
+the worker cut it for its model: a C-NMC crop at the C-NMC scale, black outside its outline. The folder's
+allscore-data.json records that scale for the trainer.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ from PIL import Image, ImageDraw
 
 from core.errors import AllscoreError
 from core.imaging import decode_field
+from core.segment import CNMC_UM_PER_PX, FoundCell, cut_cell
 from core.settings import Settings, get_settings
 from core.storage import Fetcher
 from db import reviews
 from db.engine import make_engine, session_factory
+from trainer.dataset import write_data_scale
 
 TRAINABLE = ("all", "hem")
 _SUBJECT_SAFE = re.compile(r"[^A-Za-z0-9-]+")
@@ -68,19 +71,33 @@ def subject_of(sample_id: str) -> str:
     return safe
 
 
-def _field_crop(rgb: np.ndarray, cell: reviews.ReviewedCell, outline: list[list[float]]) -> Image.Image:
+def _field_crop(
+    rgb: np.ndarray, cell: reviews.ReviewedCell, outline: list[list[float]], um_per_px: float | None
+) -> Image.Image:
+    """The cell as the worker cut it for its model: the C-NMC crop (450x450, black outside its outline, centred) at
+    the C-NMC scale, from the field at the scale the worker used (its row's um_per_px)."""
     assert cell.bbox is not None
     x0, y0, x1, y1 = cell.bbox
-    mask = Image.new("L", (rgb.shape[1], rgb.shape[0]), 0)
+    mask = Image.new("L", (x1 - x0, y1 - y0), 0)
     if len(outline) >= 3:
-        ImageDraw.Draw(mask).polygon([(float(x), float(y)) for x, y in outline], fill=255)
+        ImageDraw.Draw(mask).polygon([(float(x) - x0, float(y) - y0) for x, y in outline], fill=255)
     else:
-        ImageDraw.Draw(mask).rectangle((x0, y0, x1 - 1, y1 - 1), fill=255)
-    cut = np.where(np.asarray(mask)[y0:y1, x0:x1, None] > 0, rgb[y0:y1, x0:x1], 0).astype(np.uint8)
-    side = max(x1 - x0, y1 - y0) + 8
-    canvas = Image.new("RGB", (side, side))
-    canvas.paste(Image.fromarray(cut), ((side - (x1 - x0)) // 2, (side - (y1 - y0)) // 2))
-    return canvas
+        ImageDraw.Draw(mask).rectangle((0, 0, x1 - x0 - 1, y1 - y0 - 1), fill=255)
+    inside = np.asarray(mask) > 0
+    if not inside.any():
+        inside[:] = True
+    ys, xs = np.nonzero(inside)
+    found = FoundCell(
+        index=0,
+        bbox=(x0, y0, x1, y1),
+        centroid=(float(xs.mean()) + x0, float(ys.mean()) + y0),
+        area_um2=0.0,
+        kind="lymphoid",
+        edge=False,
+        mask=inside,
+    )
+    scale = um_per_px or CNMC_UM_PER_PX
+    return Image.fromarray(cut_cell(rgb, found, field_um_per_px=scale, target_um_per_px=CNMC_UM_PER_PX))
 
 
 def export_reviewed(
@@ -119,7 +136,8 @@ def export_reviewed(
                     fields[cell.field_uri] = decode_field(fetch(cell.field_uri), source=cell.field_uri)
                 rgb = fields[cell.field_uri]
                 assert rgb is not None
-                image = _field_crop(rgb, cell, outlines.get((cell.sample_id, cell.model_version, cell.image_uri), []))
+                outline, scale = outlines.get((cell.sample_id, cell.model_version, cell.image_uri), ([], None))
+                image = _field_crop(rgb, cell, outline, scale)
             else:
                 image = Image.open(io.BytesIO(fetch(cell.image_uri))).convert("RGB")
         except (AllscoreError, OSError) as exc:
@@ -158,11 +176,14 @@ def export_reviewed(
         )
         writer.writeheader()
         writer.writerows(rows)
+    write_data_scale(out, CNMC_UM_PER_PX, "allscore data export-reviewed (field cells cut at the C-NMC scale)")
     return summary
 
 
-def _outlines(session: object, cells: list[reviews.ReviewedCell]) -> dict[tuple[str, str, str], list[list[float]]]:
-    """The outlines of the field cells, from cell_results."""
+def _outlines(
+    session: object, cells: list[reviews.ReviewedCell]
+) -> dict[tuple[str, str, str], tuple[list[list[float]], float | None]]:
+    """The outlines of the field cells and the scales their fields were segmented at, from cell_results."""
     if not cells:
         return {}
     from sqlalchemy import select
@@ -173,13 +194,17 @@ def _outlines(session: object, cells: list[reviews.ReviewedCell]) -> dict[tuple[
     assert isinstance(session, Session)
     wanted = {(c.sample_id, c.model_version, c.image_uri) for c in cells}
     stmt = select(
-        cell_results.c.sample_id, cell_results.c.model_version, cell_results.c.image_uri, cell_results.c.outline
+        cell_results.c.sample_id,
+        cell_results.c.model_version,
+        cell_results.c.image_uri,
+        cell_results.c.outline,
+        cell_results.c.um_per_px,
     ).where(cell_results.c.sample_id.in_({c.sample_id for c in cells}), cell_results.c.field_uri.is_not(None))
     out = {}
     for row in session.execute(stmt):
         key = (row.sample_id, row.model_version, row.image_uri)
         if key in wanted:
-            out[key] = json.loads(row.outline or "[]")
+            out[key] = (json.loads(row.outline or "[]"), row.um_per_px)
     return out
 
 

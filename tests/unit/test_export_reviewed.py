@@ -136,3 +136,67 @@ def test_export_since_and_into_a_used_folder(tmp_path: Path, synth_data: Path) -
     (used / "something").write_text("x")
     refused = export(str(used))
     assert refused.returncode == 2 and "is not empty" in " ".join(refused.stderr.split())
+
+
+def test_a_field_cell_is_exported_as_the_worker_cut_it_for_its_model(tmp_path: Path) -> None:
+    # A reviewed cell found in a real BCCD field: the export holds its C-NMC crop (450x450, black outside, centred)
+    # at the C-NMC scale, whatever the field's scale, and says so in allscore-data.json for the trainer.
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from allscore.export_reviewed import export_reviewed
+    from core.segment import CNMC_UM_PER_PX, segment_field
+    from db.records import FieldCell
+    from worker.fields import outline_json
+
+    field = Path(__file__).resolve().parents[1] / "data" / "bccd" / "JPEGImages" / "BloodImage_00200.jpg"
+    with Image.open(field) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    seg = segment_field(rgb, um_per_px=0.1)
+    cell = next(c for c in seg.cells if not c.edge)
+    info = FieldCell(
+        field_uri=str(field),
+        cell_index=cell.index,
+        bbox=cell.bbox,
+        centroid=cell.centroid,
+        area_um2=cell.area_um2,
+        cell_kind="lymphoid",
+        edge=False,
+        um_per_px=0.1,
+        scale_source="given",
+        outline=outline_json(cell),
+    )
+    url = f"sqlite:///{tmp_path / 'allscore.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    factory = session_factory(engine)
+    submit(factory, "job-f", ["SLIDE-F"], MODEL)
+    uri = f"{field}#cell={cell.index}"
+    score(factory, "SLIDE-F", MODEL, [CellResult(uri, 0.9, True, None, info)])
+    with transaction(factory) as s:
+        reviews.record_verdict(
+            session=s,
+            sample_id="SLIDE-F",
+            model_version=MODEL,
+            image_uri=uri,
+            agree=False,
+            corrected_class="hem",
+            reviewer="ann",
+        )
+    engine.dispose()
+
+    out = tmp_path / "export"
+    summary = export_reviewed(out, database_url=url)
+    assert summary.written == {"all": 0, "hem": 1}
+    (crop_path,) = (out / "hem").iterdir()
+    with Image.open(crop_path) as im:
+        crop = np.asarray(im.convert("RGB"))
+    assert crop.shape == (450, 450, 3)
+    lit = crop.max(axis=2) > 0
+    ys, xs = np.nonzero(lit)
+    assert abs(xs.mean() - 224.5) < 3 and abs(ys.mean() - 224.5) < 3
+    # its area at the C-NMC scale is the cell's area (the outline is a 48-point polygon: a few % smaller)
+    assert lit.sum() * CNMC_UM_PER_PX**2 == pytest.approx(cell.area_um2, rel=0.08)
+    assert json.loads((out / "allscore-data.json").read_text())["um_per_px"] == CNMC_UM_PER_PX
