@@ -12,6 +12,8 @@ import logging
 import math
 import secrets
 import tempfile
+import threading
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,15 +291,37 @@ async def sample_page(request: Request) -> Response:
     )
 
 
+# A field sample's gallery asks for many cells of the same few fields: the last fields decoded are kept.
+_FIELDS_KEPT = 8
+_fields: OrderedDict[str, Any] = OrderedDict()
+_fields_lock = threading.Lock()
+
+
+def _field_rgb(settings: Settings, uri: str) -> Any:
+    from core.imaging import decode_field
+    from core.storage import Fetcher
+
+    with _fields_lock:
+        if uri in _fields:
+            _fields.move_to_end(uri)
+            return _fields[uri]
+    rgb = decode_field(Fetcher(settings)(uri), source=uri)
+    with _fields_lock:
+        _fields[uri] = rgb
+        while len(_fields) > _FIELDS_KEPT:
+            _fields.popitem(last=False)
+    return rgb
+
+
 def _thumbnail_png(settings: Settings, cell: dict[str, Any]) -> bytes:
     from PIL import Image
 
-    from core.imaging import decode_field, decode_image
+    from core.imaging import decode_image
     from core.storage import Fetcher
 
     fetch = Fetcher(settings)
     if cell.get("field_uri"):
-        rgb = decode_field(fetch(cell["field_uri"]), source=cell["field_uri"])
+        rgb = _field_rgb(settings, cell["field_uri"])
         x0, y0, x1, y1 = cell["bbox_x0"], cell["bbox_y0"], cell["bbox_x1"], cell["bbox_y1"]
         side = max(x1 - x0, y1 - y0)
         cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
