@@ -170,3 +170,13 @@ def component_areas(mask: Mask) -> NDArray[np.int64]:
         return np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(np.int64)
     _, _, stats, _ = cv2.connectedComponentsWithStats(_u8(mask), connectivity=4)
     return np.asarray(stats[1:, cv2.CC_STAT_AREA], np.int64)
+
+
+def label(mask: Mask) -> tuple[NDArray[np.int32], int]:
+    """4-connected components numbered 1..n in the order their first pixel comes in a raster scan (scipy's label;
+    OpenCV's numbering is the same, tests/unit/test_morph.py checks it)."""
+    if backend() == "scipy":
+        lab, n = ndi.label(mask)
+        return np.asarray(lab, np.int32), int(n)
+    n, lab = cv2.connectedComponents(_u8(mask), connectivity=4, ltype=cv2.CV_32S)
+    return np.asarray(lab, np.int32), int(n) - 1

@@ -216,7 +216,7 @@ def _red_diameter(red: NDArray[np.bool_]) -> float | None:
     edt = morph.distance(red)
     # leave out masses thicker than the typical red-cell clump (1.6x its area-weighted median inscribed radius):
     # red cells fused into a mass, or a ring of red cells around a gap that filling holes turned into a disk
-    lab, n = ndi.label(red)
+    lab, n = morph.label(red)
     if n == 0:
         return None
     r = _label_max(edt, lab, n)
@@ -337,8 +337,8 @@ def _cyto_density(score: NDArray[np.float32], dens: NDArray[np.float32], far: ND
 def _nucleus_markers(nuc: NDArray[np.bool_], wum: float) -> NDArray[np.int32]:
     """One label per nucleus: lobes closer than ``_LOBE_GAP_UM`` join, unless together they are larger than any one
     nucleus (``_MAX_NUC_UM2``: two white cells side by side), when each solid part stays its own."""
-    comps, nc = ndi.label(nuc)
-    groups, ng = ndi.label(morph.dilation(nuc, morph.disk(max(1.0, _LOBE_GAP_UM / 2 / wum))))
+    comps, nc = morph.label(nuc)
+    groups, ng = morph.label(morph.dilation(nuc, morph.disk(max(1.0, _LOBE_GAP_UM / 2 / wum))))
     idx = np.arange(1, nc + 1)
     comp_group = _label_max(groups, comps, nc).astype(np.int64)
     comp_area = np.bincount(comps.ravel(), minlength=nc + 1)[1:] * (wum * wum)
@@ -367,7 +367,7 @@ def _split_pairs(
         if reg.sum() <= _PAIR_ROUNDNESS * math.pi * deep**2 or nreg[reg].sum() * wum**2 < 2 * _PAIR_NUC_UM2:
             continue
         d = ndi.distance_transform_edt(np.pad(reg, 1))
-        peaks, npk = ndi.label(h_maxima(d, _PAIR_SADDLE_UM / wum) & (d * wum >= _PAIR_MIN_R_UM))
+        peaks, npk = morph.label(h_maxima(d, _PAIR_SADDLE_UM / wum) & (d * wum >= _PAIR_MIN_R_UM))
         if npk < 2:
             continue
         parts = watershed(-d, peaks, mask=d > 0)[1:-1, 1:-1]
@@ -414,7 +414,7 @@ def _smooth_region(reg: NDArray[np.bool_], nreg: NDArray[np.bool_], wum: float) 
     if r < 1:
         return reg
     opened = morph.opening(reg, morph.disk(r)) | (nreg & reg)  # outside the slice is background
-    comps, n = ndi.label(opened)
+    comps, n = morph.label(opened)
     if n > 1:
         sizes = np.bincount(comps[nreg & opened], minlength=n + 1)
         sizes[0] = 0

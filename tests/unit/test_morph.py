@@ -36,6 +36,9 @@ def _run(backend: str, monkeypatch: pytest.MonkeyPatch) -> list[list[np.ndarray]
                 morph.erosion(mask),
                 morph.distance(mask),
                 morph.mean3(values),
+                *morph.label(mask)[:1],
+                np.sort(morph.component_areas(mask)),
+                morph.fill_holes(mask),
             ]
         )
     return results
