@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -229,7 +230,7 @@ def _red_diameter(red: NDArray[np.bool_]) -> float | None:
     return _p90_diameter(edt[keep[lab] & red], _RBC_MIN_COUNT)
 
 
-def _p90_diameter(e: NDArray[np.float64], min_cells: int) -> float | None:
+def _p90_diameter(e: NDArray[np.floating[Any]], min_cells: int) -> float | None:
     if e.size < 64:
         return None
     diam = 2.0 * float(np.percentile(e, 90)) / 0.684 / _RBC_BOX_RATIO
