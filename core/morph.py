@@ -9,6 +9,7 @@ call on one thread here: the worker already runs one field per I/O thread, besid
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any
@@ -35,10 +36,17 @@ def backend() -> str:
 
 
 def disk(r: float) -> Mask:
-    """The pixels within r of the centre pixel (a (2n+1)-square footprint, n = floor(r))."""
+    """The pixels within r of the centre pixel (a (2n+1)-square footprint, n = floor(r)); read-only, cached."""
+    return _disk(float(r))
+
+
+@functools.lru_cache(maxsize=256)
+def _disk(r: float) -> Mask:
     n = max(0, math.floor(r))
     yy, xx = np.mgrid[-n : n + 1, -n : n + 1]
-    return np.asarray(xx * xx + yy * yy <= r * r + 1e-9)
+    out = np.asarray(xx * xx + yy * yy <= r * r + 1e-9)
+    out.flags.writeable = False
+    return out
 
 
 def _u8(mask: Mask) -> NDArray[np.uint8]:
