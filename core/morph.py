@@ -65,20 +65,21 @@ def opening(mask: Mask, footprint: Mask) -> Mask:
 
 def dilation(mask: Mask, footprint: Mask | None = None) -> Mask:
     """Dilation by footprint (default the 3x3 cross), the outside counting as background (scipy's binary_dilation)."""
-    fp = _CROSS if footprint is None else footprint
-    if backend() == "scipy":
-        return np.asarray(ndi.binary_dilation(mask, fp))
-    out = cv2.dilate(_u8(mask), fp.astype(np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
-    return np.asarray(out, dtype=bool)
+    return _step("dilate", mask, footprint)
 
 
 def erosion(mask: Mask, footprint: Mask | None = None) -> Mask:
     """Erosion by footprint (default the 3x3 cross), the outside counting as background (scipy's binary_erosion)."""
+    return _step("erode", mask, footprint)
+
+
+def _step(op: str, mask: Mask, footprint: Mask | None) -> Mask:
     fp = _CROSS if footprint is None else footprint
     if backend() == "scipy":
-        return np.asarray(ndi.binary_erosion(mask, fp))
-    out = cv2.erode(_u8(mask), fp.astype(np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
-    return np.asarray(out, dtype=bool)
+        fn = ndi.binary_dilation if op == "dilate" else ndi.binary_erosion
+        return np.asarray(fn(mask, fp))
+    fn = cv2.dilate if op == "dilate" else cv2.erode
+    return np.asarray(fn(_u8(mask), fp.astype(np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0), dtype=bool)
 
 
 def distance(mask: Mask) -> NDArray[np.float32]:

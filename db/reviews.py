@@ -99,7 +99,8 @@ def get_user(*, session: Session, name: str) -> tuple[Reviewer, str] | None:
     return Reviewer(row.name, bool(row.can_write)), row.password_hash
 
 
-def _scored_cell(session: Session, sample_id: str, model_version: str, image_uri: str) -> dict[str, Any]:
+def cell_row(session: Session, sample_id: str, model_version: str, image_uri: str) -> dict[str, Any] | None:
+    """One row of the view cell_results (a cell of that sample and model version), or None."""
     row = session.execute(
         select(cell_results).where(
             cell_results.c.sample_id == sample_id,
@@ -107,9 +108,14 @@ def _scored_cell(session: Session, sample_id: str, model_version: str, image_uri
             cell_results.c.image_uri == image_uri,
         )
     ).one_or_none()
-    if row is None or row.p_all is None:
+    return None if row is None else dict(row._mapping)
+
+
+def _scored_cell(session: Session, sample_id: str, model_version: str, image_uri: str) -> dict[str, Any]:
+    row = cell_row(session, sample_id, model_version, image_uri)
+    if row is None or row["p_all"] is None:
         raise ReviewError(f"sample {sample_id!r} ({model_version}) has no scored cell {image_uri!r}")
-    return dict(row._mapping)
+    return row
 
 
 def record_verdict(

@@ -11,7 +11,7 @@ from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from db.models import Model
-from db.reviews import sample_reviews
+from db.reviews import cell_row, sample_reviews
 from db.views import cell_results, sample_results
 
 PAGE_SIZE = 25
@@ -198,14 +198,7 @@ def cells(session: Session, sample_id: str, model_version: str) -> list[dict[str
 
 def cell(session: Session, sample_id: str, model_version: str, image_uri: str) -> dict[str, Any] | None:
     """One cell row, or None: the thumbnail route serves only URIs that are cells of the sample named."""
-    row = session.execute(
-        select(cell_results).where(
-            cell_results.c.sample_id == sample_id,
-            cell_results.c.model_version == model_version,
-            cell_results.c.image_uri == image_uri,
-        )
-    ).one_or_none()
-    return None if row is None else dict(row._mapping)
+    return cell_row(session, sample_id, model_version, image_uri)
 
 
 def threshold(session: Session, model_version: str) -> float | None:
