@@ -41,7 +41,12 @@ FROM base AS worker
 COPY --from=wheel /wheels /wheels
 RUN pip install "$(ls /wheels/allscore-*.whl)[worker]" && rm -rf /wheels
 USER allscore
-ENV ALLSCORE_HOME=/home/allscore/.allscore
+ENV ALLSCORE_HOME=/home/allscore/.allscore \
+    ALLSCORE_METRICS_PORT=9540
+# /metrics (Prometheus) and /healthz. The health check asks the worker's own /healthz: healthy while its consumer
+# is connected to the broker and consuming its queues (no message sent, no other worker asked).
+EXPOSE 9540
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 CMD ["python", "-m", "worker.health"]
 ENTRYPOINT ["allscore"]
 CMD ["worker"]
 

@@ -11,15 +11,26 @@ from typing import Any
 
 import numpy as np
 
+from core.logs import quiet_native_stderr
+
 log = logging.getLogger(__name__)
+
+
+def import_tensorflow() -> Any:
+    """Import TensorFlow and let it probe its devices without its native start-up lines (CUDA probing, oneDNN and
+    CPU-feature notes) reaching the log; TF_CPP_MIN_LOG_LEVEL=0 keeps them."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with quiet_native_stderr(enabled=os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0"):
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    return tf
 
 
 def configure_tensorflow(threads: int) -> None:
     """Set TensorFlow's thread pools before the first op of this process."""
     # Must run before TensorFlow creates its thread pools, i.e. before the first op.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
+    tf = import_tensorflow()
     if threads > 0:
         try:
             tf.config.threading.set_intra_op_parallelism_threads(threads)

@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     # Submissions over this many images per sample are refused at submit (split the slide into samples).
     max_images_per_sample: int = Field(default=20_000, ge=1)
 
+    # Operations: logs, metrics, health.
+    log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per line")
+    # `allscore worker` serves Prometheus metrics (/metrics) and its health (/healthz) here; 0 = off.
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="worker metrics and health port; 0 = off")
+    # /healthz fails once the consumer's last beat (every 5 s from inside Celery's event loop) is older than this.
+    health_max_age: float = Field(default=30.0, gt=0, description="seconds without a consumer beat before unhealthy")
+
     # PostgreSQL: a hung database is a transient fault, not a hung task.
     db_connect_timeout: int = Field(default=10, ge=1, description="seconds to wait for a connection")
     db_statement_timeout_ms: int = Field(default=120_000, ge=0, description="0 = none")

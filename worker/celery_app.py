@@ -8,7 +8,7 @@ import signal
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, bootsteps, signals
 
 from core.settings import Settings, get_settings
 
@@ -85,6 +85,71 @@ class _SettingsConfig(Mapping[str, Any]):
 
 app = Celery("allscore", include=["worker.tasks"])
 app.config_from_object(_SettingsConfig())
+
+HEALTH_BEAT_SECONDS = 5.0
+
+
+class HealthBeat(bootsteps.StartStopStep):
+    """A consumer bootstep: every few seconds, from inside Celery's event loop, record whether the consumer is
+    connected to the broker and consuming each of its queues (worker.metrics.HEALTH, read by /healthz).
+
+    It runs on the loop that takes messages, so a loop that hangs stops beating and /healthz goes stale; a broker
+    connection that is lost stops the consumer's steps (this one too) until it is back. Asking nothing of the
+    broker or the other workers, it is as cheap as a health check can be.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.tref: Any = None
+
+    def start(self, c: Any) -> None:
+        # The consumer starts consuming when its event loop starts, after the steps: the first beat comes from
+        # the loop itself.
+        c.timer.call_after(0.1, self.beat, (c,), priority=10)
+        self.tref = c.timer.call_repeatedly(HEALTH_BEAT_SECONDS, self.beat, (c,), priority=10)
+
+    def stop(self, c: Any) -> None:
+        from worker.metrics import HEALTH
+
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+        HEALTH.stopped("stopped: the consumer is not running (broker connection lost, or shutting down)")
+
+    shutdown = stop
+
+    def beat(self, c: Any) -> None:
+        from worker.metrics import HEALTH
+
+        consumer = c.task_consumer
+        queues = [q.name for q in consumer.queues] if consumer is not None else []
+        consuming = bool(queues) and all(consumer.consuming_from(q) for q in queues)
+        connected = bool(c.connection is not None and c.connection.connected)
+        state = "consuming" if consuming and connected else "not consuming"
+        HEALTH.beat(consuming and connected, state=state, queues=queues, connected=connected, pid=os.getpid())
+
+
+app.steps["consumer"].add(HealthBeat)
+
+
+@signals.worker_process_shutdown.connect
+def _forget_process_metrics(pid: int | None = None, **_: Any) -> None:
+    """A pool process that ends leaves no live gauges behind (prometheus-client multiprocess mode)."""
+    from worker.metrics import process_exited
+
+    process_exited(pid or os.getpid())
+
+
+def log_to_json(loglevel: str) -> None:
+    """Make every process of this worker log one JSON object per line (ALLSCORE_LOG_FORMAT=json)."""
+
+    @signals.setup_logging.connect(weak=False)
+    def _setup(loglevel: Any = None, **_: Any) -> None:
+        from core.logs import setup_logging
+
+        setup_logging(loglevel or "INFO", "json")
 
 
 @signals.worker_ready.connect

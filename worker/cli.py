@@ -36,25 +36,51 @@ def worker_cmd(
         os.environ["ALLSCORE_WORKER_CONCURRENCY"] = str(concurrency)
         reset_settings_cache()
     settings = get_settings()
+    if settings.metrics_port:
+        # Before prometheus-client is first imported: every process, main and forked, then counts into files.
+        _prepare_metrics_dir()
     from worker.context import available_cores
 
     n = settings.worker_concurrency or available_cores()
     # Children read this to split the cores between them (see worker.context.tf_threads_for).
     os.environ["ALLSCORE_WORKER_CONCURRENCY"] = str(n)
-    from worker.celery_app import app
+    consumed = [q.strip() for q in (queues or settings.queue).split(",") if q.strip()]
+    if settings.metrics_port:
+        from worker.metrics import serve
 
+        serve(settings, consumed, settings.metrics_port)
+    from worker.celery_app import app, log_to_json
+
+    if settings.log_format == "json":
+        log_to_json(loglevel)
     app.worker_main(
         [
             "worker",
             f"--loglevel={loglevel}",
             f"--concurrency={n}",
             f"--pool={pool}",
-            f"--queues={queues or settings.queue}",
+            f"--queues={','.join(consumed)}",
             f"--hostname=allscore-{os.getpid()}@%h",
             "--without-gossip",
             "--without-mingle",
         ]
     )
+
+
+def _prepare_metrics_dir() -> None:
+    """A fresh folder for prometheus-client's multiprocess files in PROMETHEUS_MULTIPROC_DIR (emptied if given)."""
+    import tempfile
+
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before its multiprocess folder was set")
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not given:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="allscore-metrics-")
+        return
+    folder = Path(given)
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in folder.glob("*.db"):  # an earlier run's counts would be added again
+        item.unlink()
 
 
 def _read_manifest_csv(path: Path, default_kind: str) -> tuple[dict[str, list[str]], dict[str, Any]]:

@@ -17,6 +17,7 @@ from core.inference import ServingModel, configure_tensorflow
 from core.settings import Settings, get_settings
 from core.storage import Fetcher
 from db.engine import make_engine, session_factory
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class WorkerContext:
             loaded = LoadedModel(model=model, manifest=manifest, path=path)
             self._models[key] = loaded
         seconds = time.perf_counter() - started
+        metrics.MODEL_LOADS.inc()
+        metrics.MODEL_LOAD_SECONDS.observe(seconds)
         log.info("model loaded: %s in pid %d (%.2fs) from store %s", key[1], os.getpid(), seconds, store)
         return loaded
 

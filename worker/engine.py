@@ -7,6 +7,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -36,6 +37,30 @@ class PoisonSample(AllscoreError):
     """Processing this sample has killed its worker process too many times; it is failed, not redelivered."""
 
 
+@dataclass(frozen=True)
+class Hooks:
+    """What the engine tells its caller while it scores (metrics), and asks it (whether to stop).
+
+    `batch(cells, seconds)` after each forward pass; `read(seconds)` after each image is fetched and decoded (in
+    an I/O thread); `check()` before each batch: it raises to stop the sample there (a cancellation).
+    """
+
+    batch: Callable[[int, float], None] | None = None
+    read: Callable[[float], None] | None = None
+    check: Callable[[], None] | None = None
+
+
+def _timed(read: Callable[[str], Unit], observe: Callable[[float], None]) -> Callable[[str], Unit]:
+    def timed(uri: str) -> Unit:
+        started = time.perf_counter()
+        try:
+            return read(uri)
+        finally:
+            observe(time.perf_counter() - started)
+
+    return timed
+
+
 def score_units(
     uris: Sequence[str],
     read: Callable[[str], Unit],
@@ -46,6 +71,7 @@ def score_units(
     pool: ThreadPoolExecutor,
     batch_size: int = 64,
     max_cells: int | None = None,
+    hooks: Hooks | None = None,
 ) -> tuple[list[CellResult], list[Unit]]:
     """Read every image on the I/O pool (a window of reads ahead) and score what they hold in fixed-size batches.
 
@@ -58,13 +84,21 @@ def score_units(
     buffer = np.zeros((batch_size, size, size, 3), dtype=np.uint8)
     waiting: list[tuple[int, Item]] = []  # (row, item) whose pixels are in the buffer
     n_found = 0
+    hooks = hooks or Hooks()
+    if hooks.read is not None:
+        read = _timed(read, hooks.read)
 
     def run_batch() -> None:
         if not waiting:
             return
+        if hooks.check is not None:
+            hooks.check()
         # Always a full batch (zero-padded), so the traced graph is reused.
         buffer[len(waiting) :] = 0
+        started = time.perf_counter()
         p = predict_batch(model, buffer)
+        if hooks.batch is not None:
+            hooks.batch(len(waiting), time.perf_counter() - started)
         for slot, (row, item) in enumerate(waiting):
             prob = float(p[slot])
             results[row] = CellResult(item.image_uri, prob, prob >= threshold, None, item.field)
@@ -139,6 +173,7 @@ def score_sample(
     max_cells: int | None = None,
     retries: int = 0,
     max_deaths: int | None = None,
+    hooks: Hooks | None = None,
 ) -> SampleSummary:
     """Mark the sample running, score its cells, and write cells + summary in one transaction.
 
@@ -191,6 +226,7 @@ def score_sample(
         pool=pool,
         batch_size=batch_size,
         max_cells=max_cells if request.kind == "fields" else None,
+        hooks=hooks,
     )
     fields = [(u.uri, u.um_per_px, u.scale_source, u.error) for u in units] if request.kind == "fields" else None
     summary = summarize_sample(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from typing import Any
 
 from celery import Task
@@ -17,14 +18,16 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core.contract import InvalidMessage, ScoreMessage, parse_message
 from core.errors import AllscoreError
+from core.logs import log_context
 from core.storage import StorageUnavailable
 from db import repository
 from db.engine import transaction
 from db.errors import StaleDelivery
 from db.repository import Delivery
+from worker import metrics
 from worker.celery_app import TASK_NAME, app
 from worker.context import get_context
-from worker.engine import score_sample
+from worker.engine import Hooks, score_sample
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,17 @@ CONTEXT_RETRY_SECONDS = 15.0
 
 def run_scoring(task: Task, message: ScoreMessage) -> None:
     """Score a valid message; whatever happens, the sample ends done or failed, or the message is retried."""
+    with log_context(message.job_id, message.sample_id):
+        _run_scoring(task, message)
+
+
+_HOOKS = Hooks(
+    batch=lambda cells, seconds: metrics.BATCH_SECONDS.observe(seconds),
+    read=metrics.READ_SECONDS.observe,
+)
+
+
+def _run_scoring(task: Task, message: ScoreMessage) -> None:
     try:
         ctx = get_context()
     except Exception as exc:  # nothing can be recorded without the context: keep the message
@@ -98,6 +112,7 @@ def run_scoring(task: Task, message: ScoreMessage) -> None:
 
     def fail(reason: str) -> None:
         if _mark_failed(message.sample_id, message.model_version, delivery, reason):
+            metrics.SAMPLES.labels("failed").inc()
             return
         # Acking now would leave the sample `running` with nothing left on the queue to finish it: keep the
         # message, past task_max_retries, until the database is back to take the result or the failure.
@@ -105,9 +120,10 @@ def run_scoring(task: Task, message: ScoreMessage) -> None:
         log.warning("sample %s: database unreachable; retry in %.1fs", message.sample_id, delay)
         raise task.retry(countdown=delay)
 
+    started = time.perf_counter()
     try:
         loaded = ctx.model(message.model_version, message.model_store)
-        score_sample(
+        summary = score_sample(
             message,
             loaded=loaded,
             fetch=ctx.fetch,
@@ -120,8 +136,10 @@ def run_scoring(task: Task, message: ScoreMessage) -> None:
             max_cells=settings.max_cells_per_sample,
             retries=task.request.retries or 0,
             max_deaths=settings.max_worker_deaths,
+            hooks=_HOOKS,
         )
     except StaleDelivery as exc:
+        metrics.SAMPLES.labels("stale").inc()
         log.warning("sample %s: stale delivery, nothing written: %s", message.sample_id, exc)
     except TRANSIENT as exc:
         retries = task.request.retries
@@ -130,6 +148,7 @@ def run_scoring(task: Task, message: ScoreMessage) -> None:
             return
         delay = backoff(retries, settings.task_retry_backoff, settings.task_retry_backoff_max)
         log.warning("sample %s: transient fault (%s); retry %d in %.1fs", message.sample_id, exc, retries + 1, delay)
+        metrics.SAMPLES.labels("retried").inc()
         raise task.retry(exc=exc, countdown=delay, max_retries=settings.task_max_retries) from exc
     except SoftTimeLimitExceeded:
         fail("time limit exceeded: split the sample or raise the limit")
@@ -138,3 +157,10 @@ def run_scoring(task: Task, message: ScoreMessage) -> None:
     except Exception as exc:
         log.exception("sample %s: unexpected error", message.sample_id)
         fail(f"unexpected error ({type(exc).__name__}): {exc}")
+    else:
+        metrics.SAMPLES.labels("done").inc()
+        metrics.CELLS_SCORED.inc(summary.n_cells - summary.n_failed)
+        metrics.CELLS_FAILED.inc(summary.n_failed)
+        elapsed = time.perf_counter() - started
+        if elapsed > 0:
+            metrics.CELLS_PER_SECOND.set((summary.n_cells - summary.n_failed) / elapsed)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -22,7 +23,7 @@ import yaml
 
 from core.settings import Settings, reset_settings_cache
 from db.engine import parse_url
-from tests.helpers import REPO_ROOT, require_service
+from tests.helpers import REPO_ROOT, require_service, stop_process_group
 from tests.integration.faults import free_port
 from tests.worker_process import WorkerProcess
 
@@ -36,7 +37,7 @@ def _compose() -> str:
     return exe
 
 
-def _config(env_file: Path, **overrides: str) -> subprocess.CompletedProcess[str]:
+def _config(env_file: Path, *profiles: str, **overrides: str) -> subprocess.CompletedProcess[str]:
     env = {"PATH": os.environ["PATH"], **overrides}
     return subprocess.run(
         [
@@ -47,6 +48,7 @@ def _config(env_file: Path, **overrides: str) -> subprocess.CompletedProcess[str
             str(REPO_ROOT / "docker-compose.yml"),
             "--env-file",
             str(env_file),
+            *(arg for profile in profiles for arg in ("--profile", profile)),
             "config",
         ],
         env=env,
@@ -89,6 +91,14 @@ def test_compose_file_is_valid_and_scalable(rendered: dict[str, Any]) -> None:
     assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert worker["environment"]["ALLSCORE_WORKER_CONCURRENCY"] == "2"
     assert services["trainer"]["profiles"] == ["train"]
+    # The worker exports metrics on the compose network and has a health check; the image's health check (the
+    # worker's) is off for the other services of the worker image.
+    assert worker["environment"]["ALLSCORE_METRICS_PORT"] == "9540"
+    assert worker["healthcheck"]["test"] == ["CMD", "python", "-m", "worker.health"]
+    assert "ALLSCORE_TF_THREADS" in worker["environment"] and "ALLSCORE_LOG_FORMAT" in worker["environment"]
+    for name in ("createbucket", "migrate", "sweeper"):
+        assert services[name]["healthcheck"]["test"] == ["NONE"], name
+    assert services["prometheus"]["profiles"] == ["monitoring"]  # only with --profile monitoring
     redis_cmd = (
         " ".join(services["redis"]["command"])
         if isinstance(services["redis"]["command"], list)
@@ -228,10 +238,26 @@ def test_each_service_command_runs_on_the_host(
 
     # worker: the compose command starts a real worker that scores a sample from the S3 store's model.
     env = _local_env(services["worker"], local)
+    assert env["ALLSCORE_METRICS_PORT"] == "9540"
+    env["ALLSCORE_METRICS_PORT"] = str(free_port())  # 9540 inside the container; any free port on this host
     worker = WorkerProcess(env, tmp_path / "worker.log", concurrency=1)
     worker.cmd = [sys.executable, "-m", "allscore", *services["worker"]["command"]]
     worker.start()
     try:
+        # The service's health check, as Docker runs it inside the container, passes once the worker consumes.
+        check = services["worker"]["healthcheck"]["test"]
+        assert check[0] == "CMD"
+        health_cmd = [sys.executable if part == "python" else part for part in check[1:]]
+
+        def healthy() -> bool:
+            return (
+                subprocess.run(health_cmd, env={**os.environ, **env}, capture_output=True, timeout=30).returncode == 0
+            )
+
+        deadline = time.monotonic() + 30
+        while not healthy():
+            assert time.monotonic() < deadline, "the worker's health check never passed"
+            time.sleep(0.5)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         # The test submits as a lab pipeline, not as the worker's role (which cannot create jobs).
@@ -250,6 +276,7 @@ def test_each_service_command_runs_on_the_host(
         assert (row["status"], row["n_cells"], row["n_failed"]) == ("done", 6, 0)
     finally:
         worker.stop()
+    assert not healthy()  # a stopped worker fails its health check
 
     # review: a user is added with the service's image and role, and its command serves the pages behind a login,
     # reading the scored sample through the views as allscore_reviewer.
@@ -318,3 +345,104 @@ def test_each_service_command_runs_on_the_host(
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _promtool() -> str:
+    exe = shutil.which("promtool")
+    require_service("Prometheus", exe is not None and shutil.which("prometheus") is not None, "install prometheus")
+    assert exe is not None
+    return exe
+
+
+def _prometheus_files(service: dict[str, Any], folder: Path, targets: list[str] | None = None) -> Path:
+    """The monitoring service's mounted files copied to `folder` at their container paths' names; with `targets`,
+    the workers found by compose's DNS replaced by these host:port targets. Returns the config's path."""
+    config = None
+    for volume in service["volumes"]:
+        source_text, target = str(volume).split(":")[:2]
+        if not source_text.startswith("/"):
+            continue  # the named volume for the time series
+        source = Path(source_text)
+        assert source.is_file(), f"{source} is mounted into the prometheus service but does not exist"
+        text = source.read_text().replace("/etc/prometheus/", f"{folder}/")
+        (folder / Path(target).name).write_text(text)
+        if target == "/etc/prometheus/prometheus.yml":
+            config = folder / Path(target).name
+    assert config is not None
+    if targets is not None:
+        parsed = yaml.safe_load(config.read_text())
+        (job,) = parsed["scrape_configs"]
+        assert job["dns_sd_configs"] == [{"names": ["worker"], "type": "A", "port": 9540, "refresh_interval": "30s"}], (
+            "the workers are found by the compose service name, on ALLSCORE_METRICS_PORT"
+        )
+        del job["dns_sd_configs"]
+        job["static_configs"] = [{"targets": targets}]
+        parsed["global"]["scrape_interval"] = "1s"
+        config.write_text(yaml.safe_dump(parsed))
+    return config
+
+
+def test_monitoring_profile_runs_prometheus_that_scrapes_the_workers(tmp_path: Path, stack: Any) -> None:
+    result = _config(REPO_ROOT / ".env.example", "monitoring")
+    assert result.returncode == 0, result.stderr
+    service = yaml.safe_load(result.stdout)["services"]["prometheus"]
+    assert service["profiles"] == ["monitoring"]
+    assert [str(p).split(":")[0] for p in service["ports"]] == ["127.0.0.1"]
+    assert ":" in service["image"] and not service["image"].endswith(":latest")
+    # The files as compose mounts them pass Prometheus's own checks (config, rule file, alert expressions).
+    promtool = _promtool()
+    checked = tmp_path / "checked"
+    checked.mkdir()
+    config = _prometheus_files(service, checked)
+    run = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "SUCCESS: 1 rule files found" in run.stdout + run.stderr
+
+    # The service's command on this host, its workers replaced by a real worker that has scored a sample.
+    port = free_port()
+    stack.start_worker(concurrency=1, ALLSCORE_METRICS_PORT=str(port))
+    prefix = stack.upload_sample("monitored", 5)
+    job = stack.submit({"monitored": [prefix]})
+    stack.wait_final(job, 1, timeout=120)
+    served = tmp_path / "served"
+    served.mkdir()
+    config = _prometheus_files(service, served, targets=[f"127.0.0.1:{port}"])
+    web = free_port()
+    command = [
+        part.replace("/etc/prometheus/prometheus.yml", str(config)).replace("=/prometheus", f"={tmp_path / 'tsdb'}")
+        for part in service["command"]
+    ]
+    proc = subprocess.Popen(
+        [shutil.which("prometheus") or "prometheus", *command, f"--web.listen-address=127.0.0.1:{web}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    import json
+
+    def query(expr: str) -> list[dict[str, Any]]:
+        url = f"http://127.0.0.1:{web}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return list(json.loads(answer.read())["data"]["result"])
+
+    try:
+        deadline = time.monotonic() + 60
+        found: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            try:
+                found = query('allscore_samples_total{outcome="done"}')
+            except OSError:
+                found = []
+            if found:
+                break
+            time.sleep(0.5)
+        assert [float(r["value"][1]) for r in found] == [1.0]
+        assert [float(r["value"][1]) for r in query('up{job="allscore-worker"}')] == [1.0]
+        assert [float(r["value"][1]) for r in query("allscore_cells_scored_total")] == [5.0]
+        deadline = time.monotonic() + 30
+        while not query("allscore:samples_by_status:max") and time.monotonic() < deadline:
+            time.sleep(0.5)  # recording rules evaluate every 15 s
+        statuses = {r["metric"]["status"]: float(r["value"][1]) for r in query("allscore:samples_by_status:max")}
+        assert statuses["done"] == 1.0
+    finally:
+        stop_process_group(proc, 20)
