@@ -39,11 +39,20 @@ def worker_cmd(
     if settings.metrics_port:
         # Before prometheus-client is first imported: every process, main and forked, then counts into files.
         _prepare_metrics_dir()
-    from worker.context import available_cores
+    from core.cpus import available_cores
+    from worker.context import io_threads_for, tf_threads_for
 
-    n = settings.worker_concurrency or available_cores()
+    cores = available_cores()
+    n = settings.worker_concurrency or cores.count
     # Children read this to split the cores between them (see worker.context.tf_threads_for).
     os.environ["ALLSCORE_WORKER_CONCURRENCY"] = str(n)
+    reset_settings_cache()
+    sized = get_settings()
+    err.print(
+        f"sizing: {cores.describe()}; worker processes {n}, each with {tf_threads_for(sized, cores.count)} "
+        f"TensorFlow threads and {io_threads_for(sized, cores.count)} I/O threads",
+        highlight=False,
+    )
     consumed = [q.strip() for q in (queues or settings.queue).split(",") if q.strip()]
     if settings.metrics_port:
         from worker.metrics import serve

@@ -11,6 +11,7 @@ from functools import lru_cache
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from core import cpus
 from core.artifact import LoadedModel, ModelError, ModelNotFound, Registry, load_keras, parse_ref
 from core.contract import DEFAULT_STORE
 from core.inference import ServingModel, configure_tensorflow
@@ -23,24 +24,24 @@ log = logging.getLogger(__name__)
 
 
 def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. under taskset or a container limit)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The cores this process may use: the cgroup CPU limit (a container's, a pod's), then its CPU affinity."""
+    return cpus.available_cores().count
 
 
-def tf_threads_for(settings: Settings) -> int:
-    """This process's share of the cores: ALLSCORE_TF_THREADS, else cores / worker processes."""
+def tf_threads_for(settings: Settings, cores: int | None = None) -> int:
+    """This process's share of the cores: ALLSCORE_TF_THREADS, else cores / worker processes (at least 1)."""
     if settings.tf_threads:
         return settings.tf_threads
-    cores = available_cores()
+    cores = cores or available_cores()
     processes = settings.worker_concurrency or cores
     return max(1, cores // processes)
 
 
-def io_threads_for(settings: Settings) -> int:
+def io_threads_for(settings: Settings, cores: int | None = None) -> int:
     """Fetch/decode threads: ALLSCORE_IO_THREADS, else the process's cores (at least 2, so one can wait on I/O)."""
     if settings.io_threads:
         return settings.io_threads
-    return max(2, available_cores())
+    return max(2, cores or available_cores())
 
 
 class WorkerContext:

@@ -91,9 +91,14 @@ def test_health_check_passes_on_a_live_worker_and_fails_on_a_stopped_or_cut_off_
     stack.use_broker(f"redis://{proxy.url_host}/0", monkeypatch)
     port = free_port()
     worker = stack.start_worker(
-        concurrency=1, ALLSCORE_METRICS_PORT=str(port), ALLSCORE_HEALTH_MAX_AGE="8", ALLSCORE_LOG_FORMAT="json"
+        concurrency=1,
+        ALLSCORE_METRICS_PORT=str(port),
+        ALLSCORE_HEALTH_MAX_AGE="8",
+        ALLSCORE_LOG_FORMAT="json",
+        ALLSCORE_TF_THREADS="1",
     )
     assert worker.proc is not None
+    assert "worker processes 1, each with 1 TensorFlow threads and" in worker.log()
     wait_until(lambda: health_check(port)[0], 15, "the first beat of the consumer's loop")
     healthy, said = health_check(port)
     assert healthy, said
