@@ -17,7 +17,7 @@ from allscore.segment_cli import segment_cmd
 from allscore.store_cli import store_app
 from core.errors import AllscoreError
 from trainer.cli import data_app, evaluate_cmd, models_app, train_cmd
-from worker.cli import report_cmd, status_cmd, submit_cmd, sweep_cmd, worker_cmd
+from worker.cli import cancel_cmd, report_cmd, status_cmd, submit_cmd, sweep_cmd, worker_cmd
 
 app = typer.Typer(
     name="allscore",
@@ -36,6 +36,7 @@ app.add_typer(store_app, name="store")
 app.command("worker")(worker_cmd)
 app.command("submit")(submit_cmd)
 app.command("status")(status_cmd)
+app.command("cancel")(cancel_cmd)
 app.command("report")(report_cmd)
 app.command("segment")(segment_cmd)
 app.command("sweep")(sweep_cmd)

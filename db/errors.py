@@ -33,6 +33,10 @@ class StaleDelivery(DatabaseError):
     """A delivery whose submission is no longer the sample's current one, or whose sample has already ended."""
 
 
+class SampleCancelled(StaleDelivery):
+    """The sample was cancelled (allscore cancel): a delivery stops and writes nothing."""
+
+
 class ModelConflictError(DatabaseError):
     """A model version is registered already with a different artifact."""
 

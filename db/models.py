@@ -30,12 +30,17 @@ MODEL_VERSION_MAX_LENGTH = 256  # "name:version"
 
 
 class SampleStatus(enum.StrEnum):
-    """Where a sample is on its way: queued -> running -> done or failed."""
+    """Where a sample is on its way: queued -> running -> done, failed or cancelled (the three that end it)."""
 
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+# A sample in one of these has ended: no delivery writes to it again (db.repository).
+ENDED = (SampleStatus.DONE, SampleStatus.FAILED, SampleStatus.CANCELLED)
 
 
 class Base(DeclarativeBase):
@@ -75,7 +80,7 @@ class Sample(Base):
     __tablename__ = "samples"
     __table_args__ = (
         UniqueConstraint("sample_id", "model_version", name="uq_samples_sample_id_model_version"),
-        CheckConstraint("status IN ('queued', 'running', 'done', 'failed')", name="ck_samples_status"),
+        CheckConstraint("status IN ('queued', 'running', 'done', 'failed', 'cancelled')", name="ck_samples_status"),
         Index("ix_samples_job_id", "job_id"),
     )
 

@@ -20,10 +20,12 @@ from db.errors import (
     JobNotFoundError,
     ModelConflictError,
     ResultMismatchError,
+    SampleCancelled,
     SampleNotFoundError,
     StaleDelivery,
 )
 from db.models import (
+    ENDED,
     JOB_ID_MAX_LENGTH,
     MODEL_VERSION_MAX_LENGTH,
     SAMPLE_ID_MAX_LENGTH,
@@ -247,8 +249,26 @@ def _check_fence(row: Any, sample_id: str, model_version: str, delivery: Deliver
             f"{where}: this delivery (job {delivery.job_id!r}, submission {delivery.submission}) was superseded by "
             f"job {row.job_id!r}, submission {row.submission}; it writes nothing"
         )
-    if row.status in (SampleStatus.DONE, SampleStatus.FAILED):
+    if row.status == SampleStatus.CANCELLED:
+        raise SampleCancelled(f"{where}: cancelled; this delivery stops and writes nothing")
+    if row.status in ENDED:
         raise StaleDelivery(f"{where}: already {row.status} for this submission; a repeated delivery writes nothing")
+
+
+def check_current(*, session: Session, sample_id: str, model_version: str, delivery: Delivery) -> None:
+    """Raise SampleCancelled if the sample was cancelled, StaleDelivery if this delivery no longer owns it (read
+    without a lock: a running sample asks this between batches, to stop early; its final write is fenced anyway)."""
+    row = session.execute(
+        select(Sample.job_id, Sample.submission, Sample.status).where(
+            Sample.sample_id == sample_id, Sample.model_version == model_version
+        )
+    ).one_or_none()
+    if row is None:
+        raise _not_found(sample_id, model_version)
+    owned = row.job_id == delivery.job_id and delivery.submission in (None, row.submission)
+    if row.status == SampleStatus.RUNNING and owned:
+        return
+    _check_fence(row, sample_id, model_version, delivery)
 
 
 def get_sample_status(*, session: Session, sample_id: str, model_version: str) -> SampleStatus | None:
@@ -415,6 +435,50 @@ def mark_failed(
         .values(**_NO_SUMMARY, status=SampleStatus.FAILED, error=error, finished_at=utcnow())
         .execution_options(**_NO_SYNC)
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    """A sample that cancel_samples ended: which one, and the status it had."""
+
+    sample_id: str
+    model_version: str
+    job_id: str
+    was: str
+
+
+def cancel_samples(
+    *,
+    session: Session,
+    sample_ids: Sequence[str] | None = None,
+    job_id: str | None = None,
+    reason: str = "cancelled",
+) -> list[Cancelled]:
+    """End the queued and running samples named (by sample id, and/or by job) as `cancelled`.
+
+    A queued one is never run (its delivery finds it ended and writes nothing); a running one stops before its
+    next batch and writes nothing (worker.engine's check). Samples that have ended already are left as they are.
+    """
+    if sample_ids is None and job_id is None:
+        raise ValueError("cancel_samples needs sample ids or a job id")
+    stmt = select(Sample.id, Sample.sample_id, Sample.model_version, Sample.job_id, Sample.status).where(
+        Sample.status.in_([SampleStatus.QUEUED, SampleStatus.RUNNING])
+    )
+    if sample_ids is not None:
+        stmt = stmt.where(Sample.sample_id.in_(list(sample_ids)))
+    if job_id is not None:
+        stmt = stmt.where(Sample.job_id == job_id)
+    rows = session.execute(stmt.order_by(Sample.sample_id, Sample.model_version).with_for_update()).all()
+    now = utcnow()
+    for row in rows:
+        session.execute(delete(Cell).where(Cell.sample_pk == row.id).execution_options(**_NO_SYNC))
+        session.execute(
+            update(Sample)
+            .where(Sample.id == row.id)
+            .values(**_NO_SUMMARY, status=SampleStatus.CANCELLED, error=reason, finished_at=now)
+            .execution_options(**_NO_SYNC)
+        )
+    return [Cancelled(r.sample_id, r.model_version, r.job_id, str(SampleStatus(r.status))) for r in rows]
 
 
 def get_sample_results(

@@ -19,7 +19,9 @@ from core.settings import get_settings, reset_settings_cache
 
 err = stderr_console()
 out = stdout_console()
-FINAL = ("done", "failed")
+FINAL = ("done", "failed", "cancelled")  # a sample in one of these has ended
+# Exit codes (README, "Exit codes"): 1 a sample failed or was cancelled (submit --wait); 3 nothing found.
+NOT_FOUND = 3
 
 
 def worker_cmd(
@@ -155,36 +157,26 @@ def submit_cmd(
     typer.echo(job_id)
     if wait:
         rows = wait_for_job(job_id, len(samples), timeout)
-        failed = [r for r in rows if r["status"] == "failed"]
+        failed = [r for r in rows if r["status"] in ("failed", "cancelled")]
         for r in failed:
-            err.print(f"[red]failed[/] {r['sample_id']}: {r['error']}")
+            err.print(f"[red]{r['status']}[/] {r['sample_id']}: {r['error']}")
         if failed or len(rows) < len(samples) or any(r["status"] not in FINAL for r in rows):
             sys.exit(1)
 
 
 def wait_for_job(job_id: str, n_samples: int, timeout: float) -> list[dict[str, Any]]:
-    """Poll the database until every sample of the job is done or failed (or the timeout passes)."""
-    from db import repository
-    from db.engine import make_engine, session_factory
+    """worker.client.wait_for_job with a progress bar; the rows it saw last when the timeout passes."""
+    from worker.client import JobTimeout
+    from worker.client import wait_for_job as wait
 
-    deadline = time.monotonic() + timeout
-    rows: list[dict[str, Any]] = []
-    engine = make_engine()  # one engine (and pool) for every poll, not one per poll
-    sessions = session_factory(engine)
     with Progress(
         TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
     ) as progress:
         task = progress.add_task("samples", total=n_samples)
-        while time.monotonic() < deadline:
-            with sessions() as session:
-                rows = repository.get_sample_results(session=session, job_id=job_id)
-            finished = sum(1 for r in rows if r["status"] in FINAL)
-            progress.update(task, completed=finished)
-            if finished >= n_samples:
-                break
-            time.sleep(0.5)
-    engine.dispose()
-    return rows
+        try:
+            return wait(job_id, timeout=timeout, on_progress=lambda ended, _: progress.update(task, completed=ended))
+        except JobTimeout as exc:
+            return exc.rows
 
 
 def _results(sample_ids: list[str] | None, job: str | None) -> list[dict[str, Any]]:
@@ -244,8 +236,9 @@ def results_table(rows: list[dict[str, Any]], title: str, reviews: bool = False)
 def status_cmd(
     sample_id: Annotated[str | None, typer.Argument(metavar="SAMPLE_ID")] = None,
     job: Annotated[str | None, typer.Option(help="job id")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the sample_results rows as a JSON list")] = False,
 ) -> None:
-    """Status of a sample or a job (queued, running, done, failed)."""
+    """Status of a sample or a job (queued, running, done, failed, cancelled)."""
     from worker.client import SubmitError
 
     if not sample_id and not job:
@@ -253,8 +246,36 @@ def status_cmd(
     rows = _results([sample_id] if sample_id else None, job)
     if not rows:
         err.print(f"no such {'sample' if sample_id else 'job'}: {sample_id or job}")
-        raise typer.Exit(1)
+        raise typer.Exit(NOT_FOUND)
+    if as_json:
+        from worker.report import to_json
+
+        typer.echo(to_json(rows))
+        return
     out.print(results_table(rows, f"status of {sample_id or 'job ' + str(job)}"))
+
+
+def cancel_cmd(
+    sample_ids: Annotated[list[str] | None, typer.Argument(metavar="SAMPLE_ID...")] = None,
+    job: Annotated[str | None, typer.Option(help="cancel every sample of this job still queued or running")] = None,
+) -> None:
+    """Cancel samples: a queued one is never run, a running one stops at its next batch; neither writes a result."""
+    from worker.client import SubmitError, cancel
+
+    if not sample_ids and not job:
+        raise SubmitError("give SAMPLE_ID... or --job JOB")
+    cancelled = cancel(sample_ids, job_id=job)
+    for item in cancelled:
+        typer.echo(f"{item.sample_id}\t{item.model_version}\twas {item.was}")
+    if not cancelled:
+        rows = _results(sample_ids or None, job)
+        if not rows:
+            err.print(f"no such {'job' if job else 'sample'}: {job or ', '.join(sample_ids or [])}")
+            raise typer.Exit(NOT_FOUND)
+        ended = ", ".join(f"{r['sample_id']} {r['status']}" for r in rows)
+        err.print(f"nothing to cancel: every sample named has ended ({ended})")
+        raise typer.Exit(NOT_FOUND)
+    err.print(f"cancelled {len(cancelled)} sample(s)")
 
 
 def report_cmd(

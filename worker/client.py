@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import glob
 import logging
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from core.artifact import Registry
 from core.contract import DEFAULT_STORE, InvalidIdentifier, Kind, ScoreMessage, check_identifier
@@ -24,6 +26,18 @@ IMAGE_SUFFIXES = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 class SubmitError(AllscoreError):
     """A submission that cannot be queued; nothing of it was queued."""
+
+
+# A sample in one of these has ended and will not change again (until it is resubmitted).
+ENDED = ("done", "failed", "cancelled")
+
+
+class JobTimeout(AllscoreError, TimeoutError):
+    """wait_for_job's timeout passed before every sample of the job ended; `rows` is what it saw last."""
+
+    def __init__(self, message: str, rows: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.rows = rows
 
 
 def _has_image_suffix(name: str) -> bool:
@@ -235,3 +249,92 @@ def submit_sample(
         um_per_px=um_per_px,
         settings=settings,
     )
+
+
+def job_results(job_id: str, *, settings: Settings | None = None) -> list[dict[str, Any]]:
+    """The job's rows of the view sample_results (one per sample and model version), by sample id."""
+    settings = settings or get_settings()
+    engine = make_engine(settings.database_url, settings)
+    try:
+        with session_factory(engine)() as session:
+            return repository.get_sample_results(session=session, job_id=job_id)
+    finally:
+        engine.dispose()
+
+
+def wait_for_job(
+    job_id: str,
+    *,
+    timeout: float | None = 3600.0,
+    poll: float = 0.5,
+    settings: Settings | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Wait until every sample of job `job_id` has ended (done, failed or cancelled); return its sample_results rows.
+
+    Polls the database every `poll` seconds; `on_progress(ended, total)` after each poll. Raises JobNotFoundError
+    for a job that does not exist, and JobTimeout (with the last rows) once `timeout` seconds pass (None: no limit).
+    A sample of the job that was resubmitted under another job leaves this one and is not waited for.
+    """
+    from db.errors import JobNotFoundError
+    from db.models import Job
+
+    settings = settings or get_settings()
+    engine = make_engine(settings.database_url, settings)  # one engine (and pool) for every poll
+    sessions = session_factory(engine)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        with sessions() as session:
+            if session.get(Job, job_id) is None:
+                raise JobNotFoundError(f"no job {job_id!r}; `allscore submit` prints the job id on its last line")
+        while True:
+            # The job and its samples were written in one transaction: every row still the job's is waited for.
+            with sessions() as session:
+                rows = repository.get_sample_results(session=session, job_id=job_id)
+            ended = sum(1 for r in rows if r["status"] in ENDED)
+            if on_progress is not None:
+                on_progress(ended, len(rows))
+            if ended == len(rows):
+                return rows
+            if deadline is not None and time.monotonic() >= deadline:
+                waiting = [f"{r['sample_id']} ({r['status']})" for r in rows if r["status"] not in ENDED]
+                raise JobTimeout(
+                    f"job {job_id}: {ended} of {len(rows)} samples ended after {timeout:g} s; still waiting for "
+                    f"{', '.join(waiting[:10])}{' ...' if len(waiting) > 10 else ''}",
+                    rows,
+                )
+            time.sleep(poll)
+    finally:
+        engine.dispose()
+
+
+def cancel(
+    sample_ids: Sequence[str] | None = None,
+    *,
+    job_id: str | None = None,
+    settings: Settings | None = None,
+) -> list[repository.Cancelled]:
+    """Cancel the queued and running samples named (by sample id and/or job): a queued one is never run, a running
+    one stops before its next batch; neither writes a result. Returns the samples cancelled (those that had ended
+    already are left as they were)."""
+    from db.errors import JobNotFoundError
+
+    if not sample_ids and not job_id:
+        raise SubmitError("name the samples to cancel, or a job")
+    settings = settings or get_settings()
+    engine = make_engine(settings.database_url, settings)
+    try:
+        with transaction(session_factory(engine)) as session:
+            if job_id is not None:
+                from db.models import Job
+
+                if session.get(Job, job_id) is None:
+                    raise JobNotFoundError(f"no job {job_id!r}")
+            cancelled = repository.cancel_samples(
+                session=session, sample_ids=list(sample_ids) if sample_ids else None, job_id=job_id
+            )
+    finally:
+        engine.dispose()
+    for item in cancelled:
+        log.info("cancelled sample %s (%s), which was %s", item.sample_id, item.model_version, item.was)
+    return cancelled

@@ -22,7 +22,7 @@ from core.logs import log_context
 from core.storage import StorageUnavailable
 from db import repository
 from db.engine import transaction
-from db.errors import StaleDelivery
+from db.errors import SampleCancelled, StaleDelivery
 from db.repository import Delivery
 from worker import metrics
 from worker.celery_app import TASK_NAME, app
@@ -95,10 +95,29 @@ def run_scoring(task: Task, message: ScoreMessage) -> None:
         _run_scoring(task, message)
 
 
-_HOOKS = Hooks(
-    batch=lambda cells, seconds: metrics.BATCH_SECONDS.observe(seconds),
-    read=metrics.READ_SECONDS.observe,
-)
+# A running sample asks the database at most this often (before a batch) whether it was cancelled.
+CANCEL_CHECK_SECONDS = 1.0
+
+
+def _hooks(ctx: Any, message: ScoreMessage, delivery: Delivery) -> Hooks:
+    """Metrics per batch and per read; before a batch, stop if the sample was cancelled or superseded."""
+    last = [time.monotonic()]
+
+    def check() -> None:
+        now = time.monotonic()
+        if now - last[0] < CANCEL_CHECK_SECONDS:
+            return
+        last[0] = now
+        with ctx.sessions() as session:
+            repository.check_current(
+                session=session, sample_id=message.sample_id, model_version=message.model_version, delivery=delivery
+            )
+
+    return Hooks(
+        batch=lambda cells, seconds: metrics.BATCH_SECONDS.observe(seconds),
+        read=metrics.READ_SECONDS.observe,
+        check=check,
+    )
 
 
 def _run_scoring(task: Task, message: ScoreMessage) -> None:
@@ -136,8 +155,11 @@ def _run_scoring(task: Task, message: ScoreMessage) -> None:
             max_cells=settings.max_cells_per_sample,
             retries=task.request.retries or 0,
             max_deaths=settings.max_worker_deaths,
-            hooks=_HOOKS,
+            hooks=_hooks(ctx, message, delivery),
         )
+    except SampleCancelled as exc:
+        metrics.SAMPLES.labels("cancelled").inc()
+        log.warning("sample %s: cancelled, stopped; nothing written: %s", message.sample_id, exc)
     except StaleDelivery as exc:
         metrics.SAMPLES.labels("stale").inc()
         log.warning("sample %s: stale delivery, nothing written: %s", message.sample_id, exc)

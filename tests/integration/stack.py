@@ -22,7 +22,7 @@ from tests.integration.faults import FaultProxy, wait_until
 from tests.worker_process import WorkerProcess
 from worker.client import submit_samples
 
-FINAL = ("done", "failed")
+FINAL = ("done", "failed", "cancelled")
 
 
 def children(pid: int) -> list[int]:
