@@ -212,7 +212,7 @@ def render_overlays(
         draw.text((4, 3), title, fill=(0, 0, 0), font=font)
         draw.text((4, 3 + int(20 * scale)), tally, fill=(0, 0, 0), font=font)
         draw.text((4, 3 + int(40 * scale)), legend, fill=(90, 90, 90), font=small)
-        path = folder / f"{number:03d}_{_safe(name)}.png"
+        path = folder / f"{number:03d}_{_safe(name.rsplit('.', 1)[0] if '.' in name else name)}.png"
         canvas.save(path)
         paths.append(path)
     return paths
