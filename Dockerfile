@@ -31,7 +31,7 @@ RUN pip wheel --no-deps --wheel-dir /wheels .
 
 FROM base AS trainer
 COPY --from=wheel /wheels /wheels
-RUN pip install "$(ls /wheels/allscore-*.whl)" && rm -rf /wheels
+RUN pip install "$(ls /wheels/allscore-*.whl)[trainer]" && rm -rf /wheels
 USER allscore
 ENV ALLSCORE_HOME=/home/allscore/.allscore
 ENTRYPOINT ["allscore"]

@@ -44,12 +44,36 @@ app.command("review")(review_cmd)
 app.add_typer(users_app, name="users")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"allscore {version('allscore')}")
+        except PackageNotFoundError:  # a source tree that was never installed
+            typer.echo("allscore (not installed)")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="log at INFO level")) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log at INFO level"),
+    show_version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print allscore's version and exit"
+    ),
+) -> None:
+    from core.logs import setup_logging
+    from core.settings import get_settings
+
+    try:
+        fmt = get_settings().log_format
+    except ValueError:  # settings that do not load are reported by the command that reads them
+        fmt = "text"
+    level = logging.INFO if verbose else logging.WARNING
+    if fmt == "json":
+        setup_logging(level, "json")
+    else:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def main() -> None:

@@ -31,7 +31,6 @@ from PIL import Image, ImageDraw
 
 from core.errors import AllscoreError
 from core.imaging import decode_field
-from core.segment import CNMC_UM_PER_PX, FoundCell, cut_cell
 from core.settings import Settings, get_settings
 from core.storage import Fetcher
 from db import reviews
@@ -87,6 +86,8 @@ def _field_crop(
     if not inside.any():
         inside[:] = True
     ys, xs = np.nonzero(inside)
+    from core.segment import CNMC_UM_PER_PX, FoundCell, cut_cell  # scipy, scikit-image, OpenCV: only here
+
     found = FoundCell(
         index=0,
         bbox=(x0, y0, x1, y1),
@@ -176,6 +177,8 @@ def export_reviewed(
         )
         writer.writeheader()
         writer.writerows(rows)
+    from core.segment import CNMC_UM_PER_PX
+
     write_data_scale(out, CNMC_UM_PER_PX, "allscore data export-reviewed (field cells cut at the C-NMC scale)")
     return summary
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -14,13 +16,34 @@ from PIL import Image, UnidentifiedImageError
 from core.errors import AllscoreError
 from core.settings import get_settings
 
+log = logging.getLogger(__name__)
+
+_cellkernel: Any
 try:
     from core import _cellkernel
-except ImportError as exc:  # a source tree that was never installed, or a kernel built for another Python
-    raise ImportError(
-        f"allscore's image decode kernel (core/_cellkernel.c) is not built for this Python ({exc}); install the "
-        "package with `pip install -e .` or `make venv`, which compile it (a C compiler is needed)"
-    ) from exc
+except ImportError as exc:  # installed without a C compiler, or a kernel built for another Python: Pillow decodes
+    _cellkernel = None
+    _KERNEL_MISSING = str(exc)
+else:
+    _KERNEL_MISSING = ""
+_kernel_noted = False
+
+
+def decode_kernel_available() -> bool:
+    """Whether the C decode kernel for 24-bit BMPs is built (else Pillow decodes them: the same pixels, slower)."""
+    return _cellkernel is not None
+
+
+def _note_missing_kernel() -> None:
+    global _kernel_noted
+    if not _kernel_noted:
+        _kernel_noted = True
+        log.warning(
+            "allscore's image decode kernel (core/_cellkernel.c) is not built (%s): 24-bit BMPs are decoded with "
+            "Pillow, the same pixels at about 3x the CPU; reinstall with a C compiler (gcc) to build it",
+            _KERNEL_MISSING,
+        )
+
 
 # The C-NMC framing: a 450x450 field around one cell. Larger images are cropped to it, not shrunk.
 NOMINAL_SIDE = 450
@@ -191,7 +214,9 @@ def decode_image(data: bytes, size: int, *, source: str = "<bytes>", max_pixels:
     limit = get_settings().max_image_pixels if max_pixels is None else max_pixels
     bmp = _plain_bmp(data, limit, size)
     if bmp is not None:
-        return _decode_plain_bmp(data, bmp, size)
+        if _cellkernel is not None:
+            return _decode_plain_bmp(data, bmp, size)
+        _note_missing_kernel()
     return _resized(_open_rgb(data, size, source, limit), size, source)
 
 

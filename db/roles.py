@@ -7,6 +7,9 @@
 - ``allscore_reviewer`` (migration 0006): what `allscore review` needs: read the analyst views, sample_reviews and
   models; write only the review tables (cell_verdicts, sample_signoffs, review_users).
 
+- ``allscore_submitter`` (migration 0008): what a lab pipeline's submit, status, report and cancel need: read and
+  create models and jobs, create, reset, fail and cancel samples, delete a resubmitted sample's cells, read the views.
+
 Each role can log in once its password is set from the environment (``ALLSCORE_ANALYST_PASSWORD``,
 ``ALLSCORE_WORKER_DB_PASSWORD``) by ``allscore db upgrade``; setting a new one and upgrading again rotates it.
 """
@@ -24,6 +27,7 @@ ROLE_PASSWORDS = {
     "allscore_analyst": "ALLSCORE_ANALYST_PASSWORD",
     "allscore_worker": "ALLSCORE_WORKER_DB_PASSWORD",
     "allscore_reviewer": "ALLSCORE_REVIEWER_DB_PASSWORD",
+    "allscore_submitter": "ALLSCORE_SUBMITTER_DB_PASSWORD",
 }
 
 # The password travels as a bound parameter (set_config) and is quoted by the server (%L), so no character in it

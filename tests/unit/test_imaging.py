@@ -333,3 +333,22 @@ def test_a_bmp_with_a_short_pixel_array_is_a_decode_error_naming_it(cells: list[
     with pytest.raises(DecodeError, match="truncated or corrupt") as caught:
         decode_image(data[:-1000], SIZE, source="cut.bmp")
     assert caught.value.source == "cut.bmp"
+
+
+def test_without_the_kernel_bmps_decode_with_pillow_to_the_same_pixels_and_say_so_once(
+    cells: list[Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import core.imaging as imaging
+
+    with_kernel = [decode_image(path.read_bytes(), SIZE) for path in cells[:4]]
+    assert imaging.decode_kernel_available()
+    monkeypatch.setattr(imaging, "_cellkernel", None)
+    monkeypatch.setattr(imaging, "_KERNEL_MISSING", "no compiler")
+    monkeypatch.setattr(imaging, "_kernel_noted", False)
+    with caplog.at_level("WARNING", logger="core.imaging"):
+        without = [decode_image(path.read_bytes(), SIZE) for path in cells[:4]]
+    assert not imaging.decode_kernel_available()
+    for a, b in zip(with_kernel, without, strict=True):
+        np.testing.assert_array_equal(a, b)
+    notes = [r.getMessage() for r in caplog.records if "decode kernel" in r.getMessage()]
+    assert len(notes) == 1 and "no compiler" in notes[0] and "Pillow" in notes[0]

@@ -1,0 +1,93 @@
+"""allscore_submitter (migration 0008) on PostgreSQL: a lab pipeline's whole job, and nothing else."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import ProgrammingError
+
+from db import repository as repo
+from db.engine import make_engine, parse_url, session_factory, transaction
+from db.migrate import upgrade
+from tests.integration.test_db import INSUFFICIENT_PRIVILEGE
+from tests.unit.test_db_sqlite import cells_of, make_cells, score
+
+pytestmark = pytest.mark.integration
+
+
+def test_submitter_role_submits_reads_cancels_and_nothing_else(
+    pg_empty_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    password = f"submitter-{uuid.uuid4().hex}"
+    monkeypatch.setenv("ALLSCORE_SUBMITTER_DB_PASSWORD", password)
+    upgrade(pg_empty_url)
+    owner = make_engine(pg_empty_url)
+    with owner.connect() as conn:
+        assert conn.execute(text("SELECT rolcanlogin FROM pg_roles WHERE rolname = 'allscore_submitter'")).scalar()
+    submitter = make_engine(
+        parse_url(pg_empty_url).set(username="allscore_submitter", password=password).render_as_string(False)
+    )
+    sessions = session_factory(submitter)
+    try:
+        # What submit_samples does: register the model, the job and its queued samples, in one transaction.
+        def submit(job: str, samples: list[str]) -> dict[str, int]:
+            with transaction(sessions) as s:
+                repo.ensure_model(
+                    session=s,
+                    name="cnn",
+                    version="1",
+                    uri="s3://m/cnn/1",
+                    sha256="a" * 64,
+                    sensitivity=0.9,
+                    specificity=0.8,
+                    threshold=0.5,
+                )
+                repo.create_job(session=s, job_id=job, n_samples=len(samples), retry_of=[(x, "cnn:1") for x in samples])
+                return {
+                    x: repo.enqueue_sample(session=s, job_id=job, sample_id=x, model_version="cnn:1").submission
+                    for x in samples
+                }
+
+        submitted = submit("job-s", ["S1", "S2", "S3"])
+        score(session_factory(owner), "S1", "cnn:1", make_cells("s3://lab/S1", [0.9, 0.2]))
+        # The broker refused part of a submission: the samples not queued are failed, as the submitter.
+        with transaction(sessions) as s:
+            repo.mark_failed(
+                session=s,
+                sample_id="S3",
+                model_version="cnn:1",
+                error="could not be queued",
+                delivery=repo.Delivery("job-s", submitted["S3"]),
+            )
+        # status and report read the views; cancel ends what is left.
+        with sessions() as s:
+            rows = {r["sample_id"]: r["status"] for r in repo.get_sample_results(session=s, job_id="job-s")}
+            assert rows == {"S1": "done", "S2": "queued", "S3": "failed"}
+            assert len(repo.get_cell_results(session=s, sample_id="S1")) == 2
+            s.execute(text("SELECT count(*) FROM sample_reviews")).scalar()
+        with transaction(sessions) as s:
+            assert [c.sample_id for c in repo.cancel_samples(session=s, job_id="job-s")] == ["S2"]
+        # Resubmitting a scored sample (the same job id retries it) clears its cells.
+        submit("job-s", ["S1", "S2", "S3"])
+        assert cells_of(session_factory(owner), "S1", "cnn:1") == []
+        forbidden = [
+            "INSERT INTO cells (sample_pk, image_uri, scored_at) VALUES (1, 'x', now())",
+            "UPDATE cells SET p_all = 1",
+            "DELETE FROM jobs",
+            "DELETE FROM samples",
+            "UPDATE models SET threshold = 0",
+            "SELECT * FROM review_users",
+            "INSERT INTO sample_signoffs (sample_id, model_version, reviewer, comment, signed_at) "
+            "VALUES ('S1', 'cnn:1', 'x', '', now())",
+            "DROP TABLE cells",
+            "CREATE TABLE submitter_scratch (x int)",
+        ]
+        for statement in forbidden:
+            with pytest.raises(ProgrammingError) as caught, submitter.begin() as conn:
+                conn.execute(text(statement))
+            assert getattr(caught.value.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE, statement
+    finally:
+        submitter.dispose()
+        owner.dispose()
