@@ -77,6 +77,14 @@ class Settings(BaseSettings):
     # /healthz fails once the consumer's last beat (every 5 s from inside Celery's event loop) is older than this.
     health_max_age: float = Field(default=30.0, gt=0, description="seconds without a consumer beat before unhealthy")
 
+    # Completion callbacks (submit --notify URL): the only hosts a worker POSTs to (host or host:port; empty: none),
+    # the shared secret that signs each POST, and how hard it tries.
+    notify_hosts: list[str] = Field(default_factory=list, description="hosts callbacks may go to")
+    notify_secret: str = Field(default="", description="HMAC-SHA256 key that signs each callback")
+    notify_attempts: int = Field(default=5, ge=1, le=20, description="tries per callback")
+    notify_timeout: float = Field(default=10.0, gt=0, description="seconds per try")
+    notify_backoff: float = Field(default=1.0, ge=0, description="seconds before the 2nd try; doubles each time")
+
     # PostgreSQL: a hung database is a transient fault, not a hung task.
     db_connect_timeout: int = Field(default=10, ge=1, description="seconds to wait for a connection")
     db_statement_timeout_ms: int = Field(default=120_000, ge=0, description="0 = none")

@@ -72,6 +72,11 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(JOB_ID_MAX_LENGTH), primary_key=True)
     submitted_at: Mapped[datetime] = mapped_column(UtcDateTime)
     n_samples: Mapped[int] = mapped_column(Integer)
+    # Completion callback (migration 0009): POST the job's summary here once every sample has ended.
+    notify_url: Mapped[str | None] = mapped_column(Text)
+    # When a worker claimed the notification (at most one per job), and what came of it.
+    notified_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    notify_status: Mapped[str | None] = mapped_column(Text)
 
 
 class Sample(Base):

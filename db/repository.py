@@ -155,7 +155,12 @@ def ensure_model(
 
 
 def create_job(
-    *, session: Session, job_id: str, n_samples: int, retry_of: Sequence[tuple[str, str]] | None = None
+    *,
+    session: Session,
+    job_id: str,
+    n_samples: int,
+    retry_of: Sequence[tuple[str, str]] | None = None,
+    notify_url: str | None = None,
 ) -> None:
     """Create job `job_id` for `n_samples` samples; raise JobExistsError if the id is taken.
 
@@ -167,7 +172,7 @@ def create_job(
         raise ValueError(f"job {job_id!r}: n_samples must be non-negative, got {n_samples}")
     stmt = (
         _insert(session, Job)
-        .values(id=job_id, submitted_at=utcnow(), n_samples=n_samples)
+        .values(id=job_id, submitted_at=utcnow(), n_samples=n_samples, notify_url=notify_url)
         .on_conflict_do_nothing(index_elements=["id"])
         .returning(Job.id)
     )
@@ -176,6 +181,13 @@ def create_job(
     if retry_of is not None:
         existing = session.execute(select(Sample.sample_id, Sample.model_version).where(Sample.job_id == job_id))
         if {(row.sample_id, row.model_version) for row in existing} == set(retry_of):
+            # A retry is a new chance to be told when it ends.
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(notify_url=notify_url, notified_at=None, notify_status=None)
+                .execution_options(**_NO_SYNC)
+            )
             return
     raise JobExistsError(
         f"job {job_id!r} exists already with other samples; submit under a new job id (or let one be made); "
@@ -502,3 +514,71 @@ def get_cell_results(*, session: Session, sample_id: str, model_version: str | N
         stmt = stmt.where(cell_results.c.model_version == model_version)
     stmt = stmt.order_by(cell_results.c.model_version, cell_results.c.image_uri)
     return [dict(row._mapping) for row in session.execute(stmt)]
+
+
+# -- completion callbacks (migration 0009) ---------------------------------------------------------------------
+
+
+def claim_notification(*, session: Session, job_id: str) -> str | None:
+    """The job's callback URL if this caller is the one to send it: the job asked for one, every one of its samples
+    has ended, and nobody claimed it before (the claim is one conditional UPDATE: two workers ending the last two
+    samples at once cannot both win). None otherwise."""
+    from sqlalchemy import exists
+
+    unfinished = exists().where(Sample.job_id == job_id, Sample.status.in_([SampleStatus.QUEUED, SampleStatus.RUNNING]))
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.notify_url.is_not(None), Job.notified_at.is_(None), ~unfinished)
+        .values(notified_at=utcnow(), notify_status="sending")
+        .returning(Job.notify_url)
+        .execution_options(**_NO_SYNC)
+    )
+    url = session.execute(stmt).scalar_one_or_none()
+    return None if url is None else str(url)
+
+
+def record_notification(*, session: Session, job_id: str, status: str) -> None:
+    """What came of the job's callback (delivered, or why not)."""
+    session.execute(
+        update(Job).where(Job.id == job_id).values(notify_status=status[:2000]).execution_options(**_NO_SYNC)
+    )
+
+
+def jobs_to_notify(*, session: Session) -> list[str]:
+    """Jobs that asked for a callback, not yet claimed, whose samples have all ended (the sweeper sends these:
+    samples ended by `allscore cancel` or by the sweeper itself)."""
+    from sqlalchemy import exists
+
+    unfinished = exists().where(Sample.job_id == Job.id, Sample.status.in_([SampleStatus.QUEUED, SampleStatus.RUNNING]))
+    stmt = select(Job.id).where(Job.notify_url.is_not(None), Job.notified_at.is_(None), ~unfinished)
+    return [str(job_id) for job_id in session.execute(stmt).scalars()]
+
+
+def job_summary(*, session: Session, job_id: str) -> list[dict[str, Any]]:
+    """The job's samples as a callback reports them (read from samples: the worker's role has no views)."""
+    stmt = (
+        select(
+            Sample.sample_id,
+            Sample.model_version,
+            Sample.status,
+            Sample.n_cells,
+            Sample.n_all,
+            Sample.n_failed,
+            Sample.all_fraction,
+            Sample.ci_low,
+            Sample.ci_high,
+            Sample.corrected_fraction,
+            Sample.flags,
+            Sample.error,
+            Sample.finished_at,
+        )
+        .where(Sample.job_id == job_id)
+        .order_by(Sample.sample_id, Sample.model_version)
+    )
+    rows = []
+    for row in session.execute(stmt):
+        item = dict(row._mapping)
+        item["status"] = str(getattr(item["status"], "value", item["status"]))
+        item["finished_at"] = item["finished_at"].isoformat() if item["finished_at"] is not None else None
+        rows.append(item)
+    return rows

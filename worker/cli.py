@@ -136,6 +136,10 @@ def submit_cmd(
     um_per_px: Annotated[
         float | None, typer.Option(help="fields' scale in um per pixel; default: estimated from the red cells")
     ] = None,
+    notify: Annotated[
+        str | None,
+        typer.Option(help="POST the job's summary here, signed, once every sample has ended (ALLSCORE_NOTIFY_HOSTS)"),
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="show progress until done; exit 1 if any failed")] = False,
     timeout: Annotated[float, typer.Option(help="seconds --wait waits at most")] = 3600.0,
 ) -> None:
@@ -152,7 +156,9 @@ def submit_cmd(
         if not sample_id or not uris:
             raise SubmitError("give SAMPLE_ID and at least one URI (or --manifest CSV)")
         samples = {sample_id: uris}
-    job_id = submit_samples(samples, model_ref=model, job_id=job, store=store, kind=kinds, um_per_px=um_per_px)
+    job_id = submit_samples(
+        samples, model_ref=model, job_id=job, store=store, kind=kinds, um_per_px=um_per_px, notify=notify
+    )
     err.print(f"queued {len(samples)} sample(s) as job {job_id}")
     typer.echo(job_id)
     if wait:

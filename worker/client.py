@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from core.artifact import Registry
 from core.contract import DEFAULT_STORE, InvalidIdentifier, Kind, ScoreMessage, check_identifier
@@ -129,9 +130,13 @@ def submit_samples(
     store: str | None = None,
     kind: Kind | Mapping[str, Kind] = "cells",
     um_per_px: float | None = None,
+    notify: str | None = None,
     settings: Settings | None = None,
 ) -> str:
     """Queue several samples (sample_id -> URIs) as one job; return the job id.
+
+    `notify`: a URL the workers POST the job's summary to, signed, once every sample has ended (worker.notify);
+    its host must be one the operator allows (ALLSCORE_NOTIFY_HOSTS, checked here when set, and by the worker).
 
     All or nothing is recorded: every check runs, then the job and its samples are written in one transaction,
     then the messages are sent. If the broker fails part way, the samples not sent are marked failed and
@@ -152,6 +157,13 @@ def submit_samples(
             check_identifier(sample_id, "sample id")
     except InvalidIdentifier as exc:
         raise SubmitError(str(exc)) from exc
+    if notify is not None:
+        from worker.notify import NotifyRefused, check_url
+
+        try:
+            check_url(notify, settings.notify_hosts or [urlsplit(notify).hostname or ""])
+        except NotifyRefused as exc:
+            raise SubmitError(str(exc)) from exc
     if um_per_px is not None and not 0 < um_per_px <= 100:
         raise SubmitError(f"um per pixel {um_per_px} must be above 0 and at most 100 (a typical field: 0.05-0.5)")
     kinds = {sample_id: kind if isinstance(kind, str) else kind.get(sample_id, "cells") for sample_id in samples}
@@ -186,6 +198,7 @@ def submit_samples(
             job_id=job_id,
             n_samples=len(expanded),
             retry_of=[(sample_id, version) for sample_id in expanded],
+            notify_url=notify,
         )
         messages = [
             ScoreMessage(
@@ -237,6 +250,7 @@ def submit_sample(
     store: str | None = None,
     kind: Kind = "cells",
     um_per_px: float | None = None,
+    notify: str | None = None,
     settings: Settings | None = None,
 ) -> str:
     """Queue one sample (its image URIs) for scoring; return the job id."""
@@ -247,6 +261,7 @@ def submit_sample(
         store=store,
         kind=kind,
         um_per_px=um_per_px,
+        notify=notify,
         settings=settings,
     )
 

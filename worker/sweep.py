@@ -44,6 +44,7 @@ class SweepReport:
     stuck_running: list[str] = field(default_factory=list)
     lost_queued: list[str] = field(default_factory=list)
     broker_checked: bool = False
+    notified: list[str] = field(default_factory=list)  # jobs whose callbacks this sweep sent
 
     def describe(self) -> str:
         parts = [f"{len(self.stuck_running)} running past the hard time limit"]
@@ -150,6 +151,15 @@ def sweep(settings: Settings, *, now: datetime | None = None, dry_run: bool = Fa
             except StaleDelivery:
                 continue  # it moved on (started, ended or resubmitted) while we looked: not stuck
             log.warning("swept sample %s (%s): %s", row.sample_id, row.model_version, reason)
+        if not dry_run:
+            # Jobs whose last samples were cancelled or swept: nobody else will send their callbacks.
+            from worker.notify import notify_job
+
+            with sessions() as session:
+                due = repository.jobs_to_notify(session=session)
+            for job_id in due:
+                if notify_job(job_id, sessions, settings) is not None:
+                    report.notified.append(job_id)
     finally:
         engine.dispose()
     return report

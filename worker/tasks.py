@@ -95,6 +95,16 @@ def run_scoring(task: Task, message: ScoreMessage) -> None:
         _run_scoring(task, message)
 
 
+def _job_may_have_ended(ctx: Any, message: ScoreMessage) -> None:
+    """If this sample was the job's last and the job asked for a callback, send it (in a background thread)."""
+    from worker.notify import notify_in_background
+
+    try:
+        notify_in_background(message.job_id, ctx.sessions, ctx.settings)
+    except Exception:  # a callback never fails a sample
+        log.exception("job %s: could not start its callback", message.job_id)
+
+
 # A running sample asks the database at most this often (before a batch) whether it was cancelled.
 CANCEL_CHECK_SECONDS = 1.0
 
@@ -132,6 +142,7 @@ def _run_scoring(task: Task, message: ScoreMessage) -> None:
     def fail(reason: str) -> None:
         if _mark_failed(message.sample_id, message.model_version, delivery, reason):
             metrics.SAMPLES.labels("failed").inc()
+            _job_may_have_ended(ctx, message)
             return
         # Acking now would leave the sample `running` with nothing left on the queue to finish it: keep the
         # message, past task_max_retries, until the database is back to take the result or the failure.
@@ -160,6 +171,7 @@ def _run_scoring(task: Task, message: ScoreMessage) -> None:
     except SampleCancelled as exc:
         metrics.SAMPLES.labels("cancelled").inc()
         log.warning("sample %s: cancelled, stopped; nothing written: %s", message.sample_id, exc)
+        _job_may_have_ended(ctx, message)
     except StaleDelivery as exc:
         metrics.SAMPLES.labels("stale").inc()
         log.warning("sample %s: stale delivery, nothing written: %s", message.sample_id, exc)
@@ -180,6 +192,7 @@ def _run_scoring(task: Task, message: ScoreMessage) -> None:
         log.exception("sample %s: unexpected error", message.sample_id)
         fail(f"unexpected error ({type(exc).__name__}): {exc}")
     else:
+        _job_may_have_ended(ctx, message)
         metrics.SAMPLES.labels("done").inc()
         metrics.CELLS_SCORED.inc(summary.n_cells - summary.n_failed)
         metrics.CELLS_FAILED.inc(summary.n_failed)

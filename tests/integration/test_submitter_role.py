@@ -91,3 +91,32 @@ def test_submitter_role_submits_reads_cancels_and_nothing_else(
     finally:
         submitter.dispose()
         owner.dispose()
+
+
+def test_worker_role_claims_and_records_callbacks_and_reads_nothing_else_of_jobs(pg_empty_url: str) -> None:
+    upgrade(pg_empty_url)
+    owner = make_engine(pg_empty_url)
+    worker = make_engine(parse_url(pg_empty_url).set(username="allscore_worker").render_as_string(False))
+    try:
+        with transaction(session_factory(owner)) as s:
+            repo.create_job(session=s, job_id="job-n", n_samples=1, notify_url="http://127.0.0.1:9/x")
+            repo.enqueue_sample(session=s, job_id="job-n", sample_id="N1", model_version="cnn:1")
+        sessions = session_factory(worker)
+        with transaction(sessions) as s:
+            assert repo.claim_notification(session=s, job_id="job-n") is None  # N1 has not ended
+        score(session_factory(owner), "N1", "cnn:1", make_cells("s3://lab/N1", [0.9]))
+        with sessions() as s:
+            assert repo.jobs_to_notify(session=s) == ["job-n"]
+            assert [x["status"] for x in repo.job_summary(session=s, job_id="job-n")] == ["done"]
+        with transaction(sessions) as s:
+            assert repo.claim_notification(session=s, job_id="job-n") == "http://127.0.0.1:9/x"
+            repo.record_notification(session=s, job_id="job-n", status="delivered: HTTP 204 after 1 tries")
+        with transaction(sessions) as s:
+            assert repo.claim_notification(session=s, job_id="job-n") is None  # once
+        for statement in ("SELECT * FROM jobs", "UPDATE jobs SET notify_url = 'http://evil/'", "DELETE FROM jobs"):
+            with pytest.raises(ProgrammingError) as caught, worker.begin() as conn:
+                conn.execute(text(statement))
+            assert getattr(caught.value.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE, statement
+    finally:
+        worker.dispose()
+        owner.dispose()
