@@ -15,7 +15,8 @@ from allscore.export_reviewed import export_reviewed_cmd
 from allscore.review.cli import review_cmd, users_app
 from allscore.segment_cli import segment_cmd
 from allscore.store_cli import store_app
-from core.errors import AllscoreError
+from core.errors import EXIT_REFUSED, EXIT_UNAVAILABLE, AllscoreError
+from core.settings import redact
 from trainer.cli import data_app, evaluate_cmd, models_app, train_cmd
 from worker.cli import cancel_cmd, report_cmd, status_cmd, submit_cmd, sweep_cmd, worker_cmd
 
@@ -76,14 +77,35 @@ def _root(
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+# Exceptions of the database, broker and network clients that mean "could not reach the service", by class name
+# along their MRO (sqlalchemy.exc.OperationalError, kombu's and redis's connection errors, OSError's own).
+_UNREACHABLE = {"OperationalError", "ConnectionError", "TimeoutError", "ConnectionRefusedError"}
+
+
+def _unreachable(exc: BaseException) -> bool:
+    return any(cls.__name__ in _UNREACHABLE for cls in type(exc).__mro__)
+
+
 def main() -> None:
-    """Entry point: run the app; errors a user can meet print one clear line and exit 2."""
+    """Entry point: run the app; errors a user can meet print one clear line and exit with their status:
+    2 usage (Click's), 3 refused, 4 not found, 5 a service unreachable (README, "Exit codes")."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    console = Console(stderr=True)
     try:
         app()
     except AllscoreError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
-        sys.exit(2)
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(getattr(exc, "exit_code", EXIT_REFUSED))
+    except Exception as exc:
+        if not _unreachable(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        console.print(
+            f"[bold red]error:[/] a service could not be reached ({type(exc).__name__}: {redact(first)}); check "
+            "ALLSCORE_DATABASE_URL, ALLSCORE_BROKER_URL and ALLSCORE_S3_ENDPOINT_URL, and that the servers are up",
+            highlight=False,
+        )
+        sys.exit(EXIT_UNAVAILABLE)
 
 
 @app.command("demo")

@@ -60,6 +60,8 @@ class BucketNotFound(StoreDenied):
 class StorageUnavailable(StorageError):
     """The store could not be reached or answered with a transient failure; retrying may succeed."""
 
+    exit_code = 5
+
 
 class InvalidURI(StorageError, ValueError):
     """The URI is malformed or uses a scheme no store handles."""

@@ -24,9 +24,13 @@ class JobExistsError(DatabaseError):
 class JobNotFoundError(DatabaseError, LookupError):
     """No job with this id."""
 
+    exit_code = 4
+
 
 class SampleNotFoundError(DatabaseError, LookupError):
     """No sample row for this (sample_id, model_version)."""
+
+    exit_code = 4
 
 
 class StaleDelivery(DatabaseError):

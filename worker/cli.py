@@ -15,13 +15,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from core.console import stderr_console, stdout_console
+from core.errors import EXIT_NOT_FOUND
 from core.settings import get_settings, reset_settings_cache
 
 err = stderr_console()
 out = stdout_console()
 FINAL = ("done", "failed", "cancelled")  # a sample in one of these has ended
-# Exit codes (README, "Exit codes"): 1 a sample failed or was cancelled (submit --wait); 3 nothing found.
-NOT_FOUND = 3
+# Exit codes (README, "Exit codes"): 1 a sample failed or was cancelled (submit --wait); 4 nothing found.
+NOT_FOUND = EXIT_NOT_FOUND
 
 
 def worker_cmd(
@@ -144,17 +145,17 @@ def submit_cmd(
     timeout: Annotated[float, typer.Option(help="seconds --wait waits at most")] = 3600.0,
 ) -> None:
     """Queue samples for scoring; prints the job id."""
-    from worker.client import SubmitError, submit_samples
+    from worker.client import submit_samples
 
     default_kind = "fields" if fields else "cells"
     kinds: Any = default_kind
     if manifest is not None:
         if sample_id or uris:
-            raise SubmitError("give either SAMPLE_ID URI... or --manifest CSV, not both")
+            raise typer.BadParameter("give either SAMPLE_ID URI... or --manifest CSV, not both")
         samples, kinds = _read_manifest_csv(manifest, default_kind)
     else:
         if not sample_id or not uris:
-            raise SubmitError("give SAMPLE_ID and at least one URI (or --manifest CSV)")
+            raise typer.BadParameter("give SAMPLE_ID and at least one URI (or --manifest CSV)")
         samples = {sample_id: uris}
     job_id = submit_samples(
         samples, model_ref=model, job_id=job, store=store, kind=kinds, um_per_px=um_per_px, notify=notify
@@ -245,10 +246,8 @@ def status_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="the sample_results rows as a JSON list")] = False,
 ) -> None:
     """Status of a sample or a job (queued, running, done, failed, cancelled)."""
-    from worker.client import SubmitError
-
     if not sample_id and not job:
-        raise SubmitError("give a SAMPLE_ID or --job JOB")
+        raise typer.BadParameter("give a SAMPLE_ID or --job JOB")
     rows = _results([sample_id] if sample_id else None, job)
     if not rows:
         err.print(f"no such {'sample' if sample_id else 'job'}: {sample_id or job}")
@@ -266,10 +265,10 @@ def cancel_cmd(
     job: Annotated[str | None, typer.Option(help="cancel every sample of this job still queued or running")] = None,
 ) -> None:
     """Cancel samples: a queued one is never run, a running one stops at its next batch; neither writes a result."""
-    from worker.client import SubmitError, cancel
+    from worker.client import cancel
 
     if not sample_ids and not job:
-        raise SubmitError("give SAMPLE_ID... or --job JOB")
+        raise typer.BadParameter("give SAMPLE_ID... or --job JOB")
     cancelled = cancel(sample_ids, job_id=job)
     for item in cancelled:
         typer.echo(f"{item.sample_id}\t{item.model_version}\twas {item.was}")

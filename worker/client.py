@@ -29,6 +29,12 @@ class SubmitError(AllscoreError):
     """A submission that cannot be queued; nothing of it was queued."""
 
 
+class BrokerUnavailable(SubmitError):
+    """The broker did not take (all of) the job's messages; the samples not queued were failed."""
+
+    exit_code = 5
+
+
 # A sample in one of these has ended and will not change again (until it is resubmitted).
 ENDED = ("done", "failed", "cancelled")
 
@@ -233,7 +239,7 @@ def submit_samples(
                         error=f"could not be queued: {exc}",
                         delivery=repository.Delivery(job_id, message.submission),
                     )
-        raise SubmitError(
+        raise BrokerUnavailable(
             f"the broker at {redact(settings.broker_url)} did not take the job ({redact(str(exc))}); {len(sent)} of "
             f"{len(expanded)} samples were queued; check ALLSCORE_BROKER_URL and resubmit"
         ) from exc

@@ -68,7 +68,7 @@ def test_user_path_on_the_embedded_database_with_redis(tmp_path: Path, synth_dat
     worker = WorkerProcess(env, tmp_path / "worker.log", concurrency=2).start()
     try:
         job = run("submit", "slide-1", str(slide), "--model", "allscore@staging", "--wait", env=env, check=False)
-        assert job.returncode == 2  # no such alias: a clear error, nothing queued
+        assert job.returncode == 3  # no such alias: a clear error, nothing queued
         assert "no alias allscore@staging" in job.stderr and "Traceback" not in job.stderr
 
         manifest = tmp_path / "run.csv"
@@ -86,7 +86,7 @@ def test_user_path_on_the_embedded_database_with_redis(tmp_path: Path, synth_dat
         )
         run("submit", "slide-2", str(slide), "--model", "elsewhere:v9", "--store", "other", "--wait", env=env)
         unlisted = run("submit", "slide-3", str(slide), "--store", str(tmp_path), env=env, check=False)
-        assert unlisted.returncode == 2 and "not one the workers know" in " ".join(unlisted.stderr.split())
+        assert unlisted.returncode == 3 and "not one the workers know" in " ".join(unlisted.stderr.split())
     finally:
         worker.stop()
 

@@ -95,8 +95,8 @@ def test_a_queued_sample_is_never_run_and_a_running_one_stops(stack: Stack) -> N
 
     # Nothing left to cancel, or nothing by that name: exit 3, and the reason.
     run = allscore("cancel", "--job", job2)
-    assert run.returncode == 3 and "nothing to cancel" in run.stderr
+    assert run.returncode == 4 and "nothing to cancel" in run.stderr
     run = allscore("cancel", "no-such-sample")
-    assert run.returncode == 3 and "no such sample" in run.stderr
+    assert run.returncode == 4 and "no such sample" in run.stderr
     run = allscore("status", "no-such-sample", "--json")
-    assert run.returncode == 3
+    assert run.returncode == 4

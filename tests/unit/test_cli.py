@@ -61,5 +61,5 @@ def test_models_list_promote_and_a_clear_error(trained: tuple[Path, str]) -> Non
     listing = allscore("models", "list", home=home).stdout
     assert ref in listing and "production" in listing
     bad = allscore("models", "show", "cli:nope", home=home, check=False)
-    assert bad.returncode == 2
+    assert bad.returncode == 3  # refused (README, "Exit codes")
     assert "no model manifest" in bad.stderr and "Traceback" not in bad.stderr

@@ -130,12 +130,12 @@ def test_export_since_and_into_a_used_folder(tmp_path: Path, synth_data: Path) -
 
     later = export(str(tmp_path / "later"), "--since", tomorrow)
     # (rich wraps stderr: compare with its line breaks folded)
-    assert later.returncode == 2 and "no reviewed ALL or normal cells to export since" in " ".join(later.stderr.split())
+    assert later.returncode == 3 and "no reviewed ALL or normal cells to export since" in " ".join(later.stderr.split())
     used = tmp_path / "used"
     used.mkdir()
     (used / "something").write_text("x")
     refused = export(str(used))
-    assert refused.returncode == 2 and "is not empty" in " ".join(refused.stderr.split())
+    assert refused.returncode == 3 and "is not empty" in " ".join(refused.stderr.split())
 
 
 def test_a_field_cell_is_exported_as_the_worker_cut_it_for_its_model(tmp_path: Path) -> None:
