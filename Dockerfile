@@ -1,4 +1,5 @@
 # syntax=docker/dockerfile:1
+# Every image installs the versions pinned in constraints.txt (make constraints), so a rebuild gives the same ones.
 # One Dockerfile, four images: `trainer` (TensorFlow, no broker or database clients), `worker` (adds
 # Celery, Redis, SQLAlchemy, psycopg, Alembic), `review` (adds the web app) and `flower` (adds Flower).
 # Each runs as a non-root user.
@@ -21,17 +22,17 @@ RUN apt-get update \
  && apt-get install --yes --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY allscore ./allscore
 COPY core ./core
 COPY trainer ./trainer
 COPY worker ./worker
 COPY db ./db
-RUN pip wheel --no-deps --wheel-dir /wheels .
+RUN pip wheel --no-deps --wheel-dir /wheels . && cp constraints.txt /wheels/
 
 FROM base AS trainer
 COPY --from=wheel /wheels /wheels
-RUN pip install "$(ls /wheels/allscore-*.whl)[trainer]" && rm -rf /wheels
+RUN pip install --constraint /wheels/constraints.txt "$(ls /wheels/allscore-*.whl)[trainer]" && rm -rf /wheels
 USER allscore
 ENV ALLSCORE_HOME=/home/allscore/.allscore
 ENTRYPOINT ["allscore"]
@@ -39,7 +40,7 @@ CMD ["--help"]
 
 FROM base AS worker
 COPY --from=wheel /wheels /wheels
-RUN pip install "$(ls /wheels/allscore-*.whl)[worker]" && rm -rf /wheels
+RUN pip install --constraint /wheels/constraints.txt "$(ls /wheels/allscore-*.whl)[worker]" && rm -rf /wheels
 USER allscore
 ENV ALLSCORE_HOME=/home/allscore/.allscore \
     ALLSCORE_METRICS_PORT=9540
@@ -52,7 +53,7 @@ CMD ["worker"]
 
 FROM base AS review
 COPY --from=wheel /wheels /wheels
-RUN pip install "$(ls /wheels/allscore-*.whl)[review]" && rm -rf /wheels
+RUN pip install --constraint /wheels/constraints.txt "$(ls /wheels/allscore-*.whl)[review]" && rm -rf /wheels
 USER allscore
 ENV ALLSCORE_HOME=/home/allscore/.allscore
 EXPOSE 8080
@@ -61,7 +62,7 @@ CMD ["review", "--host", "0.0.0.0", "--port", "8080"]
 
 FROM base AS flower
 COPY --from=wheel /wheels /wheels
-RUN pip install "$(ls /wheels/allscore-*.whl)[worker,monitor]" && rm -rf /wheels
+RUN pip install --constraint /wheels/constraints.txt "$(ls /wheels/allscore-*.whl)[worker,monitor]" && rm -rf /wheels
 USER allscore
 ENTRYPOINT ["celery", "--app", "worker.celery_app"]
 CMD ["flower", "--port=5555"]

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv test lint unit demo bench clean
+.PHONY: venv test lint unit demo bench clean constraints
 
 # The venv is (re)built whenever pyproject.toml or the C decode kernel changes (an editable install compiles
 # core/_cellkernel.c into core/ itself).
@@ -35,6 +35,12 @@ demo: venv
 
 bench: venv
 	$(PY) -m bench.run
+
+# The versions the Docker images install (constraints.txt), from this venv: run after changing dependencies.
+constraints: venv
+	@{ echo "# The exact versions the Docker images install (pip's --constraint): a rebuild gets the same ones."; \
+	   echo "# Made from a venv with allscore[dev] installed: make constraints (Python 3.11, Linux x86_64)."; \
+	   $(PY) -m pip freeze --exclude-editable | grep -v '^-e\|@ file'; } > constraints.txt
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

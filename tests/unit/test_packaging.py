@@ -1,0 +1,58 @@
+"""The images install pinned versions (constraints.txt); the extras keep TensorFlow out of the client."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from tests.helpers import REPO_ROOT
+
+IMAGE_EXTRAS = ("client", "trainer", "worker", "review", "monitor")
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in (REPO_ROOT / "constraints.txt").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, _, version = line.partition("==")
+        assert version and re.fullmatch(r"[0-9A-Za-z.+!-]+", version), f"not an exact pin: {line!r}"
+        pins[canonicalize_name(name)] = version
+    return pins
+
+
+def _requirements(project: dict[str, object], extra: str | None) -> list[Requirement]:
+    table = project["dependencies"] if extra is None else project["optional-dependencies"][extra]  # type: ignore[index]
+    return [Requirement(text) for text in table]  # type: ignore[union-attr]
+
+
+def test_every_dependency_the_images_install_is_pinned() -> None:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    pins = _pins()
+    for extra in (None, *IMAGE_EXTRAS):
+        for requirement in _requirements(project, extra):
+            name = canonicalize_name(requirement.name)
+            if name == "allscore":
+                continue  # another extra of this package
+            assert name in pins, f"{requirement.name} ({extra or 'base'}) is not in constraints.txt: make constraints"
+            assert requirement.specifier.contains(pins[name], prereleases=True), (requirement, pins[name])
+
+
+def test_the_client_extra_brings_no_model_libraries() -> None:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    names = {canonicalize_name(r.name) for extra in (None, "client") for r in _requirements(project, extra)}
+    assert not names & {"tensorflow", "tensorflow-cpu", "keras", "scipy", "scikit-image", "opencv-python-headless"}
+    trainer = {canonicalize_name(r.name) for r in _requirements(project, "trainer")}
+    assert {"tensorflow", "keras"} <= trainer
+    assert any(r.name == "allscore" and {"client", "trainer"} <= r.extras for r in _requirements(project, "worker"))
+
+
+def test_every_image_installs_with_the_constraints() -> None:
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    installs = [line for line in dockerfile.splitlines() if "pip install" in line]
+    assert len(installs) == 4
+    assert all("--constraint /wheels/constraints.txt" in line for line in installs), installs
+    assert "constraints.txt" in next(line for line in dockerfile.splitlines() if line.startswith("COPY pyproject"))
