@@ -99,7 +99,7 @@ def test_compose_file_is_valid_and_scalable(rendered: dict[str, Any]) -> None:
     for name in ("createbucket", "migrate", "sweeper"):
         assert services[name]["healthcheck"]["test"] == ["NONE"], name
     assert services["prometheus"]["profiles"] == ["monitoring"]  # only with --profile monitoring
-    # The migration sets the lab pipelines' role's password (optional: unset, allscore_submitter cannot log in).
+    # The migration sets the lab pipelines' role's password.
     assert services["migrate"]["environment"]["ALLSCORE_SUBMITTER_DB_PASSWORD"] == "change-me-submitter"
     redis_cmd = (
         " ".join(services["redis"]["command"])
