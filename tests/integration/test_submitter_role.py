@@ -113,6 +113,19 @@ def test_worker_role_claims_and_records_callbacks_and_reads_nothing_else_of_jobs
             repo.record_notification(session=s, job_id="job-n", status="delivered: HTTP 204 after 1 tries")
         with transaction(sessions) as s:
             assert repo.claim_notification(session=s, job_id="job-n") is None  # once
+        # A claim left `sending` by a process that died is taken again once it is stale, and only then.
+        with transaction(session_factory(owner)) as s:
+            repo.create_job(session=s, job_id="job-d", n_samples=0, notify_url="http://127.0.0.1:9/d")
+        with transaction(sessions) as s:
+            assert repo.claim_notification(session=s, job_id="job-d") == "http://127.0.0.1:9/d"
+        with transaction(sessions) as s:
+            assert repo.claim_notification(session=s, job_id="job-d") is None
+        with owner.begin() as conn:
+            conn.execute(text("UPDATE jobs SET notified_at = notified_at - interval '20 minutes' WHERE id = 'job-d'"))
+        with sessions() as s:
+            assert repo.jobs_to_notify(session=s) == ["job-d"]
+        with transaction(sessions) as s:
+            assert repo.claim_notification(session=s, job_id="job-d") == "http://127.0.0.1:9/d"
         for statement in ("SELECT * FROM jobs", "UPDATE jobs SET notify_url = 'http://evil/'", "DELETE FROM jobs"):
             with pytest.raises(ProgrammingError) as caught, worker.begin() as conn:
                 conn.execute(text(statement))
