@@ -446,5 +446,11 @@ def test_monitoring_profile_runs_prometheus_that_scrapes_the_workers(tmp_path: P
             time.sleep(0.5)  # recording rules evaluate every 15 s
         statuses = {r["metric"]["status"]: float(r["value"][1]) for r in query("allscore:samples_by_status:max")}
         assert statuses["done"] == 1.0
+        # Every query of the Grafana dashboard runs on this Prometheus (a bad one answers HTTP 400).
+        dashboard = json.loads((REPO_ROOT / "deploy" / "grafana" / "allscore-workers.json").read_text())
+        exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+        assert len(exprs) >= 8
+        answered = {expr: query(expr) for expr in exprs}
+        assert answered["sum(allscore_worker_consuming)"][0]["value"][1] == "1"
     finally:
         stop_process_group(proc, 20)
