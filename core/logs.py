@@ -91,19 +91,24 @@ def quiet_native_stderr(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
+    # Native code writes to file descriptor 2 whatever sys.stderr is (in a Celery pool process it is a logging
+    # proxy with no file descriptor at all).
+    fd = 2
     try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # no real stderr (captured by a test runner): nothing to quiet
+        os.fstat(fd)
+    except OSError:  # no descriptor 2 at all: nothing to quiet
         yield
         return
-    sys.stderr.flush()
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        sys.stderr.flush()
     saved = os.dup(fd)
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), fd)
         try:
             yield
         finally:
-            sys.stderr.flush()
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                sys.stderr.flush()
             os.dup2(saved, fd)
             os.close(saved)
             captured.seek(0)
@@ -113,5 +118,4 @@ def quiet_native_stderr(enabled: bool = True) -> Iterator[None]:
                 if line.strip() and not _NATIVE_NOISE.search(line)
             ]
             if kept:
-                sys.stderr.write("\n".join(kept) + "\n")
-                sys.stderr.flush()
+                os.write(fd, ("\n".join(kept) + "\n").encode())

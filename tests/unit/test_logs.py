@@ -48,3 +48,21 @@ def test_native_start_up_noise_is_dropped_and_other_native_lines_kept() -> None:
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stderr.splitlines() == ["F0000 something else broke", "after"]
+
+
+def test_native_noise_is_dropped_when_sys_stderr_has_no_descriptor() -> None:
+    # In a Celery pool process sys.stderr is a logging proxy without fileno(); native code still writes to fd 2.
+    script = (
+        "import os, sys\n"
+        "class Proxy:\n"
+        "    def write(self, text): pass\n"
+        "    def flush(self): pass\n"
+        "sys.stderr = Proxy()\n"
+        "from core.logs import quiet_native_stderr\n"
+        "with quiet_native_stderr():\n"
+        "    os.write(2, b'I0000 port.cc:153] oneDNN custom operations are on.\\n')\n"
+        "    os.write(2, b'F0000 kept\\n')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.splitlines() == ["F0000 kept"]
