@@ -58,9 +58,16 @@ def worker_cmd(
     )
     consumed = [q.strip() for q in (queues or settings.queue).split(",") if q.strip()]
     if settings.metrics_port:
+        from core.errors import AllscoreError
         from worker.metrics import serve
 
-        serve(settings, consumed, settings.metrics_port)
+        try:
+            serve(settings, consumed, settings.metrics_port)
+        except OSError as exc:
+            raise AllscoreError(
+                f"cannot serve metrics and /healthz on port {settings.metrics_port} ({exc}); set "
+                "ALLSCORE_METRICS_PORT to a free port, or 0 for none"
+            ) from exc
     from worker.celery_app import app, log_to_json
 
     if settings.log_format == "json":
@@ -87,7 +94,18 @@ def _prepare_metrics_dir() -> None:
         raise RuntimeError("prometheus_client was imported before its multiprocess folder was set")
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not given:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="allscore-metrics-")
+        import atexit
+        import shutil
+
+        made = tempfile.mkdtemp(prefix="allscore-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+        main_pid = os.getpid()
+
+        def remove() -> None:
+            if os.getpid() == main_pid:  # the main process's exit only, never a pool process's
+                shutil.rmtree(made, ignore_errors=True)
+
+        atexit.register(remove)
         return
     folder = Path(given)
     folder.mkdir(parents=True, exist_ok=True)

@@ -126,3 +126,25 @@ def test_health_check_passes_on_a_live_worker_and_fails_on_a_stopped_or_cut_off_
     run = subprocess.run([sys.executable, "-m", "worker.health"], env=env, capture_output=True, text=True, timeout=30)
     assert run.returncode == 1
     assert "no answer" in run.stderr
+
+
+def test_a_worker_whose_metrics_port_is_taken_says_so_and_exits(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        env = {**os.environ, "ALLSCORE_HOME": str(tmp_path / "home"), "ALLSCORE_METRICS_PORT": str(port)}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        run = subprocess.run(
+            [sys.executable, "-m", "allscore", "worker", "--concurrency", "1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert run.returncode == 3, run.stderr[-2000:]
+    assert f"port {port}" in " ".join(run.stderr.split()) and "Traceback" not in run.stderr
