@@ -297,7 +297,9 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
         fy1 = height if sl[0].stop == hw else min(height, sl[0].stop * k)
         fx1 = width if sl[1].stop == ww else min(width, sl[1].stop * k)
         full = _upsample(reg, k, fy1 - fy0, fx1 - fx0)
-        full &= rgb[fy0:fy1, fx0:fx1].max(axis=2) > _NEAR_BLACK
+        sub = rgb[fy0:fy1, fx0:fx1]
+        if int(sub.min()) <= _NEAR_BLACK:  # some near-black pixel (a black-backed crop given as a field): not specimen
+            full &= sub.max(axis=2) > _NEAR_BLACK
         if not full.any():
             continue
         ys, xs = np.nonzero(full)
