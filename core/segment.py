@@ -436,11 +436,9 @@ def _upsample(reg: NDArray[np.bool_], k: int, h: int, w: int) -> NDArray[np.bool
     if k == 1:
         return reg[:h, :w].copy()
     soft = ndi.gaussian_filter(reg.astype(np.float32), 0.7, mode="constant")
-    im = Image.fromarray(np.round(soft * 255).astype(np.uint8)).resize(
-        (reg.shape[1] * k, reg.shape[0] * k), Image.BILINEAR
-    )
+    big = morph.resize_linear(np.round(soft * 255).astype(np.uint8), reg.shape[1] * k, reg.shape[0] * k)
     out = np.zeros((h, w), bool)
-    arr = np.asarray(im)[:h, :w] >= 128
+    arr = big[:h, :w] >= 128
     out[: arr.shape[0], : arr.shape[1]] = arr
     return out
 
@@ -448,34 +446,24 @@ def _upsample(reg: NDArray[np.bool_], k: int, h: int, w: int) -> NDArray[np.bool
 def _features(
     score: NDArray[np.float32], dens: NDArray[np.float32], cell: NDArray[np.bool_], px: float
 ) -> dict[str, float]:
-    """Nucleus and cytoplasm measurements of one cell from the detection copy's stain score (before smoothing) and
-    density; ``px`` is one pixel's area in um2."""
+    """What the kind rule reads of one cell, from the detection copy's stain score (before smoothing) and density;
+    ``px`` is one pixel's area in um2: the nucleus's area, lobes and solidity, and the cell's area."""
     nuc = cell & (score > _NUC_SCORE)
     v = score[cell]
-    sep = 0.0
     if v.size >= 16 and float(v.max() - v.min()) > 0.05:  # the nucleus is the more stained part, where distinct
         t = _halfway(v)
         sep = float(v[v <= t].mean()) / max(1e-3, float(v[v > t].mean()))
         if sep < _NUC_SPLIT:  # stained more than halfway, by both the stain score and the density
             nuc = cell & (score > max(t, _NUC_SCORE)) & (dens > _halfway(dens[cell]))
     areas = morph.component_areas(nuc) * px
-    lobes = int((areas >= 2.0).sum())
-    cyto = cell & ~morph.dilation(nuc)
     nuc_area = float(nuc.sum()) * px
     cell_area = max(px, float(cell.sum()) * px)
-    solidity = _solidity(nuc)
-    cs, cd = score[cyto], dens[cyto]
     return {
         "nuc_um2": nuc_area,
         "cell_um2": cell_area,
         "nc": nuc_area / cell_area,
-        "lobes": float(lobes),
-        "solidity": solidity,
-        "cyto_score": float(cs.mean()) if cs.size else 0.0,
-        "cyto_dens": float(cd.mean()) if cd.size else 0.0,
-        "cyto_tex": float(cd.std()) if cd.size else 0.0,
-        "nuc_dens": float(dens[nuc].mean()) if nuc.any() else 0.0,
-        "sep": sep,
+        "lobes": float(int((areas >= 2.0).sum())),
+        "solidity": _solidity(nuc),
     }
 
 
