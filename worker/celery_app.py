@@ -59,8 +59,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         # Cold shutdown (see _sigterm_hands_work_back) waits this long for running tasks before cancelling them.
         "worker_soft_shutdown_timeout": settings.worker_shutdown_grace,
-        # A pool child imports Keras before it reports up (_import_keras_first): several seconds, not Celery's 4.
-        "worker_proc_alive_timeout": 120.0,
     }
 
 
@@ -134,18 +132,6 @@ class HealthBeat(bootsteps.StartStopStep):
 
 
 app.steps["consumer"].add(HealthBeat)
-
-
-@signals.worker_process_init.connect
-def _import_keras_first(**_: Any) -> None:
-    """Each prefork child imports Keras (and TensorFlow) before it takes a task. Imported inside a task, the import
-    can be cut by the task's soft time limit, which leaves half-imported modules behind: the sample then fails with
-    an AttributeError instead of its reason, and so does every later sample in that process. The solo pool has no
-    children and still imports on its first task."""
-    try:
-        import keras  # noqa: F401
-    except Exception:  # the first task imports again and fails its sample with the reason
-        log.exception("importing Keras at process start failed; the first task will try again")
 
 
 @signals.worker_process_shutdown.connect
