@@ -99,7 +99,6 @@ class _WhiteCell:
     """One white cell at its field's scale: premultiplied colour and coverage cropped to the cell."""
 
     malignant: bool
-    crop: np.ndarray  # the 450x450 render_cell image
     colour: np.ndarray  # (3, h, w) float32, premultiplied by opacity
     alpha: np.ndarray  # (h, w) float32: where the cell is (its outline, for the truth and for placing it)
     opacity: np.ndarray  # (h, w) float32: how much of the background it hides (less in the cytoplasm)
@@ -260,7 +259,7 @@ def _white_cell(
     um_per_px: float,
     cytoplasm_opacity: float = CYTOPLASM_OPACITY,
 ) -> _WhiteCell:
-    """A render_cell cell (its 450x450 crop kept) rescaled from SYNTH_UM_PER_PX to the field's um_per_px."""
+    """A render_cell cell rescaled from SYNTH_UM_PER_PX to the field's um_per_px."""
     crop, alpha, nucleus = render_cell_layers(rng, malignant, tint, CROP_SIZE)
     side = max(8, round(CROP_SIZE * SYNTH_UM_PER_PX / um_per_px))
     # The crop is already premultiplied by its coverage: resample colour and coverage together, linearly
@@ -284,7 +283,7 @@ def _white_cell(
     cx, cy = float((cover * xx).sum() / total), float((cover * yy).sum() / total)
     inside = cover > 0.002
     reach = float(np.hypot(xx[inside] - cx, yy[inside] - cy).max()) + 1.0
-    return _WhiteCell(malignant, crop, colour, cover, opacity, cx, cy, math.sqrt(total / math.pi), reach)
+    return _WhiteCell(malignant, colour, cover, opacity, cx, cy, math.sqrt(total / math.pi), reach)
 
 
 def _place_white_cells(
