@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -44,12 +47,36 @@ def io_threads_for(settings: Settings, cores: int | None = None) -> int:
     return max(2, cores or available_cores())
 
 
+# billiard (Celery's prefork pool) raises a task's soft time limit in the pool process on this signal.
+_SOFT_LIMIT_SIGNAL = getattr(signal, "SIGUSR1", None)
+
+
+@contextlib.contextmanager
+def soft_limit_waits() -> Iterator[None]:
+    """Hold a task's soft time limit back until the block is over, where it is raised as usual.
+
+    Importing TensorFlow/Keras and loading a model take seconds on a loaded host. A soft limit raised in the middle
+    of an import leaves half-imported modules behind (libraries that catch Exception around optional imports swallow
+    it), and every later task in the process then fails with an AttributeError instead of its reason. With the
+    signal blocked, the limit waits (it stays pending) and is raised right after; the hard limit still applies.
+    """
+    if _SOFT_LIMIT_SIGNAL is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {_SOFT_LIMIT_SIGNAL})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class WorkerContext:
     """Everything a worker process keeps between tasks; the model is loaded once per version."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        configure_tensorflow(tf_threads_for(settings))
+        with soft_limit_waits():
+            configure_tensorflow(tf_threads_for(settings))
         self.sessions: sessionmaker[Session] = session_factory(make_engine(settings.database_url, settings))
         self.stores = settings.stores()
         self.pool = ThreadPoolExecutor(max_workers=io_threads_for(settings), thread_name_prefix="allscore-io")
@@ -82,7 +109,8 @@ class WorkerContext:
             path, manifest = Registry(root, self.settings).fetch(parsed)
             if manifest.ref != key[1]:
                 raise ModelError(f"store {store!r} answered {version} with model {manifest.ref}; republish it")
-            model = ServingModel(load_keras(path), self.settings.precision)
+            with soft_limit_waits():
+                model = ServingModel(load_keras(path), self.settings.precision)
             loaded = LoadedModel(model=model, manifest=manifest, path=path)
             self._models[key] = loaded
         seconds = time.perf_counter() - started
