@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated ALLSCORE_HOME for every test, and a real S3 server over HTTP (moto)."""
+"""Shared fixtures: an isolated ALLSCORE_HOME for every test, a real S3 server over HTTP (moto), and a migrated
+database (`db_url`, `engine`, `factory`: SQLite here; tests/integration/conftest.py makes them PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 
 from core.settings import Settings, get_settings, reset_settings_cache
+from db.engine import make_engine, session_factory
+from db.migrate import upgrade
+from tests.harness.db import Factory
 from tests.helpers import require_service
 
 __all__ = ["require_service"]
@@ -100,3 +105,31 @@ def s3_bucket(s3_settings: Settings) -> Iterator[str]:
         for item in page.get("Contents", []):
             client.delete_object(Bucket=name, Key=item["Key"])
     client.delete_bucket(Bucket=name)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """URL of a new SQLite file in a folder that does not exist yet, migrated to head."""
+    url = f"sqlite:///{tmp_path / 'db' / 'allscore.db'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def db_url(sqlite_url: str) -> str:
+    """The test's migrated database: SQLite (the embedded default); PostgreSQL under tests/integration."""
+    return sqlite_url
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An engine on db_url, disposed after the test."""
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def factory(engine: Engine) -> Factory:
+    """The session factory the repository functions are called with."""
+    return session_factory(engine)

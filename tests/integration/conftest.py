@@ -4,7 +4,7 @@
   skips when it is unreachable, fails under CI.
 - ``pg_empty_url``: a new, empty database ``allscore_test_<random>``, dropped after the test.
 - ``pg_url``: the same, migrated to head.
-- ``sqlite_url``: a migrated SQLite file in the test's temporary folder.
+- ``db_url`` (and with it tests/conftest.py's ``engine`` and ``factory``): ``pg_url`` here, SQLite elsewhere.
 """
 
 from __future__ import annotations
@@ -70,11 +70,9 @@ def pg_url(pg_empty_url: str) -> str:
 
 
 @pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    """URL of a new SQLite file, migrated to head."""
-    url = f"sqlite:///{tmp_path / 'db' / 'allscore.db'}"
-    upgrade(url)
-    return url
+def db_url(pg_url: str) -> str:
+    """The integration tests' migrated database is PostgreSQL."""
+    return pg_url
 
 
 @pytest.fixture

@@ -12,10 +12,8 @@ import urllib.request
 
 import pytest
 
-from db.engine import make_engine, session_factory
 from tests.integration.faults import free_port, wait_until
 from tests.integration.stack import Stack
-from tests.unit.test_cancel_db import scenario_cancel
 from worker.client import JobTimeout, wait_for_job
 
 pytestmark = pytest.mark.integration
@@ -27,14 +25,6 @@ def allscore(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "allscore", *args], env=env, capture_output=True, text=True, timeout=120
     )
-
-
-def test_cancel_on_postgresql(pg_url: str) -> None:
-    engine = make_engine(pg_url)
-    try:
-        scenario_cancel(session_factory(engine))
-    finally:
-        engine.dispose()
 
 
 @pytest.mark.timeout(300)

@@ -7,82 +7,44 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Engine, create_engine, inspect, text
-from sqlalchemy.exc import ProgrammingError
+from sqlalchemy import Engine, text
 
 from db import repository as repo
-from db.engine import make_engine, parse_url, session_factory, transaction
+from db.engine import make_engine, session_factory, transaction
 from db.migrate import current_revision, head_revision, upgrade
-from tests.unit.test_db_sqlite import (
-    CELL_RESULTS_COLUMNS,
-    SAMPLE_RESULTS_COLUMNS,
+from tests.harness.db import (
     TABLES,
+    VIEWS,
     Factory,
     as_rows,
+    assert_denied,
+    assert_migrated_to_head,
     cell_set,
     cells_of,
     make_cells,
-    models_match_migrations,
     results,
+    role_engine,
     run_concurrently,
-    scenario_errors,
-    scenario_flow,
-    scenario_no_commit,
-    scenario_resubmit,
     score,
     submit,
     summarize,
 )
+from tests.harness.scenarios import SAMPLE_SCENARIOS, Scenario, scenario_id
 
 pytestmark = pytest.mark.integration
 
 log = logging.getLogger(__name__)
 
-INSUFFICIENT_PRIVILEGE = "42501"
+
+def test_upgrade_creates_the_tables_the_views_and_what_the_models_say(db_url: str, engine: Engine) -> None:
+    assert_migrated_to_head(engine, db_url)
 
 
-@pytest.fixture
-def engine(pg_url: str) -> Iterator[Engine]:
-    engine = make_engine(pg_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def factory(engine: Engine) -> Factory:
-    return session_factory(engine)
-
-
-def test_upgrade_creates_tables_and_the_contract_views(pg_url: str, engine: Engine) -> None:
-    inspector = inspect(engine)
-    assert set(inspector.get_table_names()) >= TABLES
-    assert set(inspector.get_view_names()) == {"sample_results", "cell_results", "sample_reviews"}
-    assert [c["name"] for c in inspector.get_columns("sample_results")] == SAMPLE_RESULTS_COLUMNS
-    assert [c["name"] for c in inspector.get_columns("cell_results")] == CELL_RESULTS_COLUMNS
-    assert current_revision(pg_url) == head_revision()
-
-
-def test_models_match_migrations(engine: Engine) -> None:
-    assert models_match_migrations(engine) == []
-
-
-def test_flow(factory: Factory) -> None:
-    scenario_flow(factory)
-
-
-def test_resubmit_replaces_and_new_version_adds(factory: Factory) -> None:
-    scenario_resubmit(factory)
-
-
-def test_repository_functions_do_not_commit(factory: Factory) -> None:
-    scenario_no_commit(factory)
-
-
-def test_errors_leave_the_transaction_usable(factory: Factory) -> None:
-    scenario_errors(factory)
+@pytest.mark.parametrize("scenario", SAMPLE_SCENARIOS, ids=scenario_id)
+def test_repository(factory: Factory, scenario: Scenario) -> None:
+    scenario(factory)
 
 
 def test_concurrent_upgrades_of_a_fresh_database(pg_empty_url: str) -> None:
@@ -96,7 +58,7 @@ def test_concurrent_upgrades_of_a_fresh_database(pg_empty_url: str) -> None:
             views = conn.execute(text("SELECT viewname FROM pg_views WHERE schemaname = current_schema()")).scalars()
             versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars()
             assert sorted(t for t in tables if t != "alembic_version") == sorted(TABLES)
-            assert sorted(views) == ["cell_results", "sample_results", "sample_reviews"]
+            assert set(views) == VIEWS
             assert list(versions) == [head_revision()]
     finally:
         engine.dispose()
@@ -184,26 +146,24 @@ def test_analyst_role_reads_the_views_and_cannot_write(pg_empty_url: str, monkey
     finally:
         owner.dispose()
 
-    analyst_url = parse_url(pg_empty_url).set(username="allscore_analyst", password=password)
-    analyst = create_engine(analyst_url)
+    analyst = role_engine(pg_empty_url, "allscore_analyst", password)
     try:
         with analyst.connect() as conn:
             rows = conn.execute(text("SELECT sample_id, status, n_cells, n_failed FROM sample_results")).all()
             assert [tuple(r) for r in rows] == [("S1", "done", len(cells), 1)]
             n_cell_rows = conn.execute(text("SELECT count(*) FROM cell_results WHERE sample_id = 'S1'"))
             assert n_cell_rows.scalar_one() == len(cells)
-        forbidden = [
-            "INSERT INTO jobs (id, submitted_at, n_samples) VALUES ('evil', now(), 0)",
-            "UPDATE samples SET status = 'failed'",
-            "DELETE FROM cells",
-            "SELECT * FROM samples",
-            "UPDATE sample_results SET status = 'failed'",
-            "CREATE TABLE analyst_scratch (x int)",
-        ]
-        for statement in forbidden:
-            with pytest.raises(ProgrammingError) as caught, analyst.begin() as conn:
-                conn.execute(text(statement))
-            assert getattr(caught.value.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE, statement
+        assert_denied(
+            analyst,
+            [
+                "INSERT INTO jobs (id, submitted_at, n_samples) VALUES ('evil', now(), 0)",
+                "UPDATE samples SET status = 'failed'",
+                "DELETE FROM cells",
+                "SELECT * FROM samples",
+                "UPDATE sample_results SET status = 'failed'",
+                "CREATE TABLE analyst_scratch (x int)",
+            ],
+        )
     finally:
         analyst.dispose()
 
@@ -236,27 +196,22 @@ def test_worker_role_writes_results_and_nothing_else_and_passwords_rotate_on_upg
     submit(session_factory(owner), "job-w", ["S1"])
 
     # The worker's role does a worker's whole job: running, then done, then failed on another delivery.
-    worker = make_engine(
-        parse_url(pg_empty_url)
-        .set(username="allscore_worker", password=worker_password)
-        .render_as_string(hide_password=False)
-    )
+    worker = role_engine(pg_empty_url, "allscore_worker", worker_password)
     try:
         score(session_factory(worker), "S1", "cnn:1", make_cells("s3://lab/S1", [0.9, 0.2]))
         with transaction(session_factory(worker)) as s:
             repo.mark_failed(session=s, sample_id="S1", model_version="cnn:1", error="swept")
-        forbidden = [
-            "INSERT INTO jobs (id, submitted_at, n_samples) VALUES ('evil', now(), 0)",
-            "DELETE FROM samples",
-            "UPDATE models SET threshold = 0",
-            "SELECT * FROM jobs",
-            "DROP TABLE cells",
-            "CREATE TABLE worker_scratch (x int)",
-        ]
-        for statement in forbidden:
-            with pytest.raises(ProgrammingError) as caught, worker.begin() as conn:
-                conn.execute(text(statement))
-            assert getattr(caught.value.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE, statement
+        assert_denied(
+            worker,
+            [
+                "INSERT INTO jobs (id, submitted_at, n_samples) VALUES ('evil', now(), 0)",
+                "DELETE FROM samples",
+                "UPDATE models SET threshold = 0",
+                "SELECT * FROM jobs",
+                "DROP TABLE cells",
+                "CREATE TABLE worker_scratch (x int)",
+            ],
+        )
     finally:
         worker.dispose()
 
@@ -280,7 +235,7 @@ def test_worker_role_writes_results_and_nothing_else_and_passwords_rotate_on_upg
     after = verifier()
     owner.dispose()
     assert _scram_matches(after, rotated) and not _scram_matches(after, analyst_password)
-    analyst = create_engine(parse_url(pg_empty_url).set(username="allscore_analyst"))
+    analyst = role_engine(pg_empty_url, "allscore_analyst")
     try:
         with analyst.connect() as conn:
             assert conn.execute(text("SHOW statement_timeout")).scalar_one() == "1min"

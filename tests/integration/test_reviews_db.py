@@ -4,66 +4,26 @@ app's allscore_reviewer writes only the review tables; the analysts read sample_
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Engine, create_engine, inspect, text
-from sqlalchemy.exc import ProgrammingError
+from sqlalchemy import Engine, inspect, text
 
 from db import reviews
-from db.engine import make_engine, parse_url, session_factory, transaction
+from db.engine import make_engine, session_factory, transaction
 from db.migrate import upgrade
-from tests.unit.test_db_sqlite import Factory
-from tests.unit.test_reviews_db import (
-    MODEL,
-    scenario_refusals,
-    scenario_reviewed_fraction_and_sign_off,
-    scenario_users,
-    scenario_verdicts_survive_a_rescore,
-    scored_sample,
-)
+from tests.harness.db import Factory, assert_denied, role_engine
+from tests.harness.scenarios import MODEL, REVIEW_SCENARIOS, Scenario, scenario_id, scored_sample
 
 pytestmark = pytest.mark.integration
-
-INSUFFICIENT_PRIVILEGE = "42501"
-
-
-@pytest.fixture
-def engine(pg_url: str) -> Iterator[Engine]:
-    engine = make_engine(pg_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def factory(engine: Engine) -> Factory:
-    return session_factory(engine)
 
 
 def test_the_view_has_its_columns(engine: Engine) -> None:
     assert [c["name"] for c in inspect(engine).get_columns("sample_reviews")] == reviews.SAMPLE_REVIEWS_COLUMNS
 
 
-def test_reviewed_fraction_and_sign_off(factory: Factory) -> None:
-    scenario_reviewed_fraction_and_sign_off(factory)
-
-
-def test_verdicts_survive_a_rescore(factory: Factory) -> None:
-    scenario_verdicts_survive_a_rescore(factory)
-
-
-def test_refusals(factory: Factory) -> None:
-    scenario_refusals(factory)
-
-
-def test_users(factory: Factory) -> None:
-    scenario_users(factory)
-
-
-def _denied(engine: Engine, statement: str) -> None:
-    with pytest.raises(ProgrammingError) as caught, engine.begin() as conn:
-        conn.execute(text(statement))
-    assert getattr(caught.value.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE, statement
+@pytest.mark.parametrize("scenario", REVIEW_SCENARIOS, ids=scenario_id)
+def test_reviews(factory: Factory, scenario: Scenario) -> None:
+    scenario(factory)
 
 
 def test_reviewer_role_writes_only_reviews_and_analysts_read_them(
@@ -80,11 +40,7 @@ def test_reviewer_role_writes_only_reviews_and_analysts_read_them(
     finally:
         owner.dispose()
 
-    reviewer = make_engine(
-        parse_url(pg_empty_url)
-        .set(username="allscore_reviewer", password=reviewer_password)
-        .render_as_string(hide_password=False)
-    )
+    reviewer = role_engine(pg_empty_url, "allscore_reviewer", reviewer_password)
     try:
         factory = session_factory(reviewer)
         # What the review app does, as its role: add a user, record a verdict and a sign-off, read the views.
@@ -103,20 +59,22 @@ def test_reviewer_role_writes_only_reviews_and_analysts_read_them(
         with reviewer.connect() as conn:
             assert conn.execute(text("SELECT threshold FROM models")).all() == []  # readable (none registered here)
             assert conn.execute(text("SELECT count(*) FROM sample_results")).scalar_one() == 1
-        for statement in (
-            "UPDATE samples SET status = 'failed'",
-            "DELETE FROM cells",
-            "UPDATE cells SET is_all = false",
-            "SELECT * FROM samples",
-            "INSERT INTO jobs (id, submitted_at, n_samples) VALUES ('evil', now(), 0)",
-            "DELETE FROM review_users",
-            "CREATE TABLE reviewer_scratch (x int)",
-        ):
-            _denied(reviewer, statement)
+        assert_denied(
+            reviewer,
+            [
+                "UPDATE samples SET status = 'failed'",
+                "DELETE FROM cells",
+                "UPDATE cells SET is_all = false",
+                "SELECT * FROM samples",
+                "INSERT INTO jobs (id, submitted_at, n_samples) VALUES ('evil', now(), 0)",
+                "DELETE FROM review_users",
+                "CREATE TABLE reviewer_scratch (x int)",
+            ],
+        )
     finally:
         reviewer.dispose()
 
-    analyst = create_engine(parse_url(pg_empty_url).set(username="allscore_analyst", password=analyst_password))
+    analyst = role_engine(pg_empty_url, "allscore_analyst", analyst_password)
     try:
         with analyst.connect() as conn:
             row = conn.execute(
@@ -124,7 +82,6 @@ def test_reviewer_role_writes_only_reviews_and_analysts_read_them(
             ).one()
             assert (row.n_reviewed, row.n_disagree, row.signed_off_by) == (1, 1, "ann")
             assert row.reviewed_fraction == pytest.approx(2 / 7)
-        _denied(analyst, "SELECT * FROM cell_verdicts")
-        _denied(analyst, "DELETE FROM sample_signoffs")
+        assert_denied(analyst, ["SELECT * FROM cell_verdicts", "DELETE FROM sample_signoffs"])
     finally:
         analyst.dispose()

@@ -6,13 +6,11 @@ import uuid
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import ProgrammingError
 
 from db import repository as repo
-from db.engine import make_engine, parse_url, session_factory, transaction
+from db.engine import make_engine, session_factory, transaction
 from db.migrate import upgrade
-from tests.integration.test_db import INSUFFICIENT_PRIVILEGE
-from tests.unit.test_db_sqlite import cells_of, make_cells, score
+from tests.harness.db import assert_denied, cells_of, make_cells, register_model, role_engine, score
 
 pytestmark = pytest.mark.integration
 
@@ -26,24 +24,13 @@ def test_submitter_role_submits_reads_cancels_and_nothing_else(
     owner = make_engine(pg_empty_url)
     with owner.connect() as conn:
         assert conn.execute(text("SELECT rolcanlogin FROM pg_roles WHERE rolname = 'allscore_submitter'")).scalar()
-    submitter = make_engine(
-        parse_url(pg_empty_url).set(username="allscore_submitter", password=password).render_as_string(False)
-    )
+    submitter = role_engine(pg_empty_url, "allscore_submitter", password)
     sessions = session_factory(submitter)
     try:
         # What submit_samples does: register the model, the job and its queued samples, in one transaction.
         def submit(job: str, samples: list[str]) -> dict[str, int]:
             with transaction(sessions) as s:
-                repo.ensure_model(
-                    session=s,
-                    name="cnn",
-                    version="1",
-                    uri="s3://m/cnn/1",
-                    sha256="a" * 64,
-                    sensitivity=0.9,
-                    specificity=0.8,
-                    threshold=0.5,
-                )
+                register_model(s)
                 repo.create_job(session=s, job_id=job, n_samples=len(samples), retry_of=[(x, "cnn:1") for x in samples])
                 return {
                     x: repo.enqueue_sample(session=s, job_id=job, sample_id=x, model_version="cnn:1").submission
@@ -72,22 +59,21 @@ def test_submitter_role_submits_reads_cancels_and_nothing_else(
         # Resubmitting a scored sample (the same job id retries it) clears its cells.
         submit("job-s", ["S1", "S2", "S3"])
         assert cells_of(session_factory(owner), "S1", "cnn:1") == []
-        forbidden = [
-            "INSERT INTO cells (sample_pk, image_uri, scored_at) VALUES (1, 'x', now())",
-            "UPDATE cells SET p_all = 1",
-            "DELETE FROM jobs",
-            "DELETE FROM samples",
-            "UPDATE models SET threshold = 0",
-            "SELECT * FROM review_users",
-            "INSERT INTO sample_signoffs (sample_id, model_version, reviewer, comment, signed_at) "
-            "VALUES ('S1', 'cnn:1', 'x', '', now())",
-            "DROP TABLE cells",
-            "CREATE TABLE submitter_scratch (x int)",
-        ]
-        for statement in forbidden:
-            with pytest.raises(ProgrammingError) as caught, submitter.begin() as conn:
-                conn.execute(text(statement))
-            assert getattr(caught.value.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE, statement
+        assert_denied(
+            submitter,
+            [
+                "INSERT INTO cells (sample_pk, image_uri, scored_at) VALUES (1, 'x', now())",
+                "UPDATE cells SET p_all = 1",
+                "DELETE FROM jobs",
+                "DELETE FROM samples",
+                "UPDATE models SET threshold = 0",
+                "SELECT * FROM review_users",
+                "INSERT INTO sample_signoffs (sample_id, model_version, reviewer, comment, signed_at) "
+                "VALUES ('S1', 'cnn:1', 'x', '', now())",
+                "DROP TABLE cells",
+                "CREATE TABLE submitter_scratch (x int)",
+            ],
+        )
     finally:
         submitter.dispose()
         owner.dispose()
@@ -96,7 +82,7 @@ def test_submitter_role_submits_reads_cancels_and_nothing_else(
 def test_worker_role_claims_and_records_callbacks_and_reads_nothing_else_of_jobs(pg_empty_url: str) -> None:
     upgrade(pg_empty_url)
     owner = make_engine(pg_empty_url)
-    worker = make_engine(parse_url(pg_empty_url).set(username="allscore_worker").render_as_string(False))
+    worker = role_engine(pg_empty_url, "allscore_worker")
     try:
         with transaction(session_factory(owner)) as s:
             repo.create_job(session=s, job_id="job-n", n_samples=1, notify_url="http://127.0.0.1:9/x")
@@ -126,10 +112,7 @@ def test_worker_role_claims_and_records_callbacks_and_reads_nothing_else_of_jobs
             assert repo.jobs_to_notify(session=s) == ["job-d"]
         with transaction(sessions) as s:
             assert repo.claim_notification(session=s, job_id="job-d") == "http://127.0.0.1:9/d"
-        for statement in ("SELECT * FROM jobs", "UPDATE jobs SET notify_url = 'http://evil/'", "DELETE FROM jobs"):
-            with pytest.raises(ProgrammingError) as caught, worker.begin() as conn:
-                conn.execute(text(statement))
-            assert getattr(caught.value.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE, statement
+        assert_denied(worker, ["SELECT * FROM jobs", "UPDATE jobs SET notify_url = 'http://evil/'", "DELETE FROM jobs"])
     finally:
         worker.dispose()
         owner.dispose()

@@ -21,7 +21,7 @@ from db import reviews
 from db.engine import make_engine, session_factory, transaction
 from db.migrate import upgrade
 from db.records import CellResult
-from tests.unit.test_db_sqlite import score, submit
+from tests.harness.db import score, submit
 from trainer.dataset import discover
 
 pytestmark = pytest.mark.slow

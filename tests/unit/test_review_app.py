@@ -15,7 +15,7 @@ from allscore.review.auth import hash_password, verify_password
 from db import reviews
 from db.engine import make_engine, session_factory, transaction
 from db.migrate import upgrade
-from tests.unit.test_db_sqlite import make_cells, score, submit
+from tests.harness.db import make_cells, score, submit
 
 N_SAMPLES = 30
 
