@@ -23,6 +23,7 @@ import yaml
 
 from core.settings import Settings, reset_settings_cache
 from db.engine import parse_url
+from tests.harness.compose import compose_config
 from tests.helpers import REPO_ROOT, require_service, stop_process_group
 from tests.integration.faults import free_port
 from tests.worker_process import WorkerProcess
@@ -30,37 +31,9 @@ from tests.worker_process import WorkerProcess
 pytestmark = pytest.mark.integration
 
 
-def _compose() -> str:
-    exe = shutil.which("docker-compose")
-    require_service("docker-compose", exe is not None, "install Debian's docker-compose to validate the file")
-    assert exe is not None
-    return exe
-
-
-def _config(env_file: Path, *profiles: str, **overrides: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": os.environ["PATH"], **overrides}
-    return subprocess.run(
-        [
-            _compose(),
-            "--project-directory",
-            str(REPO_ROOT),
-            "-f",
-            str(REPO_ROOT / "docker-compose.yml"),
-            "--env-file",
-            str(env_file),
-            *(arg for profile in profiles for arg in ("--profile", profile)),
-            "config",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 @pytest.fixture
 def rendered(tmp_path: Path) -> dict[str, Any]:
-    result = _config(REPO_ROOT / ".env.example")
+    result = compose_config(REPO_ROOT / ".env.example")
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
 
@@ -155,7 +128,7 @@ def test_required_secrets_fail_fast(tmp_path: Path) -> None:
     lines = [ln for ln in (REPO_ROOT / ".env.example").read_text().splitlines() if not ln.startswith("REDIS_PASSWORD=")]
     env_file = tmp_path / "env"
     env_file.write_text("\n".join(lines) + "\n")
-    result = _config(env_file)
+    result = compose_config(env_file)
     assert result.returncode != 0
     assert "REDIS_PASSWORD" in result.stderr
 
@@ -200,7 +173,7 @@ def test_each_service_command_runs_on_the_host(
     except redis.RedisError as exc:
         require_service("Redis", False, str(exc))
     bucket = f"compose-{uuid.uuid4().hex[:10]}"
-    result = _config(REPO_ROOT / ".env.example", S3_BUCKET=bucket)
+    result = compose_config(REPO_ROOT / ".env.example", S3_BUCKET=bucket)
     assert result.returncode == 0, result.stderr
     services = yaml.safe_load(result.stdout)["services"]
     local = {
@@ -385,7 +358,7 @@ def _prometheus_files(service: dict[str, Any], folder: Path, targets: list[str] 
 
 
 def test_monitoring_profile_runs_prometheus_that_scrapes_the_workers(tmp_path: Path, stack: Any) -> None:
-    result = _config(REPO_ROOT / ".env.example", "monitoring")
+    result = compose_config(REPO_ROOT / ".env.example", "monitoring")
     assert result.returncode == 0, result.stderr
     service = yaml.safe_load(result.stdout)["services"]["prometheus"]
     assert service["profiles"] == ["monitoring"]

@@ -10,18 +10,18 @@ import pytest
 from core.artifact import ModelIntegrityError, Registry, VersionExists, load_model
 from core.inference import predict_proba
 from core.storage import store_for
-from tests.unit.test_artifact import _manifest, _save_tiny
+from tests.harness.artifacts import save_tiny_model, tiny_manifest
 
 pytestmark = pytest.mark.integration
 
 
 def test_publish_load_and_immutability_on_s3(tmp_path: Path, s3_bucket: str) -> None:
     registry = Registry(f"{s3_bucket}/models")
-    path, model = _save_tiny(tmp_path)
-    assert registry.publish(path, _manifest(path)) == "tiny:v1"
-    other, _ = _save_tiny(tmp_path, seed=3)
+    path, model = save_tiny_model(tmp_path)
+    assert registry.publish(path, tiny_manifest(path)) == "tiny:v1"
+    other, _ = save_tiny_model(tmp_path, seed=3)
     with pytest.raises(VersionExists):
-        registry.publish(other, _manifest(other))
+        registry.publish(other, tiny_manifest(other))
     registry.promote("tiny:v1", "production")
     loaded = load_model("tiny@production", store=registry.root)
     x = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)

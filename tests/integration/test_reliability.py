@@ -573,8 +573,8 @@ def test_pickled_or_malformed_messages_are_rejected_and_the_worker_goes_on(stack
 def test_every_compose_secret_must_come_from_the_environment(tmp_path: Path) -> None:
     import yaml
 
+    from tests.harness.compose import compose_config
     from tests.helpers import REPO_ROOT
-    from tests.integration.test_compose import _config
 
     example = (REPO_ROOT / ".env.example").read_text().splitlines()
     secrets = {
@@ -586,9 +586,9 @@ def test_every_compose_secret_must_come_from_the_environment(tmp_path: Path) -> 
     for name in secrets:
         env_file = tmp_path / f"without-{name}.env"
         env_file.write_text("\n".join(ln for ln in example if not ln.startswith(f"{name}=")) + "\n")
-        result = _config(env_file)
+        result = compose_config(env_file)
         assert result.returncode != 0 and name in result.stderr, (name, result.stderr[-500:])
-    rendered = _config(REPO_ROOT / ".env.example")
+    rendered = compose_config(REPO_ROOT / ".env.example")
     assert rendered.returncode == 0, rendered.stderr
     services = yaml.safe_load(rendered.stdout)["services"]
     redis_cmd = services["redis"]["command"]

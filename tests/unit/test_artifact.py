@@ -20,7 +20,7 @@ from core.artifact import (
     sha256_file,
 )
 from core.inference import predict_proba
-from trainer.arch import build_model
+from tests.harness.artifacts import save_tiny_model, tiny_manifest
 
 
 def test_parse_ref_forms() -> None:
@@ -32,36 +32,14 @@ def test_parse_ref_forms() -> None:
         parse_ref("all score:1")
 
 
-def _save_tiny(tmp_path: Path, seed: int = 0) -> tuple[Path, object]:
-    model = build_model("tiny", 32, seed=seed)
-    path = tmp_path / f"model-{seed}.keras"
-    model.save(path)
-    return path, model
-
-
-def _manifest(path: Path, version: str = "v1") -> ModelManifest:
-    return ModelManifest(
-        name="tiny",
-        version=version,
-        created_at="2026-01-01T00:00:00",
-        architecture="tiny",
-        input_size=32,
-        threshold=0.5,
-        train_subjects=["1", "H1"],
-        val_subjects=["2", "H2"],
-        sha256=sha256_file(path),
-        validation=ValidationMetrics(weighted_f1=0.9, auc=0.9, sensitivity=0.9, specificity=0.8, accuracy=0.9),
-    )
-
-
 @pytest.fixture
 def registry(tmp_path: Path) -> Registry:
     return Registry(str(tmp_path / "store"))
 
 
 def test_publish_then_load_gives_identical_predictions(tmp_path: Path, registry: Registry) -> None:
-    path, model = _save_tiny(tmp_path)
-    registry.publish(path, _manifest(path))
+    path, model = save_tiny_model(tmp_path)
+    registry.publish(path, tiny_manifest(path))
     loaded = load_model("tiny:v1", store=registry.root)
     x = np.random.default_rng(1).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
     np.testing.assert_array_equal(predict_proba(model, x, 4), predict_proba(loaded.model, x, 4))
@@ -69,18 +47,18 @@ def test_publish_then_load_gives_identical_predictions(tmp_path: Path, registry:
 
 
 def test_publishing_a_version_twice_is_refused(tmp_path: Path, registry: Registry) -> None:
-    path, _ = _save_tiny(tmp_path)
-    registry.publish(path, _manifest(path))
-    other, _ = _save_tiny(tmp_path, seed=1)
+    path, _ = save_tiny_model(tmp_path)
+    registry.publish(path, tiny_manifest(path))
+    other, _ = save_tiny_model(tmp_path, seed=1)
     with pytest.raises(VersionExists, match="immutable"):
-        registry.publish(other, _manifest(other))
+        registry.publish(other, tiny_manifest(other))
     assert registry.resolve("tiny:v1").sha256 == sha256_file(path)
 
 
 def test_sha256_mismatch_is_refused(tmp_path: Path, registry: Registry) -> None:
-    path, _ = _save_tiny(tmp_path)
-    registry.publish(path, _manifest(path))
-    swapped, _ = _save_tiny(tmp_path, seed=2)
+    path, _ = save_tiny_model(tmp_path)
+    registry.publish(path, tiny_manifest(path))
+    swapped, _ = save_tiny_model(tmp_path, seed=2)
     stored = Path(registry.root) / "tiny" / "v1" / "model.keras"
     stored.write_bytes(swapped.read_bytes())
     with pytest.raises(ModelIntegrityError, match="does not match"):
@@ -89,8 +67,8 @@ def test_sha256_mismatch_is_refused(tmp_path: Path, registry: Registry) -> None:
 
 def test_aliases_latest_and_listing(tmp_path: Path, registry: Registry) -> None:
     for i, version in enumerate(("v1", "v2")):
-        path, _ = _save_tiny(tmp_path, seed=i)
-        registry.publish(path, _manifest(path, version))
+        path, _ = save_tiny_model(tmp_path, seed=i)
+        registry.publish(path, tiny_manifest(path, version))
     assert registry.resolve("tiny").version == "v2"  # a bare name is the newest
     registry.promote("tiny:v1", "production")
     assert registry.resolve("tiny@production").version == "v1"
@@ -109,7 +87,7 @@ def test_safe_mode_refuses_a_lambda_layer(tmp_path: Path, registry: Registry) ->
     outputs = keras.layers.Lambda(lambda t: t * 2.0)(inputs)
     path = tmp_path / "lambda.keras"
     keras.Model(inputs, outputs).save(path)
-    registry.publish(path, _manifest(path, "lambda"))
+    registry.publish(path, tiny_manifest(path, "lambda"))
     with pytest.raises(ModelError, match="Lambda"):
         load_model("tiny:lambda", store=registry.root)
 
@@ -118,8 +96,6 @@ def test_safe_mode_refuses_a_lambda_layer(tmp_path: Path, registry: Registry) ->
 @pytest.mark.parametrize("value", ["../x", "a/b", "..", "a\\b", ""])
 def test_a_manifest_naming_a_path_is_refused(field: str, value: str) -> None:
     from pydantic import ValidationError
-
-    from core.artifact import ModelManifest, ValidationMetrics
 
     fields = {
         "name": "allscore",

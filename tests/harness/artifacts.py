@@ -1,0 +1,33 @@
+"""Model artifacts for the registry tests: a tiny saved Keras model and a manifest that describes it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from core.artifact import ModelManifest, ValidationMetrics, sha256_file
+
+
+def save_tiny_model(folder: Path, seed: int = 0) -> tuple[Path, object]:
+    """An untrained `tiny` 32x32 model saved as folder/model-SEED.keras; returns the path and the model."""
+    from trainer.arch import build_model
+
+    model = build_model("tiny", 32, seed=seed)
+    path = folder / f"model-{seed}.keras"
+    model.save(path)
+    return path, model
+
+
+def tiny_manifest(path: Path, version: str = "v1") -> ModelManifest:
+    """A manifest for the model file at `path` (its real sha256; fixed subjects and metrics)."""
+    return ModelManifest(
+        name="tiny",
+        version=version,
+        created_at="2026-01-01T00:00:00",
+        architecture="tiny",
+        input_size=32,
+        threshold=0.5,
+        train_subjects=["1", "H1"],
+        val_subjects=["2", "H2"],
+        sha256=sha256_file(path),
+        validation=ValidationMetrics(weighted_f1=0.9, auc=0.9, sensitivity=0.9, specificity=0.8, accuracy=0.9),
+    )
