@@ -172,6 +172,14 @@ def resize_linear(image: NDArray[np.uint8], width: int, height: int) -> NDArray[
     return np.asarray(cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR))
 
 
+def black_outside(image: NDArray[np.uint8], mask: Mask) -> NDArray[np.uint8]:
+    """A new (H, W, 3) uint8 image: ``image`` where ``mask`` holds, black elsewhere. (OpenCV's masked AND; numpy's
+    masked assignment or broadcast multiply over three channels costs about ten times as much.)"""
+    if backend() == "scipy":
+        return np.where(np.asarray(mask, bool)[..., None], image, np.uint8(0))
+    return np.asarray(cv2.bitwise_and(image, image, mask=_u8(mask)))
+
+
 def component_areas(mask: Mask) -> NDArray[np.int64]:
     """The pixel counts of the mask's 4-connected components (in no particular order)."""
     if backend() == "scipy":

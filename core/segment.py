@@ -152,22 +152,33 @@ def _stain(
     """Stain score OD(G) - OD(B), mean optical density, the specimen mask (not near-black), and the field's bright
     background colour (None where it has none: densities are then taken against white)."""
     r, g, b = img
-    specimen = np.maximum(np.maximum(r, g), b) > _NEAR_BLACK
+    specimen = np.maximum(r, g)
+    np.maximum(specimen, b, out=specimen)
+    specimen = specimen > _NEAR_BLACK
     has_bg = bg is not None
     bg = bg or [255.0, 255.0, 255.0]
     if not has_bg and int(specimen.sum()) >= 16:
-        bright = (r + g + b) * (1.0 / 3.0)
-        hi = float(np.percentile(bright[specimen], 97))
+        bright = r + g
+        bright += b
+        bright *= 1.0 / 3.0
+        hi = _percentile(bright[specimen], 97)
         if hi > 120:
             sel = specimen & (bright >= hi)
             bg = [float(np.median(c[sel])) for c in img]
             has_bg = True
-    lg = np.log(img + 1.0)
-    odr, odg, odb = (math.log(bg[i] + 1.0) - lg[i] for i in range(3))
-    score = odg - odb
-    dens = (odr + odg + odb) * (1.0 / 3.0)
-    score[~specimen] = 0.0
-    dens[~specimen] = 0.0
+    # In place, with as few whole-field temporaries as possible (each costs its page faults):
+    # od_c = log(bg_c + 1) - log(c + 1); score = od_g - od_b; dens = mean of the three.
+    lg = img + np.float32(1.0)
+    np.log(lg, out=lg)
+    c = [math.log(v + 1.0) for v in bg]
+    score = lg[2] - lg[1]
+    score += np.float32(c[1] - c[2])
+    dens = lg[0] + lg[1]
+    dens += lg[2]
+    dens *= np.float32(-1.0 / 3.0)
+    dens += np.float32((c[0] + c[1] + c[2]) / 3.0)
+    score *= specimen
+    dens *= specimen
     return score, dens, specimen, (bg if has_bg else None)
 
 
@@ -503,8 +514,7 @@ def _kind(score: NDArray[np.float32], dens: NDArray[np.float32], cell: NDArray[n
 def _scaled(rgb: np.ndarray, cell: FoundCell, f: float) -> tuple[np.ndarray, float, float]:
     """The cell's bbox, black outside its mask, resized by f (bilinear, the mask resized with it and reapplied)."""
     x0, y0, x1, y1 = cell.bbox
-    sub = rgb[y0:y1, x0:x1].copy()
-    sub[~cell.mask] = 0
+    sub = morph.black_outside(rgb[y0:y1, x0:x1], cell.mask)
     nw, nh = max(1, round((x1 - x0) * f)), max(1, round((y1 - y0) * f))
     if (nw, nh) == (x1 - x0, y1 - y0):
         return sub, 1.0, 1.0
@@ -514,7 +524,7 @@ def _scaled(rgb: np.ndarray, cell: FoundCell, f: float) -> tuple[np.ndarray, flo
     else:
         big = morph.resize_linear(sub, nw, nh)
         off = morph.resize_linear(cell.mask.view(np.uint8) * np.uint8(255), nw, nh)
-    big[off < 128] = 0
+    big = morph.black_outside(big, off >= 128)
     return big, nw / (x1 - x0), nh / (y1 - y0)
 
 

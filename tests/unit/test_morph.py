@@ -27,6 +27,7 @@ def _run(backend: str, monkeypatch: pytest.MonkeyPatch) -> list[list[np.ndarray]
     for mask in _masks():
         fp = morph.disk(float(rng.uniform(0, 4.5)))
         values = rng.random(mask.shape).astype(np.float32)
+        field = rng.integers(1, 256, (mask.shape[0] + 4, mask.shape[1] + 6, 3), dtype=np.uint8)
         results.append(
             [
                 morph.opening(mask, fp),
@@ -39,6 +40,7 @@ def _run(backend: str, monkeypatch: pytest.MonkeyPatch) -> list[list[np.ndarray]
                 *morph.label(mask)[:1],
                 np.sort(morph.component_areas(mask)),
                 morph.fill_holes(mask),
+                morph.black_outside(field[2:-2, 3:-3], mask),  # a view into a larger image, as a cell's bbox is
             ]
         )
     return results
@@ -70,3 +72,7 @@ def test_what_the_operations_do() -> None:
     assert morph.erosion(mask).sum() == 9
     assert morph.distance(mask)[4, 4] == 3.0 and morph.distance(mask)[0, 0] == 0.0
     assert morph.disk(1.5).sum() == 9 and morph.disk(0).sum() == 1
+    image = np.full((9, 9, 3), 200, np.uint8)
+    cut = morph.black_outside(image, mask)
+    assert cut.shape == image.shape and cut.dtype == np.uint8 and (image == 200).all()  # a new image
+    assert (cut[mask] == 200).all() and (cut[~mask] == 0).all()
