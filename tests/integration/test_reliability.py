@@ -17,14 +17,16 @@ from typing import Any
 
 import pytest
 
-from core.settings import Settings, get_settings, reset_settings_cache
-from core.storage import store_for
+from core.artifact import ModelError
+from core.errors import AllscoreError
+from core.settings import get_settings, reset_settings_cache
+from core.storage import BucketNotFound, store_for
 from db.engine import parse_url
 from tests.fixtures import PublishedModel
 from tests.helpers import require_service
 from tests.integration.faults import RedisServer, wait_until
 from tests.integration.stack import Stack, children
-from worker.client import submit_samples
+from worker.client import SubmitError, submit_samples
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
@@ -404,88 +406,90 @@ def test_bad_images_get_an_error_on_their_cell_and_the_rest_of_the_sample_is_sco
 # -- 8. bad submissions --------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(60)
-def test_bad_submissions_are_refused_at_submit_time_and_nothing_is_queued(stack: Stack, tmp_path: Path) -> None:
-    from core.artifact import ModelError
-    from core.errors import AllscoreError
-    from core.storage import BucketNotFound
-    from worker.client import SubmitError
+# Each case: what is wrong, the samples ({allowed}, {outside} and {bucket} stand for the test's folders and bucket;
+# {prefix} is a real uploaded sample), whether the settings confine reads to the allowed roots, the model reference
+# (None: the test's model), the error and what it must say.
+REFUSALS: list[tuple[str, dict[str, list[str]], bool, str | None, type[Exception], str]] = [
+    ("unknown model version", {"S1": ["{prefix}"]}, False, "tiny:no-such-version", ModelError, "no model manifest"),
+    ("unknown model alias", {"S1": ["{prefix}"]}, False, "tiny@no-such-alias", ModelError, "no alias"),
+    ("malformed model reference", {"S1": ["{prefix}"]}, False, "ti ny", ModelError, "bad name"),
+    ("empty sample", {"S1": []}, False, None, SubmitError, "has no images"),
+    ("folder without images", {"S1": ["{allowed}/empty"]}, False, None, SubmitError, "holds no image"),
+    ("prefix without images", {"S1": ["{bucket}/nothing/"]}, False, None, SubmitError, "no image objects"),
+    ("sample id too long", {"S" * 129: ["{prefix}"]}, False, None, SubmitError, "the limit is 128"),
+    ("newline in sample id", {"S1\nS2": ["{prefix}"]}, False, None, SubmitError, "control characters"),
+    ("NUL in sample id", {"S1\x00": ["{prefix}"]}, False, None, SubmitError, "control characters"),
+    ("escape in sample id", {"S1\x1b[2J": ["{prefix}"]}, False, None, SubmitError, "control characters"),
+    ("file outside the roots", {"S1": ["{outside}/secret.bmp"]}, True, None, SubmitError, "outside"),
+    ("folder outside the roots", {"S1": ["{outside}"]}, True, None, SubmitError, "outside the allowed"),
+    ("'..' out of a root", {"S1": ["{allowed}/slide/../../outside/secret.bmp"]}, True, None, SubmitError, "outside"),
+    ("glob through '..'", {"S1": ["{allowed}/../outside/*.bmp"]}, True, None, SubmitError, "outside"),
+    ("symlink out of a root", {"S1": ["{allowed}/slide"]}, True, None, SubmitError, "outside"),
+    ("file:// outside the roots", {"S1": ["file://{outside}/secret.bmp"]}, True, None, SubmitError, "outside"),
+    ("s3 prefix outside the roots", {"S1": ["{bucket}/other/"]}, True, None, SubmitError, "outside"),
+    ("s3 look-alike prefix", {"S1": ["{bucket}/slides-evil/"]}, True, None, SubmitError, "outside"),
+    ("bucket that does not exist", {"S1": ["s3://no-such-bucket-allscore/slides/"]}, False, None, BucketNotFound,
+     "does not exist"),
+    ("key in a bucket that does not exist", {"S1": ["s3://no-such-bucket-allscore/a.bmp"]}, False, None,
+     BucketNotFound, "does not exist"),
+    ("one bad sample among good ones", {"S1": ["{allowed}/slide/cell.bmp"], "S2": ["{allowed}/empty"]}, False, None,
+     SubmitError, "holds no image"),
+]  # fmt: skip
 
-    allowed = tmp_path / "allowed"
-    outside = tmp_path / "outside"
-    prefix = stack.upload_sample("slide-ok", 4)
-    for folder in (allowed / "slide", allowed / "empty", outside):
-        folder.mkdir(parents=True, exist_ok=True)
-    cell = next((tmp_path / "slides" / "slide-ok").glob("*.bmp")).read_bytes()
-    (allowed / "slide" / "cell.bmp").write_bytes(cell)
-    (outside / "secret.bmp").write_bytes(cell)
-    (allowed / "slide" / "link.bmp").symlink_to(outside / "secret.bmp")
-    (allowed / "empty" / "notes.txt").write_text("no images here")
-    base = get_settings()
-    confined = base.model_copy(update={"allowed_roots": [str(allowed), f"{stack.bucket}/slides"]})
-    good = [str(allowed / "slide" / "cell.bmp")]
-    cases: list[tuple[str, dict[str, list[str]], Settings, str | None, type[Exception], str]] = [
-        ("unknown model version", {"S1": [prefix]}, base, "tiny:no-such-version", ModelError, "no model manifest"),
-        ("unknown model alias", {"S1": [prefix]}, base, "tiny@no-such-alias", ModelError, "no alias"),
-        ("malformed model reference", {"S1": [prefix]}, base, "ti ny", ModelError, "bad name"),
-        ("empty sample", {"S1": []}, base, None, SubmitError, "has no images"),
-        ("folder without images", {"S1": [str(allowed / "empty")]}, base, None, SubmitError, "holds no image"),
-        ("prefix without images", {"S1": [f"{stack.bucket}/nothing/"]}, base, None, SubmitError, "no image objects"),
-        ("sample id too long", {"S" * 129: [prefix]}, base, None, SubmitError, "the limit is 128"),
-        ("newline in sample id", {"S1\nS2": [prefix]}, base, None, SubmitError, "control characters"),
-        ("NUL in sample id", {"S1\x00": [prefix]}, base, None, SubmitError, "control characters"),
-        ("escape in sample id", {"S1\x1b[2J": [prefix]}, base, None, SubmitError, "control characters"),
-        ("file outside the roots", {"S1": [str(outside / "secret.bmp")]}, confined, None, SubmitError, "outside"),
-        ("folder outside the roots", {"S1": [str(outside)]}, confined, None, SubmitError, "outside the allowed"),
-        (
-            "'..' out of a root",
-            {"S1": [f"{allowed}/slide/../../outside/secret.bmp"]},
-            confined,
-            None,
-            SubmitError,
-            "outside",
-        ),
-        ("glob through '..'", {"S1": [f"{allowed}/../outside/*.bmp"]}, confined, None, SubmitError, "outside"),
-        ("symlink out of a root", {"S1": [str(allowed / "slide")]}, confined, None, SubmitError, "outside"),
-        ("file:// outside the roots", {"S1": [f"file://{outside}/secret.bmp"]}, confined, None, SubmitError, "outside"),
-        ("s3 prefix outside the roots", {"S1": [f"{stack.bucket}/other/"]}, confined, None, SubmitError, "outside"),
-        ("s3 look-alike prefix", {"S1": [f"{stack.bucket}/slides-evil/"]}, confined, None, SubmitError, "outside"),
-        (
-            "bucket that does not exist",
-            {"S1": ["s3://no-such-bucket-allscore/slides/"]},
-            base,
-            None,
-            BucketNotFound,
-            "does not exist",
-        ),
-        (
-            "key in a bucket that does not exist",
-            {"S1": ["s3://no-such-bucket-allscore/a.bmp"]},
-            base,
-            None,
-            BucketNotFound,
-            "does not exist",
-        ),
-        (
-            "one bad sample among good ones",
-            {"S1": good, "S2": [str(allowed / "empty")]},
-            base,
-            None,
-            SubmitError,
-            "holds no image",
-        ),
-    ]
-    for what, samples, settings, model_ref, error, message in cases:
-        with pytest.raises(error) as caught:
-            submit_samples(samples, model_ref=model_ref or stack.model.ref, settings=settings)
-        assert isinstance(caught.value, AllscoreError), what
-        assert message in str(caught.value), (what, str(caught.value))
+
+class _Lab:
+    """A lab's files for the submit tests: allowed/slide (a cell and a symlink out), allowed/empty, outside/."""
+
+    def __init__(self, stack: Stack, tmp_path: Path) -> None:
+        self.allowed = tmp_path / "allowed"
+        self.outside = tmp_path / "outside"
+        self.prefix = stack.upload_sample("slide-ok", 4)
+        self.bucket = stack.bucket
+        for folder in (self.allowed / "slide", self.allowed / "empty", self.outside):
+            folder.mkdir(parents=True, exist_ok=True)
+        cell = next((tmp_path / "slides" / "slide-ok").glob("*.bmp")).read_bytes()
+        (self.allowed / "slide" / "cell.bmp").write_bytes(cell)
+        (self.outside / "secret.bmp").write_bytes(cell)
+        (self.allowed / "slide" / "link.bmp").symlink_to(self.outside / "secret.bmp")
+        (self.allowed / "empty" / "notes.txt").write_text("no images here")
+        self.base = get_settings()
+        self.confined = self.base.model_copy(update={"allowed_roots": [str(self.allowed), f"{self.bucket}/slides"]})
+
+    def uris(self, samples: dict[str, list[str]]) -> dict[str, list[str]]:
+        names = {"allowed": self.allowed, "outside": self.outside, "bucket": self.bucket, "prefix": self.prefix}
+        return {sample: [uri.format(**names) for uri in uris] for sample, uris in samples.items()}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("what", "samples", "confined", "model_ref", "error", "message"), REFUSALS,
+                         ids=[case[0] for case in REFUSALS])  # fmt: skip
+def test_a_bad_submission_is_refused_at_submit_time_and_nothing_is_queued(
+    stack: Stack,
+    tmp_path: Path,
+    what: str,
+    samples: dict[str, list[str]],
+    confined: bool,
+    model_ref: str | None,
+    error: type[Exception],
+    message: str,
+) -> None:
+    lab = _Lab(stack, tmp_path)
+    settings = lab.confined if confined else lab.base
+    with pytest.raises(error) as caught:
+        submit_samples(lab.uris(samples), model_ref=model_ref or stack.model.ref, settings=settings)
+    assert isinstance(caught.value, AllscoreError), what
+    assert message in str(caught.value), (what, str(caught.value))
     # Nothing was recorded and nothing was queued.
     assert stack.query("SELECT count(*) AS n FROM sample_results")[0]["n"] == 0
     assert stack.query("SELECT count(*) AS n FROM jobs")[0]["n"] == 0
     assert stack.queued_messages() == 0
-    # The same confined settings take a good submission: the refusals above were about the input.
-    submit_samples({"S1": good}, model_ref=stack.model.ref, settings=confined)
+
+
+@pytest.mark.timeout(60)
+def test_confined_settings_take_a_good_submission(stack: Stack, tmp_path: Path) -> None:
+    # The refusals above are about the input: the same confined settings take a good submission.
+    lab = _Lab(stack, tmp_path)
+    submit_samples({"S1": [str(lab.allowed / "slide" / "cell.bmp")]}, model_ref=stack.model.ref, settings=lab.confined)
     assert stack.queued_messages() == 1
 
 
