@@ -4,7 +4,7 @@ The two give the same pixels (tests/unit/test_morph.py holds them to it). OpenCV
 masks segmentation works on (a 512x384 opening: 0.2 ms against 7 ms; a distance map: 0.5 ms against 5 ms; Intel
 Xeon, one thread), which is most of what a field costs (bench/README.md, "Microscope fields"). OpenCV runs each
 call on one thread here: the worker already runs one field per I/O thread, beside the model's threads.
-``ALLSCORE_MORPH=scipy`` forces the fallback (for the equivalence tests and the bench).
+``ALLSCORE_MORPH=scipy`` (read when this module is imported) or ``use("scipy")`` forces the fallback.
 """
 
 from __future__ import annotations
@@ -30,9 +30,31 @@ Mask = NDArray[np.bool_]
 _CROSS = ndi.generate_binary_structure(2, 1)
 
 
+def _default_backend() -> str:
+    return "opencv" if cv2 is not None and os.environ.get("ALLSCORE_MORPH", "").lower() != "scipy" else "scipy"
+
+
+# Read once: a field makes about 150 calls here, and reading the environment each time cost 1-2 ms a field.
+_backend = _default_backend()
+
+
 def backend() -> str:
     """``opencv`` or ``scipy``: which implementation the functions below use now."""
-    return "opencv" if cv2 is not None and os.environ.get("ALLSCORE_MORPH", "").lower() != "scipy" else "scipy"
+    return _backend
+
+
+def use(name: str | None) -> str:
+    """Make the functions below use ``name`` (``opencv``, ``scipy``; None: as ALLSCORE_MORPH says); returns the one
+    used before. ``opencv`` where OpenCV is not installed is refused."""
+    global _backend
+    previous = _backend
+    if name is None:
+        _backend = _default_backend()
+    elif name == "scipy" or (name == "opencv" and cv2 is not None):
+        _backend = name
+    else:
+        raise ValueError(f"morphology backend {name!r}: use 'opencv' (needs opencv-python-headless) or 'scipy'")
+    return previous
 
 
 def disk(r: float) -> Mask:

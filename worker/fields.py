@@ -91,11 +91,8 @@ def outline_json(cell: FoundCell) -> str:
     radius = np.hypot(dx, dy)
     order = np.lexsort((-radius, sector))  # by sector, farthest first
     first = order[np.r_[0, np.flatnonzero(np.diff(sector[order])) + 1]]
-    points = [
-        [round(float(x) + x0 + 0.5, 1), round(float(y) + y0 + 0.5, 1)]
-        for x, y in zip(xs[first], ys[first], strict=True)
-    ]
-    return json.dumps(points, separators=(",", ":"))
+    points = np.column_stack([xs[first] + (x0 + 0.5), ys[first] + (y0 + 0.5)]).astype(np.float64)
+    return json.dumps(points.tolist(), separators=(",", ":"))
 
 
 # A slide is imaged at one magnification: its scale is estimated once, as the median over this many fields.

@@ -20,7 +20,8 @@ def _masks() -> list[np.ndarray]:
 
 
 def _run(backend: str, monkeypatch: pytest.MonkeyPatch) -> list[list[np.ndarray]]:
-    monkeypatch.setenv("ALLSCORE_MORPH", backend)
+    monkeypatch.setattr(morph, "_backend", morph.backend())  # restored after the test
+    morph.use(backend)
     assert morph.backend() == backend
     rng = np.random.default_rng(3)
     results = []
@@ -76,3 +77,16 @@ def test_what_the_operations_do() -> None:
     cut = morph.black_outside(image, mask)
     assert cut.shape == image.shape and cut.dtype == np.uint8 and (image == 200).all()  # a new image
     assert (cut[mask] == 200).all() and (cut[~mask] == 0).all()
+
+
+def test_allscore_morph_scipy_forces_the_fallback_in_a_new_process() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ALLSCORE_MORPH": "scipy"}
+    code = "from core import morph; print(morph.backend())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "scipy"
+    with pytest.raises(ValueError, match="use 'opencv'"):
+        morph.use("numpy")
