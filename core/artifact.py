@@ -3,6 +3,8 @@
 Layout under a store root (a folder or s3://bucket/prefix):
     {root}/{name}/{version}/model.keras
     {root}/{name}/{version}/manifest.json
+    {root}/{name}/{version}/model.onnx          (the serving export, listed in manifest.exports)
+    {root}/{name}/{version}/export.onnx.json    (its record, for an export added after publishing)
     {root}/{name}/aliases/{alias}.json      -> {"version": "..."}
 """
 
@@ -12,7 +14,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
 MANIFEST_FILE = "manifest.json"
+ONNX_FILE = "model.onnx"
+_EXPORT_FILE_RE = re.compile(r"^model[A-Za-z0-9_-]*\.onnx$")
 POSITIVE_CLASS = "all"
 # Index i of the model's output space; the single sigmoid output is p(class_names[1]) = p(all).
 CLASS_NAMES = ("hem", "all")
@@ -52,6 +56,15 @@ class ModelIntegrityError(ModelError):
     """model.keras does not match the sha256 recorded in its manifest."""
 
 
+class ExportMissing(ModelNotFound):
+    """The version has no export in the format a TensorFlow-free runtime needs."""
+
+
+def export_record_file(key: str) -> str:
+    """The file name of the record of an export added to a version after it was published."""
+    return f"export.{key}.json"
+
+
 class ValidationMetrics(BaseModel):
     """Metrics measured on the held-out (by subject) validation side, positive class `all`."""
 
@@ -65,6 +78,31 @@ class ValidationMetrics(BaseModel):
     confusion: dict[str, int] = Field(default_factory=dict)  # tp, fp, tn, fn
     n_cells: int = 0
     n_subjects: int = 0
+
+
+class ServingExport(BaseModel):
+    """A serving format of the model (ONNX), made from model.keras and checked against it before publishing."""
+
+    format: str = "onnx"
+    file: str = ONNX_FILE
+    sha256: str
+    precision: str = "float32"
+    converter: str = ""  # e.g. "tf2onnx 1.17.0"
+    opset: int | None = None
+    # The largest |p(all) difference| from model.keras over the checked cells, and the bound it had to be within.
+    max_abs_diff: float
+    tolerance: float
+    checked_on: str = ""  # which cells: the validation cells of the version, or a deterministic synthetic sample
+    n_checked: int = 0
+    created_at: str = ""
+
+    @field_validator("file")
+    @classmethod
+    def _safe_file(cls, value: str) -> str:
+        # The file name becomes a path in the store and the cache: model*.onnx, no separators.
+        if not _EXPORT_FILE_RE.match(value):
+            raise ValueError(f"export file {value!r}: must be model*.onnx")
+        return value
 
 
 class ModelManifest(BaseModel):
@@ -100,6 +138,9 @@ class ModelManifest(BaseModel):
     # The training report's PNGs (ROC, confusion matrix, learning curves, per-subject accuracy), file names in the
     # version's folder; empty in versions published before the report existed.
     report_pictures: list[str] = Field(default_factory=list)
+    # Serving exports by key ("onnx"), each a file beside model.keras with its sha256; empty in versions published
+    # before exports existed (`allscore models export REF` adds one beside such a version: export.onnx.json).
+    exports: dict[str, ServingExport] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -196,15 +237,35 @@ class Registry:
         self.store: ObjectStore = store_for(self.root, self.settings)
 
     # -- publishing ---------------------------------------------------------------------------------
-    def publish(self, model_file: Path, manifest: ModelManifest, pictures: Sequence[Path] = ()) -> str:
-        """Upload model.keras, the report pictures and manifest.json as a new immutable version; return
-        `name:version`. Each picture must be listed by file name in manifest.report_pictures."""
+    def publish(
+        self,
+        model_file: Path,
+        manifest: ModelManifest,
+        pictures: Sequence[Path] = (),
+        exports: Mapping[str, Path] | None = None,
+    ) -> str:
+        """Upload model.keras, the serving exports, the report pictures and manifest.json as a new immutable
+        version; return `name:version`. Each picture must be listed by file name in manifest.report_pictures, each
+        export under its key in manifest.exports with its sha256."""
         _check_name(manifest.name, manifest.ref)
         digest = sha256_file(model_file)
         if manifest.sha256 != digest:
             raise ModelIntegrityError(
                 f"manifest sha256 {manifest.sha256[:12]}... does not match {model_file} ({digest[:12]}...)"
             )
+        exports = dict(exports or {})
+        unlisted = set(exports) - set(manifest.exports)
+        if unlisted:
+            raise ModelError(f"exports {', '.join(sorted(unlisted))} are not listed in the manifest's exports")
+        if set(manifest.exports) - set(exports):
+            # A manifest republished with model.keras alone (copied from another store): the version holds only the
+            # files given, and its manifest lists only those.
+            log.info("%s: publishing without the exports whose files were not given", manifest.ref)
+            manifest = manifest.model_copy(
+                update={"exports": {k: v for k, v in manifest.exports.items() if k in exports}}
+            )
+        for key, path in exports.items():
+            _check_export_file(path, manifest.exports[key])
         vdir = self.version_uri(manifest.name, manifest.version)
         manifest_uri = join_uri(vdir, MANIFEST_FILE)
         if self.store.exists(manifest_uri):
@@ -213,6 +274,8 @@ class Registry:
             )
         try:
             self.store.upload(model_file, join_uri(vdir, MODEL_FILE), overwrite=False)
+            for key, path in exports.items():
+                self.store.upload(path, join_uri(vdir, manifest.exports[key].file), overwrite=False)
             for picture in pictures:
                 if picture.name not in manifest.report_pictures or picture.name in (MODEL_FILE, MANIFEST_FILE):
                     raise ModelError(f"{picture.name}: a published picture must be listed in report_pictures")
@@ -225,6 +288,35 @@ class Registry:
             ) from exc
         log.info("published %s to %s", manifest.ref, vdir)
         return manifest.ref
+
+    def publish_export(self, ref: str | ModelRef, key: str, path: Path, record: ServingExport) -> ModelManifest:
+        """Add a serving export to a published version that has none under `key`: the file, then its record
+        (export.KEY.json), both written once; the version's manifest.json is never rewritten. Returns the manifest
+        as it now resolves (with the export)."""
+        parsed = parse_ref(ref) if isinstance(ref, str) else ref
+        manifest, vdir = self._resolve(parsed)
+        if key in manifest.exports:
+            raise VersionExists(
+                f"{manifest.ref} already has a {key} export ({manifest.exports[key].file}); versions are immutable"
+            )
+        _check_export_file(path, record)
+        store = self._store_of(join_uri(vdir, MANIFEST_FILE))
+        file_uri = join_uri(vdir, record.file)
+        try:
+            store.upload(path, file_uri, overwrite=False)
+        except AlreadyExists as exc:
+            raise ModelError(
+                f"{file_uri} exists but has no record ({export_record_file(key)}): an earlier export was cut short; "
+                "remove that file from the store and export again"
+            ) from exc
+        try:
+            store.write_bytes(
+                join_uri(vdir, export_record_file(key)), record.model_dump_json(indent=2).encode(), overwrite=False
+            )
+        except AlreadyExists as exc:
+            raise VersionExists(f"{manifest.ref} already has a {key} export; versions are immutable") from exc
+        log.info("published the %s export of %s to %s", key, manifest.ref, vdir)
+        return manifest.model_copy(update={"exports": {**manifest.exports, key: record}})
 
     def promote(self, ref: str, alias: str) -> ModelManifest:
         """Point `name@alias` at the version that `ref` resolves to."""
@@ -272,10 +364,36 @@ class Registry:
         return sorted(out, key=lambda m: (m.name, m.version))
 
     def resolve(self, ref: str | ModelRef) -> ModelManifest:
-        """The manifest a reference points at (name alone means the newest version)."""
+        """The manifest a reference points at (name alone means the newest version), with the exports added to the
+        version after it was published."""
         parsed = parse_ref(ref) if isinstance(ref, str) else ref
+        return self._resolve(parsed)[0]
+
+    def _resolve(self, parsed: ModelRef) -> tuple[ModelManifest, str]:
+        """The manifest (late exports merged in) and the version's folder URI."""
         if parsed.uri:
-            return self._read_manifest(join_uri(parsed.uri, MANIFEST_FILE))
+            manifest = self._read_manifest(join_uri(parsed.uri, MANIFEST_FILE))
+            return self._with_late_exports(manifest, parsed.uri), parsed.uri
+        manifest = self._resolve_named(parsed)
+        vdir = self.version_uri(manifest.name, manifest.version)
+        return self._with_late_exports(manifest, vdir), vdir
+
+    def _with_late_exports(self, manifest: ModelManifest, vdir: str) -> ModelManifest:
+        """The manifest with the record of an ONNX export published beside the version after it (if any)."""
+        if "onnx" in manifest.exports:
+            return manifest
+        uri = join_uri(vdir, export_record_file("onnx"))
+        try:
+            raw = self._store_of(uri).read_bytes(uri)
+        except ObjectNotFound:
+            return manifest
+        try:
+            record = ServingExport.model_validate_json(raw)
+        except ValidationError as exc:
+            raise ModelError(f"{uri} is not a valid export record: {exc.errors()[0]['msg']}") from exc
+        return manifest.model_copy(update={"exports": {**manifest.exports, "onnx": record}})
+
+    def _resolve_named(self, parsed: ModelRef) -> ModelManifest:
         assert parsed.name is not None
         version = parsed.version
         if parsed.alias:
@@ -297,26 +415,47 @@ class Registry:
     def model_uri(self, ref: str | ModelRef) -> tuple[str, ModelManifest]:
         """The URI of model.keras and its manifest."""
         parsed = parse_ref(ref) if isinstance(ref, str) else ref
-        manifest = self.resolve(parsed)
-        vdir = parsed.uri or self.version_uri(manifest.name, manifest.version)
+        manifest, vdir = self._resolve(parsed)
         return join_uri(vdir, MODEL_FILE), manifest
 
     def fetch(self, ref: str | ModelRef, cache_dir: Path | None = None) -> tuple[Path, ModelManifest]:
         """Download model.keras into the local cache (once) and check its sha256; return path and manifest."""
         uri, manifest = self.model_uri(ref)
-        cache_dir = cache_dir or self.settings.cache_dir
-        local = cache_dir / manifest.name / manifest.version / MODEL_FILE
-        if not (local.exists() and sha256_file(local) == manifest.sha256):
+        local = (cache_dir or self.settings.cache_dir) / manifest.name / manifest.version / MODEL_FILE
+        self._download_checked(uri, local, manifest.sha256)
+        return local, manifest
+
+    def fetch_export(
+        self, ref: str | ModelRef, key: str = "onnx", cache_dir: Path | None = None
+    ) -> tuple[Path, ModelManifest]:
+        """Download the version's `key` export into the local cache (once) and check its sha256; ExportMissing,
+        with the command that makes one, if the version has none."""
+        parsed = parse_ref(ref) if isinstance(ref, str) else ref
+        manifest, vdir = self._resolve(parsed)
+        record = manifest.exports.get(key)
+        if record is None:
+            store = "" if self.root == self.settings.model_store.rstrip("/") else f" --store {self.root}"
+            raise ExportMissing(
+                f"{manifest.ref} has no {key} export (model.onnx), which ALLSCORE_RUNTIME=onnxruntime serves: run "
+                f"`allscore models export {manifest.ref}{store}` where TensorFlow is installed, or serve this "
+                "version with ALLSCORE_RUNTIME=tensorflow"
+            )
+        local = (cache_dir or self.settings.cache_dir) / manifest.name / manifest.version / record.file
+        self._download_checked(join_uri(vdir, record.file), local, record.sha256)
+        return local, manifest
+
+    def _download_checked(self, uri: str, local: Path, sha256: str) -> None:
+        """Download uri to local unless the cached copy matches sha256; refuse a file that does not match it."""
+        if not (local.exists() and sha256_file(local) == sha256):
             local.parent.mkdir(parents=True, exist_ok=True)
             self._store_of(uri).download(uri, local)
         digest = sha256_file(local)
-        if digest != manifest.sha256:
+        if digest != sha256:
             local.unlink(missing_ok=True)
             raise ModelIntegrityError(
-                f"{uri}: sha256 {digest[:16]}... does not match the manifest ({manifest.sha256[:16]}...); "
+                f"{uri}: sha256 {digest[:16]}... does not match the manifest ({sha256[:16]}...); "
                 "the file is corrupt or was swapped: republish the model as a new version"
             )
-        return local, manifest
 
     def _store_of(self, uri: str) -> ObjectStore:
         """This registry's store for its own objects; a reference by URI may point at another store."""
@@ -333,6 +472,18 @@ class Registry:
             return ModelManifest.model_validate_json(raw)
         except ValidationError as exc:
             raise ModelError(f"{uri} is not a valid allscore manifest: {exc.errors()[0]['msg']}") from exc
+
+
+def _check_export_file(path: Path, record: ServingExport) -> None:
+    """An export file must match its record's sha256 and have passed its check against model.keras."""
+    digest = sha256_file(path)
+    if digest != record.sha256:
+        raise ModelIntegrityError(f"export sha256 {record.sha256[:12]}... does not match {path} ({digest[:12]}...)")
+    if not record.max_abs_diff <= record.tolerance:
+        raise ModelError(
+            f"{record.file} differs from model.keras by {record.max_abs_diff:.3g} > {record.tolerance:.3g}: "
+            "not published"
+        )
 
 
 @dataclass

@@ -158,8 +158,10 @@ class ServingModel:
 
     Calling the Keras model eagerly runs op by op; one tf.function over the fixed batch shape lets
     TensorFlow fuse convolution, bias and ReLU (measured +20-35% cells/s here). The batch shape never
-    changes (the last batch is padded), so the graph is traced once.
+    changes (the last batch is padded), so the graph is traced once. One of the runtimes of core/runtimes.py.
     """
+
+    runtime = "tensorflow"
 
     def __init__(self, model: Any, precision: str = "float32") -> None:
         import tensorflow as tf

@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     queue: str = "allscore"
     batch_size: int = Field(default=64, ge=1, le=4096)
     precision: Literal["float32", "bfloat16"] = "float32"
+    # Which runtime runs the model's forward pass (core/runtimes.py): TensorFlow on model.keras, or ONNX Runtime on
+    # the version's model.onnx (a worker on it never imports TensorFlow, and refuses a version without the export);
+    # auto: ONNX Runtime where it is installed and the version has the export, else TensorFlow.
+    runtime: Literal["tensorflow", "onnxruntime", "auto"] = Field(
+        default="tensorflow", description="tensorflow | onnxruntime | auto"
+    )
     tf_threads: int = Field(default=0, ge=0, description="TensorFlow threads per process; 0 = cores/concurrency")
     worker_concurrency: int = Field(default=0, ge=0, description="worker processes; 0 = number of cores")
     # Fetch+decode threads per worker process. They share the cores with TensorFlow: on 2 cores, 2 threads

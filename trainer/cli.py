@@ -18,7 +18,7 @@ StoreOpt = Annotated[
 ]
 
 data_app = typer.Typer(help="Data sets: synthetic C-NMC-layout cells.", no_args_is_help=True)
-models_app = typer.Typer(help="The model registry: list, show, promote.", no_args_is_help=True)
+models_app = typer.Typer(help="The model registry: list, show, promote, export.", no_args_is_help=True)
 err = stderr_console()
 out = stdout_console()
 
@@ -186,6 +186,29 @@ def models_promote(
     """Point name@ALIAS at the version REF resolves to."""
     manifest = Registry(store).promote(ref, alias)
     typer.echo(f"{manifest.name}@{alias} -> {manifest.ref}")
+
+
+@models_app.command("export")
+def models_export(
+    ref: Annotated[str, typer.Argument(metavar="REF", help="name:version, name@alias or a URI")],
+    data: Annotated[
+        Path | None,
+        typer.Option(help="data set holding the version's validation subjects; default the one it was trained on"),
+    ] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Add the ONNX export (model.onnx) to a version published without one, for ALLSCORE_RUNTIME=onnxruntime
+    workers. Its outputs are checked against model.keras on the version's validation cells (synthetic cells when
+    that data set is not here) before it is published beside the version. Needs TensorFlow and allscore[onnx]."""
+    from trainer.export import export_published
+
+    manifest = export_published(ref, store=store, data=data)
+    record = manifest.exports["onnx"]
+    err.print(
+        f"{manifest.ref}: {record.file} ({record.converter}, opset {record.opset}), max |p difference| "
+        f"{record.max_abs_diff:.2g} <= {record.tolerance:g} on {record.checked_on}"
+    )
+    typer.echo(manifest.ref)
 
 
 def _fmt(value: object) -> str:

@@ -19,6 +19,7 @@ from core.inference import configure_tensorflow, predict_proba
 from core.settings import Settings, get_settings
 from trainer.arch import DEFAULT_SIZES, build_model, check_architecture
 from trainer.dataset import Dataset, data_scale, discover, split_by_subject
+from trainer.export import CHECK_CELLS, converter_available, evenly_spaced, make_onnx_export, synthetic_check_cells
 from trainer.loading import CellArrays, decode_cells
 from trainer.metrics import choose_threshold, summarize
 from trainer.report_pictures import training_report
@@ -63,6 +64,9 @@ class TrainOutcome:
     seconds: float
     # The training report (trainer/report_pictures.py): file name -> PNG, listed in manifest.report_pictures.
     pictures: dict[str, bytes] = field(default_factory=dict)
+    # The validation cells (a deterministic sample) the serving export is checked on before publishing.
+    check_images: np.ndarray | None = None
+    checked_on: str = ""
 
 
 def _class_weights(labels: np.ndarray) -> dict[int, float]:
@@ -223,7 +227,15 @@ def train_model(data: Path, config: TrainConfig, console: Console | None = None)
         um_per_px_source=scale_source,
         report_pictures=list(pictures),
     )
-    return TrainOutcome(model=model, manifest=manifest, seconds=seconds, pictures=pictures)
+    check = evenly_spaced(len(val.images), CHECK_CELLS)
+    return TrainOutcome(
+        model=model,
+        manifest=manifest,
+        seconds=seconds,
+        pictures=pictures,
+        check_images=val.images[check],
+        checked_on=f"{len(check)} validation cells of {data}",
+    )
 
 
 def _describe_split(config: TrainConfig, val_ds: Dataset) -> str:
@@ -237,9 +249,13 @@ def _describe_split(config: TrainConfig, val_ds: Dataset) -> str:
     return "by subject: validation = 20% of subjects (default)"
 
 
-def publish(outcome: TrainOutcome, store: str | None = None, settings: Settings | None = None) -> ModelManifest:
-    """Save the model to model.keras, record its sha256 and publish the version, with the training report's
-    pictures beside it, to the store."""
+def publish(
+    outcome: TrainOutcome, store: str | None = None, settings: Settings | None = None, *, export: bool = True
+) -> ModelManifest:
+    """Save the model to model.keras, record its sha256 and publish the version, with its ONNX export (checked
+    against model.keras on the validation cells; trainer/export.py) and the training report's pictures beside
+    it, to the store. Without the converter installed (allscore[onnx]) the version is published without the
+    export, with a warning: `allscore models export REF` adds it later."""
     with tempfile.TemporaryDirectory(prefix="allscore-") as tmp:
         path = Path(tmp) / "model.keras"
         outcome.model.save(path)
@@ -248,5 +264,24 @@ def publish(outcome: TrainOutcome, store: str | None = None, settings: Settings 
             pictures.append(Path(tmp) / name)
             pictures[-1].write_bytes(png)
         manifest = outcome.manifest.model_copy(update={"sha256": sha256_file(path)})
-        Registry(store, settings).publish(path, manifest, pictures)
+        exports: dict[str, Path] = {}
+        if export and not converter_available():
+            log.warning(
+                "tf2onnx/onnxruntime not installed: %s is published without model.onnx; "
+                "install allscore[onnx] and run `allscore models export %s`",
+                manifest.ref,
+                manifest.ref,
+            )
+        elif export:
+            # The export is made from model.keras as saved, so it is what a worker would load.
+            from core.artifact import load_keras
+
+            if outcome.check_images is not None and len(outcome.check_images):
+                images, checked_on = outcome.check_images, outcome.checked_on
+            else:
+                images = synthetic_check_cells(manifest.input_size)
+                checked_on = f"{len(images)} synthetic cells (seed 0)"
+            exports["onnx"], record = make_onnx_export(load_keras(path), Path(tmp), images, checked_on)
+            manifest = manifest.model_copy(update={"exports": {"onnx": record}})
+        Registry(store, settings).publish(path, manifest, pictures, exports)
     return manifest

@@ -15,9 +15,10 @@ from functools import lru_cache
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import cpus
-from core.artifact import LoadedModel, ModelError, ModelNotFound, Registry, load_keras, parse_ref
+from core.artifact import LoadedModel, ModelError, ModelNotFound, Registry, parse_ref
 from core.contract import DEFAULT_STORE
-from core.inference import ServingModel, configure_tensorflow
+from core.inference import configure_tensorflow
+from core.runtimes import choose_runtime, load_runtime_model, tensorflow_imported
 from core.settings import Settings, get_settings
 from core.storage import Fetcher
 from db.engine import make_engine, session_factory
@@ -75,8 +76,11 @@ class WorkerContext:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        with soft_limit_waits():
-            configure_tensorflow(tf_threads_for(settings))
+        # TensorFlow is configured (and so imported) only where it may serve: never for ALLSCORE_RUNTIME=onnxruntime,
+        # and for auto only when a version without an ONNX export first needs it.
+        self._tf_configured = False
+        if settings.runtime == "tensorflow":
+            self._configure_tensorflow()
         self.sessions: sessionmaker[Session] = session_factory(make_engine(settings.database_url, settings))
         self.stores = settings.stores()
         self.pool = ThreadPoolExecutor(max_workers=io_threads_for(settings), thread_name_prefix="allscore-io")
@@ -106,18 +110,43 @@ class WorkerContext:
             if cached is not None:
                 return cached
             started = time.perf_counter()
-            path, manifest = Registry(root, self.settings).fetch(parsed)
+            registry = Registry(root, self.settings)
+            manifest = registry.resolve(parsed)
             if manifest.ref != key[1]:
                 raise ModelError(f"store {store!r} answered {version} with model {manifest.ref}; republish it")
+            runtime = choose_runtime(self.settings.runtime, "onnx" in manifest.exports, self.settings.precision)
+            if runtime == "onnxruntime":
+                # ExportMissing, with the command that makes the export, for a version without one.
+                path, manifest = registry.fetch_export(parsed, "onnx")
+            else:
+                path, manifest = registry.fetch(parsed)
+                self._configure_tensorflow()
             with soft_limit_waits():
-                model = ServingModel(load_keras(path), self.settings.precision)
+                model = load_runtime_model(runtime, path, self.settings.precision, tf_threads_for(self.settings))
             loaded = LoadedModel(model=model, manifest=manifest, path=path)
             self._models[key] = loaded
         seconds = time.perf_counter() - started
         metrics.MODEL_LOADS.inc()
         metrics.MODEL_LOAD_SECONDS.observe(seconds)
-        log.info("model loaded: %s in pid %d (%.2fs) from store %s", key[1], os.getpid(), seconds, store)
+        log.info(
+            "model loaded: %s in pid %d (%.2fs) from store %s; runtime %s, %s (tensorflow %s in this process)",
+            key[1],
+            os.getpid(),
+            seconds,
+            store,
+            model.runtime,
+            model.precision,
+            "imported" if tensorflow_imported() else "not imported",
+        )
         return loaded
+
+    def _configure_tensorflow(self) -> None:
+        """Import and configure TensorFlow once, before its first op (the soft time limit waits for it)."""
+        if self._tf_configured:
+            return
+        with soft_limit_waits():
+            configure_tensorflow(tf_threads_for(self.settings))
+        self._tf_configured = True
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,239 @@
+"""Serving runtimes: the ONNX export matches TensorFlow, is published with its sha256, and serves without TensorFlow.
+
+Tolerance: ONNX Runtime's p(all) must be within trainer.export.EXPORT_TOLERANCE (1e-4) of TensorFlow's, on real
+C-NMC cells and on synthetic ones; both compute in float32, with different kernels and summation orders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from keras import layers
+from typer.testing import CliRunner
+
+from core.artifact import (
+    ExportMissing,
+    ModelError,
+    ModelManifest,
+    Registry,
+    ServingExport,
+    ValidationMetrics,
+    VersionExists,
+    sha256_file,
+)
+from core.imaging import load_image
+from core.inference import ServingModel, predict_proba
+from core.runtimes import OnnxServingModel, choose_runtime, load_runtime_model, onnxruntime_available
+from tests.fixtures import PublishedModel
+from tests.helpers import REPO_ROOT, cnmc_cells
+from trainer.arch import build_model
+from trainer.export import (
+    EXPORT_TOLERANCE,
+    converter_available,
+    make_onnx_export,
+    max_difference,
+    synthetic_check_cells,
+)
+
+pytestmark = pytest.mark.skipif(not converter_available(), reason="allscore[onnx] not installed")
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def seed_model():
+    """A seed network with non-trivial batch-norm statistics (outputs that vary between cells)."""
+    model = build_model("seed", SIZE, seed=1)
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            g, b, mu, v = layer.get_weights()
+            layer.set_weights(
+                [
+                    rng.uniform(1.0, 3.0, g.shape),
+                    rng.normal(0.5, 0.2, b.shape),
+                    rng.normal(0, 0.1, mu.shape),
+                    rng.uniform(0.2, 2.0, v.shape),
+                ]
+            )
+    # Centre and widen the output's logits, so that p(all) spreads over (0, 1) instead of sitting near 0.
+    cells = np.concatenate([synthetic_check_cells(SIZE, n=16, seed=11), _real_cells()])
+    p = np.clip(predict_proba(model, cells, 8), 1e-6, 1 - 1e-6)
+    logits = np.log(p / (1 - p))
+    out = model.get_layer("p_all")
+    kernel, bias = out.get_weights()
+    gain = 2.0 / max(float(logits.std()), 1e-3)
+    out.set_weights([kernel * gain, (bias - logits.mean()) * gain])
+    return model
+
+
+def _real_cells() -> np.ndarray:
+    return np.stack([load_image(path, SIZE) for path in cnmc_cells()])
+
+
+def test_onnx_runtime_matches_tensorflow_on_real_and_synthetic_cells(seed_model, tmp_path: Path) -> None:
+    real, synthetic = _real_cells(), synthetic_check_cells(SIZE, n=24, seed=3)
+    path, record = make_onnx_export(seed_model, tmp_path, synthetic, "24 synthetic cells")
+    assert path.name == "model.onnx" and record.sha256 == sha256_file(path)
+    assert record.max_abs_diff <= EXPORT_TOLERANCE == record.tolerance
+    onnx = OnnxServingModel(path, threads=1)
+    assert onnx.runtime == "onnxruntime" and onnx.precision == "float32"
+    tensorflow = ServingModel(seed_model)
+    for cells in (real, synthetic):
+        expected = predict_proba(seed_model, cells, 8)
+        assert expected.std() > 0.01  # the comparison means something only if the outputs vary
+        # batch 8 with a padded last batch, as the engine calls it
+        np.testing.assert_allclose(predict_proba(onnx, cells, 8), expected, atol=EXPORT_TOLERANCE)
+        np.testing.assert_allclose(predict_proba(onnx, cells, 8), predict_proba(tensorflow, cells, 8), atol=1e-4)
+
+
+def test_an_export_of_another_model_is_refused(seed_model, tmp_path: Path) -> None:
+    cells = synthetic_check_cells(SIZE, n=16)
+    other = build_model("seed", SIZE, seed=2)
+    path, record = make_onnx_export(other, tmp_path, cells, "16 synthetic cells")
+    assert max_difference(seed_model, path, cells) > EXPORT_TOLERANCE
+    # A record that failed its check is never published.
+    model_file = tmp_path / "m.keras"
+    seed_model.save(model_file)
+    failed = record.model_copy(update={"max_abs_diff": 0.2})
+    manifest = _manifest(model_file, "bad").model_copy(update={"exports": {"onnx": failed}})
+    with pytest.raises(ModelError, match=r"differs from model\.keras"):
+        Registry(str(tmp_path / "store")).publish(model_file, manifest, exports={"onnx": path})
+
+
+def test_publishing_writes_model_onnx_with_its_sha256(tiny_model: PublishedModel) -> None:
+    registry = Registry(tiny_model.store)
+    manifest = registry.resolve(tiny_model.ref)
+    record = manifest.exports["onnx"]
+    stored = Path(tiny_model.store) / "tiny" / "v1" / "model.onnx"
+    assert stored.exists() and sha256_file(stored) == record.sha256
+    assert json.loads((stored.parent / "manifest.json").read_text())["exports"]["onnx"]["sha256"] == record.sha256
+    assert record.max_abs_diff <= record.tolerance and "validation cells" in record.checked_on
+    assert record.n_checked > 0 and record.converter.startswith("tf2onnx")
+    path, _ = registry.fetch_export(tiny_model.ref)
+    assert sha256_file(path) == record.sha256
+    with pytest.raises(VersionExists):
+        registry.publish_export(tiny_model.ref, "onnx", path, record)
+
+
+def _manifest(path: Path, version: str) -> ModelManifest:
+    return ModelManifest(
+        name="legacy",
+        version=version,
+        created_at="2026-01-01T00:00:00",
+        architecture="tiny",
+        input_size=SIZE,
+        threshold=0.5,
+        train_subjects=["1"],
+        val_subjects=["2"],
+        sha256=sha256_file(path),
+        validation=ValidationMetrics(weighted_f1=0.9, auc=0.9, sensitivity=0.9, specificity=0.8, accuracy=0.9),
+    )
+
+
+def _publish_without_export(store: str, tmp_path: Path, version: str = "v0") -> ModelManifest:
+    model = build_model("tiny", SIZE, seed=0)
+    path = tmp_path / "legacy.keras"
+    model.save(path)
+    manifest = _manifest(path, version)
+    Registry(store).publish(path, manifest)
+    return manifest
+
+
+def test_models_export_adds_the_export_to_an_older_version(tmp_path: Path) -> None:
+    from allscore.cli import app
+
+    store = str(tmp_path / "store")
+    _publish_without_export(store, tmp_path)
+    registry = Registry(store)
+    manifest_file = tmp_path / "store" / "legacy" / "v0" / "manifest.json"
+    before = manifest_file.read_bytes()
+    with pytest.raises(ExportMissing, match=r"allscore models export legacy:v0 --store"):
+        registry.fetch_export("legacy:v0")
+
+    result = CliRunner().invoke(app, ["models", "export", "legacy:v0", "--store", store])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == "legacy:v0"
+    record = registry.resolve("legacy:v0").exports["onnx"]
+    assert "synthetic cells" in record.checked_on  # its data set is not on this machine
+    assert manifest_file.read_bytes() == before  # the version's manifest is never rewritten
+    assert (manifest_file.parent / "export.onnx.json").exists()
+    path, _ = registry.fetch_export("legacy:v0")
+    assert sha256_file(path) == record.sha256
+    cells = synthetic_check_cells(SIZE, n=8, seed=5)
+    expected = predict_proba(build_model("tiny", SIZE, seed=0), cells, 8)
+    np.testing.assert_allclose(predict_proba(OnnxServingModel(path), cells, 8), expected, atol=EXPORT_TOLERANCE)
+    # Again: nothing to do, nothing overwritten.
+    again = CliRunner().invoke(app, ["models", "export", "legacy:v0", "--store", store])
+    assert again.exit_code == 0, again.output
+    with pytest.raises(VersionExists):
+        registry.publish_export("legacy:v0", "onnx", path, record)
+
+
+def test_a_record_names_only_model_onnx_files() -> None:
+    with pytest.raises(ValueError, match=r"model\*\.onnx"):
+        ServingExport(file="../../etc/passwd", sha256="0", max_abs_diff=0, tolerance=1)
+
+
+def test_choose_runtime() -> None:
+    assert choose_runtime("tensorflow", True) == "tensorflow"
+    assert choose_runtime("onnxruntime", False) == "onnxruntime"  # refused later, with the advice
+    assert choose_runtime("auto", False) == "tensorflow"
+    assert choose_runtime("auto", True) == ("onnxruntime" if onnxruntime_available() else "tensorflow")
+    with pytest.raises(ValueError):
+        choose_runtime("tensorrt", True)
+
+
+_SERVE_WITHOUT_TENSORFLOW = """
+import sys
+import numpy as np
+from core.settings import get_settings
+from worker.context import WorkerContext
+ctx = WorkerContext(get_settings())
+loaded = ctx.model(sys.argv[1])
+p = loaded.model(np.zeros((4, 32, 32, 3), dtype=np.uint8), training=False)
+print("runtime", loaded.model.runtime, "shape", p.shape, "tensorflow", "tensorflow" in sys.modules)
+ctx.model(sys.argv[2])
+"""
+
+
+def test_a_worker_process_on_onnx_runtime_never_imports_tensorflow(tiny_model: PublishedModel, tmp_path: Path) -> None:
+    store = tiny_model.store
+    _publish_without_export(store, tmp_path, version="noexport")
+    env = {
+        **os.environ,
+        "ALLSCORE_HOME": str(tmp_path / "home"),
+        "ALLSCORE_MODEL_STORE": store,
+        "ALLSCORE_RUNTIME": "onnxruntime",
+        "ALLSCORE_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _SERVE_WITHOUT_TENSORFLOW, tiny_model.ref, "legacy:noexport"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "runtime onnxruntime shape (4, 1) tensorflow False" in done.stdout, done.stderr
+    # The version without an export is refused, with the command that makes one.
+    assert "ExportMissing" in done.stderr and "allscore models export legacy:noexport" in done.stderr
+
+
+def test_load_runtime_model_tensorflow(tiny_model: PublishedModel) -> None:
+    path, _ = Registry(tiny_model.store).fetch(tiny_model.ref)
+    model = load_runtime_model("tensorflow", path)
+    assert model.runtime == "tensorflow"
+    onnx_path, _ = Registry(tiny_model.store).fetch_export(tiny_model.ref)
+    cells = synthetic_check_cells(SIZE, n=8, seed=7)
+    np.testing.assert_allclose(
+        predict_proba(load_runtime_model("onnxruntime", onnx_path), cells, 8),
+        predict_proba(model, cells, 8),
+        atol=EXPORT_TOLERANCE,
+    )

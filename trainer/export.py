@@ -1,0 +1,160 @@
+"""Serving exports: the model in ONNX for TensorFlow-free workers, checked against model.keras before publishing.
+
+The export is the model as the TensorFlow worker serves it in float32 (`core.inference.prepare_for_serving`: batch
+normalisation folded, dropout gone), converted with tf2onnx (`tf2onnx.convert.from_keras`, a uint8 input `image` of
+any batch size, opset 17). Keras 3's own `model.export(format="onnx")` calls the same converter but refuses a
+functional model that was loaded and never called ("The model provided has never called"), which a published
+model.keras is. Before anything is published, ONNX Runtime's p(all) on the check cells must be within
+EXPORT_TOLERANCE of model.keras's own (the Keras model as loaded, called directly); the difference and the cells
+are recorded in the manifest (`exports.onnx`).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.artifact import ONNX_FILE, ModelManifest, Registry, ServingExport, load_keras, parse_ref, sha256_file
+from core.errors import AllscoreError
+from core.imaging import model_input
+from core.inference import configure_tensorflow, predict_proba, prepare_for_serving
+from core.runtimes import OnnxServingModel
+from core.settings import Settings, get_settings
+from trainer.dataset import discover
+from trainer.loading import decode_cells
+
+log = logging.getLogger(__name__)
+
+# The largest |p(all)| difference between ONNX Runtime and model.keras an export may show on its check cells. Both
+# compute in float32 with different kernels and summation orders: seen up to about 1e-6 on trained models.
+EXPORT_TOLERANCE = 1e-4
+ONNX_OPSET = 17
+# At most this many validation cells (a deterministic, evenly spaced sample) check an export.
+CHECK_CELLS = 256
+
+
+class ExportMismatch(AllscoreError):
+    """The export's outputs differ from model.keras's by more than the tolerance: it is not published."""
+
+
+class ExportUnavailable(AllscoreError):
+    """The converter (tf2onnx, onnx, onnxruntime: allscore[onnx]) is not installed."""
+
+
+def converter_available() -> bool:
+    """Whether tf2onnx and ONNX Runtime import (both are needed to export and check)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("tf2onnx", "onnx", "onnxruntime"))
+
+
+def export_onnx(model: Any, out: Path) -> str:
+    """Write the float32 serving form of a Keras model to `out` as ONNX; return the converter and its version."""
+    if not converter_available():
+        raise ExportUnavailable(
+            "exporting to ONNX needs tf2onnx, onnx and onnxruntime: pip install 'allscore[onnx,trainer]'"
+        )
+    import tensorflow as tf
+    import tf2onnx
+
+    served = prepare_for_serving(model, "float32")
+    shape = tuple(model.inputs[0].shape[1:])
+    spec = (tf.TensorSpec((None, *shape), tf.uint8, name="image"),)
+    tf2onnx.convert.from_keras(served, input_signature=spec, opset=ONNX_OPSET, output_path=str(out))
+    return f"tf2onnx {tf2onnx.__version__}"
+
+
+def max_difference(model: Any, onnx_path: Path, images: np.ndarray, threads: int = 0) -> float:
+    """The largest |p(all)| difference between model.keras (called directly) and ONNX Runtime on `images`."""
+    if len(images) == 0:
+        raise ExportMismatch("no cells to check the export on")
+    expected = predict_proba(model, images, batch_size=64)
+    got = predict_proba(OnnxServingModel(onnx_path, threads), images, batch_size=64)
+    return float(np.max(np.abs(expected - got)))
+
+
+def make_onnx_export(
+    model: Any, out_dir: Path, images: np.ndarray, checked_on: str, tolerance: float = EXPORT_TOLERANCE
+) -> tuple[Path, ServingExport]:
+    """Export `model` to out_dir/model.onnx and check it on `images`; ExportMismatch past the tolerance."""
+    path = out_dir / ONNX_FILE
+    converter = export_onnx(model, path)
+    difference = max_difference(model, path, images)
+    if not difference <= tolerance:
+        raise ExportMismatch(
+            f"the ONNX export differs from model.keras by up to {difference:.3g} in p(all) on {checked_on} "
+            f"(tolerance {tolerance:g}): not published"
+        )
+    record = ServingExport(
+        format="onnx",
+        file=ONNX_FILE,
+        sha256=sha256_file(path),
+        precision="float32",
+        converter=converter,
+        opset=ONNX_OPSET,
+        max_abs_diff=difference,
+        tolerance=tolerance,
+        checked_on=checked_on,
+        n_checked=len(images),
+        created_at=datetime.now(UTC).isoformat(),
+    )
+    log.info("ONNX export checked on %s: max |dp| %.3g (tolerance %g)", checked_on, difference, tolerance)
+    return path, record
+
+
+def evenly_spaced(n_total: int, n: int) -> np.ndarray:
+    """Indices of a deterministic, evenly spaced sample of at most n of n_total items."""
+    if n_total <= n:
+        return np.arange(n_total)
+    return np.unique(np.linspace(0, n_total - 1, n).round().astype(int))
+
+
+def synthetic_check_cells(size: int, n: int = 64, seed: int = 0) -> np.ndarray:
+    """n synthetic cells (half malignant) at the model's input size, the same for the same seed."""
+    from trainer.synth import render_cell
+
+    rng = np.random.default_rng(seed)
+    return np.stack([model_input(render_cell(rng, i % 2 == 0), size) for i in range(n)])
+
+
+def check_cells(manifest: ModelManifest, data: Path | None = None, n: int = CHECK_CELLS) -> tuple[np.ndarray, str]:
+    """The cells an export of a published version is checked on: its validation cells (the held-out subjects of
+    `data`, else of the data set it was trained on, when that is on this machine), else synthetic cells."""
+    source = data or (Path(manifest.data) if manifest.data else None)
+    if source is not None and source.exists():
+        held_out = set(manifest.val_subjects)
+        cells = [c for c in discover(source).cells if c.subject in held_out]
+        if cells:
+            chosen = [cells[i] for i in evenly_spaced(len(cells), n)]
+            arrays = decode_cells(chosen, manifest.input_size)
+            if len(arrays.images):
+                return arrays.images, f"{len(arrays.images)} validation cells of {source}"
+        if data is not None:
+            log.warning("%s holds none of %s's validation subjects: checking on synthetic cells", data, manifest.ref)
+    images = synthetic_check_cells(manifest.input_size)
+    return images, f"{len(images)} synthetic cells (seed 0)"
+
+
+def export_published(
+    ref: str, *, store: str | None = None, data: Path | None = None, settings: Settings | None = None
+) -> ModelManifest:
+    """Export a published version that has no ONNX export, check it against its model.keras, and publish it
+    beside the version (model.onnx + export.onnx.json); return the manifest as it now resolves."""
+    settings = settings or get_settings()
+    configure_tensorflow(settings.tf_threads)
+    registry = Registry(store, settings)
+    path, manifest = registry.fetch(ref)
+    if "onnx" in manifest.exports:
+        log.info("%s already has an ONNX export", manifest.ref)
+        return manifest
+    model = load_keras(path)
+    images, checked_on = check_cells(manifest, data)
+    with tempfile.TemporaryDirectory(prefix="allscore-export-") as tmp:
+        onnx_path, record = make_onnx_export(model, Path(tmp), images, checked_on)
+        # The version fetched, not what an alias points at by now.
+        return registry.publish_export(ref if parse_ref(ref).uri else manifest.ref, "onnx", onnx_path, record)
