@@ -9,23 +9,37 @@ import pytest
 from core.stats import Z_95, fraction, rogan_gladen, wilson_interval
 
 
-def wilson_by_quadratic(k: int, n: int, z: float) -> tuple[float, float]:
-    """The Wilson bounds as the roots of (p_hat - p)^2 = z^2 p (1 - p) / n, solved for p."""
+def wilson_by_inverting_the_score_test(k: int, n: int, z: float) -> tuple[float, float]:
+    """The Wilson interval by its definition, found numerically: the proportions p that the score test
+    |k/n - p| / sqrt(p (1 - p) / n) <= z does not reject, their edges found by scipy's root finder."""
+    from scipy.optimize import brentq
+
     p_hat = k / n
-    a = 1 + z * z / n
-    b = -(2 * p_hat + z * z / n)
-    c = p_hat * p_hat
-    root = math.sqrt(b * b - 4 * a * c)
-    return ((-b - root) / (2 * a), (-b + root) / (2 * a))
+
+    def excess(p: float) -> float:
+        return abs(p_hat - p) - z * math.sqrt(p * (1 - p) / n)
+
+    # Inside the interval (at p_hat, nudged off 0 and 1 where the test's variance vanishes) `excess` is negative;
+    # at 0 and 1 it is positive unless p_hat is that end, which then bounds the interval itself.
+    inside = min(max(p_hat, 1e-300), 1 - 2**-53)
+    low = 0.0 if k == 0 else brentq(excess, 0.0, inside, xtol=1e-15, rtol=1e-15)
+    high = 1.0 if k == n else brentq(excess, inside, 1.0, xtol=1e-15, rtol=1e-15)
+    return low, high
+
+
+def test_z_95_is_the_normal_quantile() -> None:
+    from scipy.stats import norm
+
+    assert norm.ppf(0.975) == pytest.approx(Z_95, abs=1e-15)
 
 
 @pytest.mark.parametrize(("k", "n"), [(0, 1), (1, 1), (3, 10), (50, 100), (1, 1000), (999, 1000), (7, 13)])
 @pytest.mark.parametrize("z", [1.0, Z_95, 2.5758])
-def test_wilson_matches_the_quadratic_solution(k: int, n: int, z: float) -> None:
+def test_wilson_is_the_set_the_score_test_does_not_reject(k: int, n: int, z: float) -> None:
     low, high = wilson_interval(k, n, z)
-    expected_low, expected_high = wilson_by_quadratic(k, n, z)
-    assert low == pytest.approx(expected_low, abs=1e-12)
-    assert high == pytest.approx(expected_high, abs=1e-12)
+    expected_low, expected_high = wilson_by_inverting_the_score_test(k, n, z)
+    assert low == pytest.approx(expected_low, abs=1e-9)
+    assert high == pytest.approx(expected_high, abs=1e-9)
     assert 0.0 <= low <= k / n <= high <= 1.0
 
 
@@ -75,31 +89,43 @@ def test_wilson_refuses_a_meaningless_z(z: float) -> None:
         wilson_interval(1, 2, z)
 
 
-def test_fraction() -> None:
-    assert fraction(3, 12) == 3 / 12
+def test_the_fraction_is_positives_over_cells_and_none_without_cells() -> None:
+    assert fraction(3, 12) == 0.25
     assert fraction(0, 5) == 0.0
+    assert fraction(7, 7) == 1.0
     assert fraction(0, 0) is None
 
 
-@pytest.mark.parametrize(("p", "sens", "spec"), [(0.3, 0.9, 0.8), (0.5, 0.95, 0.7), (0.5, 0.6, 0.6)])
-def test_rogan_gladen_inside_the_range(p: float, sens: float, spec: float) -> None:
-    expected = (p + spec - 1) / (sens + spec - 1)
-    assert 0 < expected < 1
-    assert rogan_gladen(p, sens, spec) == pytest.approx(expected)
+def apparent_prevalence(true_prevalence: float, sensitivity: float, specificity: float) -> float:
+    """What a classifier calls positive in a population: its true positives plus its false positives."""
+    return true_prevalence * sensitivity + (1 - true_prevalence) * (1 - specificity)
 
 
-def test_rogan_gladen_is_the_identity_for_a_perfect_classifier() -> None:
-    for p in (0.0, 0.13, 0.5, 1.0):
-        assert rogan_gladen(p, 1.0, 1.0) == pytest.approx(p)
+@pytest.mark.parametrize("true_prevalence", [0.0, 0.02, 0.3, 0.5, 0.97, 1.0])
+@pytest.mark.parametrize(("sens", "spec"), [(0.9, 0.8), (0.95, 0.7), (0.6, 0.6), (1.0, 1.0), (0.55, 0.99)])
+def test_rogan_gladen_recovers_the_true_prevalence_from_what_the_classifier_calls(
+    true_prevalence: float, sens: float, spec: float
+) -> None:
+    called = apparent_prevalence(true_prevalence, sens, spec)
+    assert rogan_gladen(called, sens, spec) == pytest.approx(true_prevalence, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("p", "sens", "spec", "expected"),
+    # Worked by hand: (p + spec - 1) / (sens + spec - 1) = 0.1 / 0.7, 0.2 / 0.65, 0.15 / 0.7.
+    [(0.3, 0.9, 0.8, 0.142857142857), (0.5, 0.95, 0.7, 0.307692307692), (0.25, 0.8, 0.9, 0.214285714286)],
+)
+def test_rogan_gladen_worked_examples(p: float, sens: float, spec: float, expected: float) -> None:
+    assert rogan_gladen(p, sens, spec) == pytest.approx(expected, abs=1e-11)
 
 
 def test_rogan_gladen_clips_to_the_unit_interval() -> None:
-    # Fewer positives than the false-positive rate alone explains: the raw estimate is negative.
-    assert (0.1 + 0.8 - 1) < 0
+    # Fewer calls than the false-positive rate alone (1 - 0.8 = 0.2) would give: no prevalence explains it.
     assert rogan_gladen(0.1, 0.9, 0.8) == 0.0
-    # More positives than sensitivity allows: the raw estimate is above 1.
-    assert (1.0 + 0.8 - 1) / (0.9 + 0.8 - 1) > 1
+    assert rogan_gladen(0.2, 0.9, 0.8) == pytest.approx(0.0, abs=1e-12)
+    # More calls than a prevalence of 1 would give (0.9, the sensitivity).
     assert rogan_gladen(1.0, 0.9, 0.8) == 1.0
+    assert rogan_gladen(0.95, 0.9, 0.8) == 1.0
 
 
 @pytest.mark.parametrize(("sens", "spec"), [(0.5, 0.5), (0.3, 0.6), (0.0, 0.0)])
