@@ -204,7 +204,12 @@ ctx.model(sys.argv[2])
 
 
 def test_a_worker_process_on_onnx_runtime_never_imports_tensorflow(tiny_model: PublishedModel, tmp_path: Path) -> None:
-    store = tiny_model.store
+    # A store of its own (the tiny model's is shared by the session): the tiny model with its export, and a
+    # version published without one.
+    store = str(tmp_path / "store")
+    source = Registry(tiny_model.store)
+    keras_file, manifest = source.fetch(tiny_model.ref)
+    Registry(store).publish(keras_file, manifest, exports={"onnx": source.fetch_export(tiny_model.ref)[0]})
     _publish_without_export(store, tmp_path, version="noexport")
     env = {
         **os.environ,
