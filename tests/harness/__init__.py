@@ -8,3 +8,8 @@
 The database fixtures (`db_url`, `engine`, `factory`) live in tests/conftest.py: SQLite there, PostgreSQL under
 tests/integration (its conftest overrides `db_url`).
 """
+
+import pytest
+
+# The harness asserts on the tests' behalf: let pytest show the values when one of its asserts fails.
+pytest.register_assert_rewrite("tests.harness.db", "tests.harness.scenarios")

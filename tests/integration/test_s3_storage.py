@@ -35,7 +35,7 @@ def store(s3_settings: Settings) -> S3Store:
     return s3
 
 
-def test_round_trip(store: S3Store, s3_bucket: str) -> None:
+def test_what_is_written_reads_back_and_an_overwrite_replaces_it(store: S3Store, s3_bucket: str) -> None:
     uri = join_uri(s3_bucket, "samples", "S1", "cell_1.bmp")
     assert not store.exists(uri)
     store.write_bytes(uri, b"BM cell")

@@ -133,7 +133,7 @@ def test_default_url_is_a_file_under_allscore_home() -> None:
         engine.dispose()
 
 
-def test_url_parsing() -> None:
+def test_database_urls_get_their_driver_and_a_bad_one_names_the_setting() -> None:
     assert parse_url("postgresql://u:p@h:5432/d").drivername == "postgresql+psycopg"
     assert parse_url("postgres://u@h/d").drivername == "postgresql+psycopg"
     assert parse_url("sqlite:///x.db").drivername == "sqlite"
@@ -150,12 +150,16 @@ def test_timestamps_are_utc_and_naive_ones_are_refused(factory: Factory) -> None
         s.add(Job(id="naive", submitted_at=datetime(2025, 1, 1), n_samples=0))
 
 
-def test_records_refuse_impossible_values() -> None:
-    with pytest.raises(ValueError, match="exceeds n_cells"):
-        SampleSummary(2, 2, 1, 1.0, 0.5, 1.0, None, 0.9)
-    with pytest.raises(ValueError, match="p_all"):
-        CellResult("a.bmp", math.nan, None)
-    with pytest.raises(ValueError, match="all_fraction"):
-        SampleSummary(2, 1, 0, 1.5, 0.5, 1.0, None, 0.9)
-    with pytest.raises(ValueError, match="flag"):
-        SampleSummary(2, 1, 0, 0.5, 0.1, 0.9, None, 0.5, flags=("a,b",))
+@pytest.mark.parametrize(
+    ("make", "told"),
+    [
+        (lambda: SampleSummary(2, 2, 1, 1.0, 0.5, 1.0, None, 0.9), "exceeds n_cells"),
+        (lambda: CellResult("a.bmp", math.nan, None), "p_all"),
+        (lambda: SampleSummary(2, 1, 0, 1.5, 0.5, 1.0, None, 0.9), "all_fraction"),
+        (lambda: SampleSummary(2, 1, 0, 0.5, 0.1, 0.9, None, 0.5, flags=("a,b",)), "flag"),
+    ],
+    ids=["more ALL and failed than cells", "NaN probability", "fraction over 1", "comma in a flag"],
+)
+def test_records_refuse_impossible_values(make: Callable[[], object], told: str) -> None:
+    with pytest.raises(ValueError, match=told):
+        make()
