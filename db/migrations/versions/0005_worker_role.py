@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from db.roles import create_role, drop_grants
+
 revision: str = "0005"
 down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
@@ -23,21 +25,6 @@ depends_on: str | Sequence[str] | None = None
 
 WORKER = "allscore_worker"
 ANALYST = "allscore_analyst"
-
-# Roles are cluster-wide while the migration lock is per database: a concurrent CREATE ROLE is caught.
-CREATE_WORKER_SQL = f"""
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = '{WORKER}') THEN
-        BEGIN
-            CREATE ROLE {WORKER} NOLOGIN;
-        EXCEPTION WHEN duplicate_object OR unique_violation THEN
-            NULL;
-        END;
-    END IF;
-END
-$$
-"""
 
 ANALYST_LIMITS_SQL = f"""
 DO $$
@@ -53,25 +40,16 @@ $$
 """
 
 
-def _schema(bind: sa.Connection) -> str:
-    return bind.dialect.identifier_preparer.quote_identifier(
-        str(bind.execute(sa.text("SELECT current_schema()")).scalar())
-    )
-
-
 def upgrade() -> None:
     """Create allscore_worker with its grants; limit allscore_analyst."""
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         return
-    bind.execute(sa.text(CREATE_WORKER_SQL))
-    bind.execute(
-        sa.text(f"DO $$ BEGIN EXECUTE format('GRANT CONNECT ON DATABASE %I TO {WORKER}', current_database()); END $$")
+    create_role(
+        bind,
+        WORKER,
+        ["GRANT SELECT, UPDATE ON samples TO {role}", "GRANT SELECT, INSERT, DELETE ON cells TO {role}"],
     )
-    schema = _schema(bind)
-    bind.execute(sa.text(f"GRANT USAGE ON SCHEMA {schema} TO {WORKER}"))
-    bind.execute(sa.text(f"GRANT SELECT, UPDATE ON samples TO {WORKER}"))
-    bind.execute(sa.text(f"GRANT SELECT, INSERT, DELETE ON cells TO {WORKER}"))
     bind.execute(sa.text(ANALYST_LIMITS_SQL))
 
 
@@ -80,11 +58,4 @@ def downgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         return
-    bind.execute(sa.text(f"REVOKE ALL ON samples, cells FROM {WORKER}"))
-    schema = _schema(bind)
-    bind.execute(sa.text(f"REVOKE USAGE ON SCHEMA {schema} FROM {WORKER}"))
-    bind.execute(
-        sa.text(
-            f"DO $$ BEGIN EXECUTE format('REVOKE CONNECT ON DATABASE %I FROM {WORKER}', current_database()); END $$"
-        )
-    )
+    drop_grants(bind, WORKER, ["REVOKE ALL ON samples, cells FROM {role}"])

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import sqlalchemy as sa
 from alembic import op
+
+from db.roles import create_role, drop_grants
 
 revision: str = "0008"
 down_revision: str | None = "0007"
@@ -28,21 +29,6 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 SUBMITTER = "allscore_submitter"
-
-# Roles are cluster-wide while the migration lock is per database: a concurrent CREATE ROLE is caught.
-CREATE_SUBMITTER_SQL = f"""
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = '{SUBMITTER}') THEN
-        BEGIN
-            CREATE ROLE {SUBMITTER} NOLOGIN;
-        EXCEPTION WHEN duplicate_object OR unique_violation THEN
-            NULL;
-        END;
-    END IF;
-END
-$$
-"""
 
 GRANTS = (
     "GRANT SELECT, INSERT ON models, jobs TO {role}",
@@ -52,12 +38,11 @@ GRANTS = (
     # models.id and samples.id are serials: inserting a row needs its sequence.
     "GRANT USAGE ON SEQUENCE models_id_seq, samples_id_seq TO {role}",
 )
-
-
-def _schema(bind: sa.Connection) -> str:
-    return bind.dialect.identifier_preparer.quote_identifier(
-        str(bind.execute(sa.text("SELECT current_schema()")).scalar())
-    )
+REVOKES = (
+    "REVOKE ALL ON models, jobs, samples, cells FROM {role}",
+    "REVOKE ALL ON sample_results, cell_results, sample_reviews FROM {role}",
+    "REVOKE ALL ON SEQUENCE models_id_seq, samples_id_seq FROM {role}",
+)
 
 
 def upgrade() -> None:
@@ -65,12 +50,7 @@ def upgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         return
-    bind.execute(sa.text(CREATE_SUBMITTER_SQL))
-    grant_connect = f"GRANT CONNECT ON DATABASE %I TO {SUBMITTER}"
-    bind.execute(sa.text(f"DO $$ BEGIN EXECUTE format('{grant_connect}', current_database()); END $$"))
-    bind.execute(sa.text(f"GRANT USAGE ON SCHEMA {_schema(bind)} TO {SUBMITTER}"))
-    for grant in GRANTS:
-        bind.execute(sa.text(grant.format(role=SUBMITTER)))
+    create_role(bind, SUBMITTER, GRANTS)
 
 
 def downgrade() -> None:
@@ -78,12 +58,4 @@ def downgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         return
-    bind.execute(sa.text(f"REVOKE ALL ON models, jobs, samples, cells FROM {SUBMITTER}"))
-    bind.execute(sa.text(f"REVOKE ALL ON sample_results, cell_results, sample_reviews FROM {SUBMITTER}"))
-    bind.execute(sa.text(f"REVOKE ALL ON SEQUENCE models_id_seq, samples_id_seq FROM {SUBMITTER}"))
-    bind.execute(sa.text(f"REVOKE USAGE ON SCHEMA {_schema(bind)} FROM {SUBMITTER}"))
-    bind.execute(
-        sa.text(
-            f"DO $$ BEGIN EXECUTE format('REVOKE CONNECT ON DATABASE %I FROM {SUBMITTER}', current_database()); END $$"
-        )
-    )
+    drop_grants(bind, SUBMITTER, REVOKES)
