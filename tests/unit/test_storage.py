@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
+import botocore.exceptions
 import pytest
 from botocore.stub import Stubber
 
@@ -22,11 +25,13 @@ from core.storage import (
     S3Store,
     StorageError,
     StorageUnavailable,
+    StoreDenied,
     is_s3,
     join_uri,
     parse_s3,
     store_for,
 )
+from core.storage.errors import from_os_error
 
 
 def leftovers(folder: Path) -> list[Path]:
@@ -246,21 +251,87 @@ def stubbed() -> tuple[S3Store, Stubber]:
     ("code", "status", "error"),
     [
         ("NoSuchKey", 404, ObjectNotFound),
+        ("", 404, ObjectNotFound),
         ("NoSuchBucket", 404, BucketNotFound),
+        ("PreconditionFailed", 412, AlreadyExists),
+        ("ConditionalRequestConflict", 409, StorageUnavailable),
         ("SlowDown", 503, StorageUnavailable),
         ("InternalError", 500, StorageUnavailable),
-        ("AccessDenied", 403, StorageError),
+        ("", 502, StorageUnavailable),
+        ("AccessDenied", 403, StoreDenied),
+        ("InvalidAccessKeyId", 403, StoreDenied),
+        ("", 403, StoreDenied),
+        ("InvalidArgument", 400, StorageError),
     ],
+    ids=lambda v: str(v.__name__ if isinstance(v, type) else v or "no code"),
 )
 def test_s3_errors_become_typed_errors(
     stubbed: tuple[S3Store, Stubber], code: str, status: int, error: type[StorageError]
 ) -> None:
     store, stubber = stubbed
     stubber.add_client_error("get_object", service_error_code=code, http_status_code=status)
-    with pytest.raises(error, match=r"s3://b/k\.bmp") as caught:
+    with pytest.raises(StorageError, match=r"s3://b/k\.bmp") as caught:
         store.read_bytes("s3://b/k.bmp")
+    assert type(caught.value) is error, caught.value
     # Retrying is for transient failures only: a worker must not retry a refusal forever.
     assert isinstance(caught.value, StorageUnavailable) == (error is StorageUnavailable)
+
+
+def _raises(exc: Exception) -> Callable[..., object]:
+    def call(*args: object, **kwargs: object) -> object:
+        raise exc
+
+    return call
+
+
+@pytest.mark.parametrize(
+    ("failure", "error", "told"),
+    [
+        (botocore.exceptions.NoCredentialsError(), StoreDenied, "no usable AWS credentials"),
+        (botocore.exceptions.EndpointConnectionError(endpoint_url="http://s3.invalid"), StorageUnavailable,
+         "cannot reach"),
+        (botocore.exceptions.SSLError(endpoint_url="https://s3.invalid", error="bad certificate"), StorageError,
+         "TLS failure"),
+        (botocore.exceptions.ParamValidationError(report="Bucket name too long"), InvalidURI, "invalid S3 request"),
+    ],
+    ids=["no credentials", "unreachable", "TLS", "invalid request"],
+)  # fmt: skip
+def test_botocore_failures_become_typed_errors(
+    monkeypatch: pytest.MonkeyPatch, failure: Exception, error: type[StorageError], told: str
+) -> None:
+    client = boto3.session.Session().client(
+        "s3", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    monkeypatch.setattr(client, "get_object", _raises(failure))
+    with pytest.raises(StorageError, match=told) as caught:
+        S3Store(Settings(), client=client).read_bytes("s3://b/k.bmp")
+    assert type(caught.value) is error and caught.value.uri == "s3://b/k.bmp"
+    assert caught.value.__cause__ is failure
+
+
+def test_an_error_botocore_does_not_raise_passes_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = boto3.session.Session().client(
+        "s3", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    monkeypatch.setattr(client, "get_object", _raises(KeyError("a bug, not a storage failure")))
+    with pytest.raises(KeyError):
+        S3Store(Settings(), client=client).read_bytes("s3://b/k.bmp")
+
+
+@pytest.mark.parametrize(
+    ("failure", "error", "told"),
+    [
+        (FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/a.bmp"), ObjectNotFound,
+         "no such file (/data/a.bmp)"),
+        (IsADirectoryError(errno.EISDIR, "Is a directory"), StorageError, "is a folder"),
+        (PermissionError(errno.EACCES, "Permission denied"), StorageError, "permission denied"),
+        (OSError(errno.ENOSPC, "No space left on device"), StorageError, "No space left on device"),
+    ],
+    ids=["missing", "folder", "permission", "disk full"],
+)  # fmt: skip
+def test_os_errors_become_typed_errors(failure: OSError, error: type[StorageError], told: str) -> None:
+    converted = from_os_error(failure, "/data/a.bmp")
+    assert type(converted) is error and told in str(converted) and converted.uri == "/data/a.bmp"
 
 
 def test_a_failed_precondition_is_already_exists(stubbed: tuple[S3Store, Stubber]) -> None:
