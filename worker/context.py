@@ -58,17 +58,23 @@ def soft_limit_waits() -> Iterator[None]:
 
     Importing TensorFlow/Keras and loading a model take seconds on a loaded host. A soft limit raised in the middle
     of an import leaves half-imported modules behind (libraries that catch Exception around optional imports swallow
-    it), and every later task in the process then fails with an AttributeError instead of its reason. With the
-    signal blocked, the limit waits (it stays pending) and is raised right after; the hard limit still applies.
+    it), and every later task in the process then fails with an AttributeError instead of its reason. Inside the
+    block the signal's handler only notes that it came; after it, the pool's handler is put back and the signal
+    raised again, so the limit is raised right there. (Blocking the signal would not do: the process has other
+    threads, and the kernel hands a process's signal to any thread that does not block it.) The hard limit still
+    applies.
     """
     if _SOFT_LIMIT_SIGNAL is None or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {_SOFT_LIMIT_SIGNAL})
+    came: list[int] = []
+    previous = signal.signal(_SOFT_LIMIT_SIGNAL, lambda signum, frame: came.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.signal(_SOFT_LIMIT_SIGNAL, previous if previous is not None else signal.SIG_DFL)
+        if came:
+            signal.raise_signal(_SOFT_LIMIT_SIGNAL)
 
 
 class WorkerContext:
