@@ -173,10 +173,13 @@ def run_demo(workdir: Path, *, epochs: int = 30, fresh: bool = False) -> None:
             )
             render_montage(r, cells, montages)
             if r.get("kind") == "fields":
-                render_overlays(r, cells, overlays)
+                fields = repository.get_field_results(
+                    session=session, sample_id=r["sample_id"], model_version=r["model_version"]
+                )
+                render_overlays(r, cells, overlays, fields=fields)
     out.print(f"montages (one PNG per sample): {montages}")
     out.print(f"field overlays (one PNG per field, cells outlined by call): {overlays}")
-    out.print(f"results database: {redact(settings.database_url)}  (views sample_results, cell_results)")
+    out.print(f"results database: {redact(settings.database_url)}  (views sample_results, cell_results, field_results)")
     out.print(
         f"demo finished in {(time.perf_counter() - started) / 60:.1f} min. The data are synthetic: "
         "these figures say nothing about real slides."

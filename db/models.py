@@ -169,6 +169,31 @@ class Cell(Base):
     outline: Mapped[str | None] = mapped_column(Text)
 
 
+class SampleFieldRow(Base):
+    """One field of a field sample (migration 0010): its scale and what was found in it, or why it could not be
+    read; a field with no white cell is a row too (n_found 0), so its overlay can still be drawn and reviewed."""
+
+    __tablename__ = "sample_fields"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["sample_pk"], ["samples.id"], name="fk_sample_fields_sample_pk_samples", ondelete="CASCADE"
+        ),
+    )
+
+    sample_pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    field_uri: Mapped[str] = mapped_column(Text, primary_key=True)
+    field_index: Mapped[int] = mapped_column(Integer)
+    um_per_px: Mapped[float | None] = mapped_column(Double)
+    scale_source: Mapped[str | None] = mapped_column(String(16))
+    # White cells found (every kind, edge or not), whole lymphoid cells scored, `other` cells, lymphoid cells cut
+    # by the field's edge.
+    n_found: Mapped[int] = mapped_column(Integer)
+    n_scored: Mapped[int] = mapped_column(Integer)
+    n_other: Mapped[int] = mapped_column(Integer)
+    n_edge: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
 # --- Review (migration 0006): what a reviewer says about a result; never a change to the result itself ---------
 
 CORRECTED_CLASSES = ("all", "hem", "other", "not_a_cell")

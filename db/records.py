@@ -70,6 +70,30 @@ class CellResult:
 
 
 @dataclass(frozen=True, slots=True)
+class FieldRecord:
+    """One field of a field sample as the worker read it: its scale and what was found in it, or why it could not
+    be read. A field with no white cell is a record with n_found 0 (not an error), so reviewers still see it."""
+
+    field_uri: str
+    field_index: int
+    um_per_px: float | None = None
+    scale_source: str | None = None
+    n_found: int = 0
+    n_scored: int = 0
+    n_other: int = 0
+    n_edge: int = 0
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.field_uri:
+            raise ValueError("FieldRecord.field_uri must not be empty")
+        if min(self.field_index, self.n_found, self.n_scored, self.n_other, self.n_edge) < 0:
+            raise ValueError(f"FieldRecord counts must be non-negative, got {self}")
+        if self.n_scored + self.n_other + self.n_edge > self.n_found:
+            raise ValueError(f"FieldRecord: scored + other + edge cells exceed the cells found, got {self}")
+
+
+@dataclass(frozen=True, slots=True)
 class SampleSummary:
     """The per-sample numbers; fractions are over the scored cells (n_cells - n_failed)."""
 

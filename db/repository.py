@@ -34,10 +34,11 @@ from db.models import (
     Job,
     Model,
     Sample,
+    SampleFieldRow,
     SampleStatus,
 )
-from db.records import FLAG_SEPARATOR, CellResult, SampleSummary
-from db.views import cell_results, sample_results
+from db.records import FLAG_SEPARATOR, CellResult, FieldRecord, SampleSummary
+from db.views import cell_results, field_results, sample_results
 
 # ORM updates here never need to refresh loaded objects: the functions load none.
 _NO_SYNC = {"synchronize_session": False}
@@ -230,8 +231,14 @@ def enqueue_sample(
     )
     row = session.execute(stmt).one()
     pk = int(row.id)
-    session.execute(delete(Cell).where(Cell.sample_pk == pk).execution_options(**_NO_SYNC))
+    _clear_results(session, pk)
     return Enqueued(pk, int(row.submission))
+
+
+def _clear_results(session: Session, sample_pk: int) -> None:
+    """Delete a sample's cell rows and field rows (a result is replaced or cleared whole, never left half-valid)."""
+    session.execute(delete(Cell).where(Cell.sample_pk == sample_pk).execution_options(**_NO_SYNC))
+    session.execute(delete(SampleFieldRow).where(SampleFieldRow.sample_pk == sample_pk).execution_options(**_NO_SYNC))
 
 
 def _not_found(sample_id: str, model_version: str) -> SampleNotFoundError:
@@ -346,15 +353,17 @@ def record_sample_result(
     cells: Sequence[CellResult],
     summary: SampleSummary,
     delivery: Delivery | None = None,
+    fields: Sequence[FieldRecord] = (),
 ) -> None:
-    """Replace the sample's cell rows with `cells` (one bulk insert) and mark it done with `summary`.
+    """Replace the sample's cell rows with `cells` (one bulk insert) and its field rows with `fields` (field samples),
+    and mark it done with `summary`.
 
     With a `delivery`, nothing is written (StaleDelivery) unless it is the current, unfinished submission.
     """
     _check_result(sample_id, model_version, cells, summary)
     sample = _lock_sample(session, sample_id, model_version, delivery)
     now = utcnow()
-    session.execute(delete(Cell).where(Cell.sample_pk == sample.id).execution_options(**_NO_SYNC))
+    _clear_results(session, sample.id)
     if cells:
         # Single-cell samples leave the field columns out of the insert (NULL by default): 14 more bound NULLs a
         # row halved the rows per second into PostgreSQL (make bench run 13).
@@ -363,6 +372,8 @@ def record_sample_result(
             insert(Cell),
             [_cell_row(sample.id, cell, now, with_field) for cell in cells],
         )
+    if fields:
+        session.execute(insert(SampleFieldRow), [_field_row(sample.id, f) for f in fields])
     session.execute(
         update(Sample)
         .where(Sample.id == sample.id)
@@ -389,6 +400,21 @@ def record_sample_result(
         )
         .execution_options(**_NO_SYNC)
     )
+
+
+def _field_row(sample_pk: int, record: FieldRecord) -> dict[str, Any]:
+    return {
+        "sample_pk": sample_pk,
+        "field_uri": record.field_uri,
+        "field_index": record.field_index,
+        "um_per_px": record.um_per_px,
+        "scale_source": record.scale_source,
+        "n_found": record.n_found,
+        "n_scored": record.n_scored,
+        "n_other": record.n_other,
+        "n_edge": record.n_edge,
+        "error": record.error,
+    }
 
 
 def _cell_row(sample_pk: int, cell: CellResult, now: Any, with_field: bool) -> dict[str, Any]:
@@ -441,7 +467,7 @@ def mark_failed(
     sample = _lock_sample(session, sample_id, model_version, delivery)
     if only_if is not None and sample.status != only_if:
         raise StaleDelivery(f"sample {sample_id!r} (model {model_version!r}) is {sample.status}, not {only_if}")
-    session.execute(delete(Cell).where(Cell.sample_pk == sample.id).execution_options(**_NO_SYNC))
+    _clear_results(session, sample.id)
     session.execute(
         update(Sample)
         .where(Sample.id == sample.id)
@@ -484,7 +510,7 @@ def cancel_samples(
     rows = session.execute(stmt.order_by(Sample.sample_id, Sample.model_version).with_for_update()).all()
     now = utcnow()
     for row in rows:
-        session.execute(delete(Cell).where(Cell.sample_pk == row.id).execution_options(**_NO_SYNC))
+        _clear_results(session, row.id)
         session.execute(
             update(Sample)
             .where(Sample.id == row.id)
@@ -514,6 +540,16 @@ def get_cell_results(*, session: Session, sample_id: str, model_version: str | N
     if model_version is not None:
         stmt = stmt.where(cell_results.c.model_version == model_version)
     stmt = stmt.order_by(cell_results.c.model_version, cell_results.c.image_uri)
+    return [dict(row._mapping) for row in session.execute(stmt)]
+
+
+def get_field_results(*, session: Session, sample_id: str, model_version: str | None = None) -> list[dict[str, Any]]:
+    """Rows of the view field_results for one sample (field samples; optionally one model version), in the order
+    the fields were submitted."""
+    stmt = select(field_results).where(field_results.c.sample_id == sample_id)
+    if model_version is not None:
+        stmt = stmt.where(field_results.c.model_version == model_version)
+    stmt = stmt.order_by(field_results.c.model_version, field_results.c.field_index)
     return [dict(row._mapping) for row in session.execute(stmt)]
 
 

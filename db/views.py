@@ -67,4 +67,20 @@ cell_results = Table(
     Column("outline", Text),
 )
 
-ANALYST_VIEWS = (sample_results.name, cell_results.name)
+field_results = Table(
+    "field_results",
+    view_metadata,
+    Column("sample_id", String),
+    Column("model_version", String),
+    Column("field_uri", Text),
+    Column("field_index", Integer),
+    Column("um_per_px", Double),
+    Column("scale_source", String),
+    Column("n_found", Integer),
+    Column("n_scored", Integer),
+    Column("n_other", Integer),
+    Column("n_edge", Integer),
+    Column("error", Text),
+)
+
+ANALYST_VIEWS = (sample_results.name, cell_results.name, field_results.name)

@@ -344,7 +344,10 @@ def report_cmd(
             if montage is not None:
                 err.print(f"montage: {render_montage(row, cells, montage)}")
             if overlays is not None and row.get("kind") == "fields":
-                for path in render_overlays(row, cells, overlays):
+                fields = repository.get_field_results(
+                    session=session, sample_id=row["sample_id"], model_version=row["model_version"]
+                )
+                for path in render_overlays(row, cells, overlays, fields=fields):
                     err.print(f"overlay: {path}")
 
 

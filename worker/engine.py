@@ -21,7 +21,7 @@ from core.inference import predict_batch
 from core.segment import CNMC_UM_PER_PX
 from db import repository
 from db.engine import transaction
-from db.records import CellResult, SampleSummary
+from db.records import LYMPHOID, CellResult, FieldRecord, SampleSummary
 from db.repository import Delivery
 from worker.fields import Decoded, Fetch, Item, Unit, read_cell, read_field, sample_scale
 from worker.summary import summarize_sample
@@ -135,6 +135,27 @@ def score_units(
     return [r for r in results if r is not None], units
 
 
+def field_records(units: Sequence[Unit]) -> list[FieldRecord]:
+    """One record per field read, in the order submitted: its scale and what was found in it (or its error)."""
+    records = []
+    for index, unit in enumerate(units):
+        found = [item.field for item in unit.items if item.field is not None]
+        records.append(
+            FieldRecord(
+                field_uri=unit.uri,
+                field_index=index,
+                um_per_px=unit.um_per_px,
+                scale_source=unit.scale_source,
+                n_found=len(found),
+                n_scored=sum(1 for f in found if f.scored),
+                n_other=sum(1 for f in found if f.cell_kind != LYMPHOID),
+                n_edge=sum(1 for f in found if f.cell_kind == LYMPHOID and f.edge),
+                error=unit.error,
+            )
+        )
+    return records
+
+
 def score_cells(
     uris: Sequence[str],
     *,
@@ -228,7 +249,7 @@ def score_sample(
         max_cells=max_cells if request.kind == "fields" else None,
         hooks=hooks,
     )
-    fields = [(u.uri, u.um_per_px, u.scale_source, u.error) for u in units] if request.kind == "fields" else None
+    fields = field_records(units) if request.kind == "fields" else None
     summary = summarize_sample(
         cells,
         sensitivity=manifest.validation.sensitivity,
@@ -245,6 +266,7 @@ def score_sample(
             cells=cells,
             summary=summary,
             delivery=delivery,
+            fields=fields or (),
         )
     log.info(
         "sample %s: %d cells (%d failed) in %.2fs, ALL fraction %s",

@@ -156,25 +156,39 @@ def _safe(text: str) -> str:
 
 
 def render_overlays(
-    sample: dict[str, Any], cells: Sequence[dict[str, Any]], out_dir: Path, settings: Settings | None = None
+    sample: dict[str, Any],
+    cells: Sequence[dict[str, Any]],
+    out_dir: Path,
+    settings: Settings | None = None,
+    fields: Sequence[dict[str, Any]] | None = None,
 ) -> list[Path]:
     """One PNG per field of a field sample: every cell found outlined, coloured by its call and kind, with
-    p(ALL) beside each scored cell, so a reviewer sees at once what was found, what was scored and what not."""
+    p(ALL) beside each scored cell, so a reviewer sees at once what was found, what was scored and what not.
+
+    `fields` (rows of the view field_results) names every field read, in the order submitted, those where no
+    white cell was found too; without it (results from before migration 0010) the fields are those of the cells.
+    """
     settings = settings or get_settings()
     fetch = Fetcher(settings)
     by_field: dict[str, list[dict[str, Any]]] = {}
-    failed: dict[str, str] = {}
     for cell in cells:
         if cell.get("field_uri"):
             by_field.setdefault(cell["field_uri"], []).append(cell)
-        elif cell.get("error"):
-            failed[cell["image_uri"]] = cell["error"]
+    scales: dict[str, tuple[float | None, str | None]] = {}
+    if fields:
+        order = [f["field_uri"] for f in sorted(fields, key=lambda f: f["field_index"]) if not f.get("error")]
+        scales = {f["field_uri"]: (f["um_per_px"], f["scale_source"]) for f in fields}
+    else:
+        order = sorted(by_field)
+    for uri, found in by_field.items():
+        scales.setdefault(uri, (found[0]["um_per_px"], found[0]["scale_source"]))
     folder = out_dir / f"{_safe(str(sample['sample_id']))}__{_safe(str(sample.get('model_version', '')))}"
     folder.mkdir(parents=True, exist_ok=True)
     font = ImageFont.load_default(size=14)
     small = ImageFont.load_default(size=12)
     paths = []
-    for number, (uri, found) in enumerate(sorted(by_field.items()), start=1):
+    for number, uri in enumerate(order, start=1):
+        found = by_field.get(uri, [])
         try:
             rgb = decode_field(fetch(uri), source=uri)
         except (StorageError, DecodeError):
@@ -182,7 +196,8 @@ def render_overlays(
         height, width = rgb.shape[:2]
         scale = max(1.0, max(width, height) / 1000)
         header = int(64 * scale)
-        canvas = Image.new("RGB", (width, height + header), (255, 255, 255))
+        # at least as wide as the header's lines, so a narrow field's legend is not cut off
+        canvas = Image.new("RGB", (max(width, int(640 * scale)), height + header), (255, 255, 255))
         canvas.paste(Image.fromarray(rgb), (0, header))
         draw = ImageDraw.Draw(canvas)
         counts: dict[str, int] = {}
@@ -204,10 +219,13 @@ def render_overlays(
             )
         name = uri.rsplit("/", 1)[-1]
         title = f"{sample['sample_id']}  {name}  {sample.get('model_version', '')}"
+        um, source = scales.get(uri, (None, None))
         tally = (
             f"ALL {counts.get('all', 0)}  normal {counts.get('hem', 0)}  other {counts.get('other', 0)}  "
-            f"edge {counts.get('edge', 0)}   {found[0]['um_per_px']:.3f} um/px ({found[0]['scale_source']})"
-        )
+            f"edge {counts.get('edge', 0)}"
+            if found
+            else "no white cell found in this field"
+        ) + (f"   {um:.3f} um/px ({source})" if um is not None else "")
         legend = "red = called ALL (p beside), green = normal, blue = other kind, amber = cut by the edge"
         draw.text((4, 3), title, fill=(0, 0, 0), font=font)
         draw.text((4, 3 + int(20 * scale)), tally, fill=(0, 0, 0), font=font)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from statistics import median
 
 from core.stats import rogan_gladen, wilson_interval
-from db.records import CellResult, SampleSummary
+from db.records import CellResult, FieldRecord, SampleSummary
 
 LOW_COUNT_FLAG = "low_count"
 
@@ -24,13 +24,13 @@ def summarize_sample(
     specificity: float | None,
     flag_thresholds: Sequence[float],
     low_count: int = 0,
-    fields: Sequence[tuple[str, float | None, str | None, str | None]] | None = None,
+    fields: Sequence[FieldRecord] | None = None,
 ) -> SampleSummary:
     """Counts over the counted rows (every image; for fields, whole lymphoid cells and unreadable fields),
     fraction and interval over the scored ones.
 
     `low_count`: below this many scored cells the flag `low_count` is raised (0: never). `fields`, for a field
-    sample: one (uri, um_per_px, scale_source, error) per field.
+    sample: one record per field read.
     """
     counted = [c for c in cells if c.counted]
     scored = [c for c in counted if c.error is None and c.p_all is not None]
@@ -47,14 +47,13 @@ def summarize_sample(
         flags.append(LOW_COUNT_FLAG)
     extra: dict[str, object] = {}
     if fields is not None:
-        scales = [um for _, um, _, error in fields if um is not None and error is None]
-        sources = {source for _, _, source, error in fields if source is not None and error is None}
-        found = [c.field for c in cells if c.field is not None]
+        scales = [f.um_per_px for f in fields if f.um_per_px is not None and f.error is None]
+        sources = {f.scale_source for f in fields if f.scale_source is not None and f.error is None}
         extra = {
             "n_fields": len(fields),
-            "n_fields_failed": sum(1 for *_, error in fields if error is not None),
-            "n_other": sum(1 for f in found if f.cell_kind != "lymphoid"),
-            "n_edge": sum(1 for f in found if f.cell_kind == "lymphoid" and f.edge),
+            "n_fields_failed": sum(1 for f in fields if f.error is not None),
+            "n_other": sum(f.n_other for f in fields),
+            "n_edge": sum(f.n_edge for f in fields),
             "um_per_px": median(scales) if scales else None,
             "scale_source": (sources.pop() if len(sources) == 1 else "mixed") if sources else None,
         }

@@ -244,6 +244,7 @@ async def sample_page(request: Request) -> Response:
         return {
             "sample": sample,
             "cells": queries.cells(session, sample_id, mv),
+            "fields": queries.fields(session, sample_id, mv),
             "verdicts": reviews.verdicts(session=session, sample_id=sample_id, model_version=mv),
             "others": queries.other_versions(session, sample_id, mv),
             "threshold": queries.threshold(session, mv),
@@ -264,7 +265,7 @@ async def sample_page(request: Request) -> Response:
         c["call"] = "all" if c["is_all"] else "hem"
         c["verdict"] = verdicts.get(c["image_uri"])
         c["thumb"] = "/thumb?" + urlencode({"id": sample_id, "model": sample["model_version"], "uri": c["image_uri"]})
-    fields = sorted({c["field_uri"] for c in data["cells"] if c.get("field_uri")})
+    fields = _field_uris(data["fields"], data["cells"])
     base = {"id": sample_id, "model": sample["model_version"]}
     return _render(
         request,
@@ -280,8 +281,12 @@ async def sample_page(request: Request) -> Response:
             "hist": histogram_svg([c["p_all"] for c in scored], data["threshold"]),
             "others": data["others"],
             "fields": [
-                {"uri": uri, "url": "/overlay?" + urlencode({**base, "field": uri}), "name": uri.rsplit("/", 1)[-1]}
-                for uri in fields
+                {
+                    "uri": uri,
+                    "url": "/overlay?" + urlencode({**base, "field": uri}),
+                    "name": uri.rsplit("/", 1)[-1] + ("" if found else " (no white cell found)"),
+                }
+                for uri, found in fields
             ],
             "corrections": CORRECTED_CLASSES,
             "self_link": "/sample?" + urlencode({**base, "cells_page": gallery_page}),
@@ -289,6 +294,18 @@ async def sample_page(request: Request) -> Response:
             "model_link": lambda mv: "/models/" + "/".join(mv.split(":", 1)),
         },
     )
+
+
+def _field_uris(fields: list[dict[str, Any]], cells: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """(field URI, white cells found) for each field that was read, in the order submitted; fields with no cell
+    too. Results from before migration 0010 have no field rows: then the fields of the cells."""
+    if fields:
+        return [(f["field_uri"], int(f["n_found"])) for f in fields if not f.get("error")]
+    counts: dict[str, int] = {}
+    for c in cells:
+        if c.get("field_uri"):
+            counts[c["field_uri"]] = counts.get(c["field_uri"], 0) + 1
+    return sorted(counts.items())
 
 
 # A field sample's gallery asks for many cells of the same few fields: the last fields decoded are kept.
@@ -351,11 +368,13 @@ async def thumbnail(request: Request) -> Response:
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
-def _overlay_png(settings: Settings, sample: dict[str, Any], cells: list[dict[str, Any]]) -> bytes | None:
+def _overlay_png(
+    settings: Settings, sample: dict[str, Any], cells: list[dict[str, Any]], fields: list[dict[str, Any]]
+) -> bytes | None:
     from worker.report import render_overlays
 
     with tempfile.TemporaryDirectory(prefix="allscore-review-") as tmp:
-        paths = render_overlays(sample, cells, Path(tmp), settings)
+        paths = render_overlays(sample, cells, Path(tmp), settings, fields=fields)
         return paths[0].read_bytes() if paths else None
 
 
@@ -365,15 +384,16 @@ async def overlay(request: Request) -> Response:
     state = _state(request)
     sample_id, model_version, field = q.get("id", ""), q.get("model", ""), q.get("field", "")
 
-    def read(session: Session) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    def read(session: Session) -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
         sample = queries.sample_result(session, sample_id, model_version)
         found = [c for c in queries.cells(session, sample_id, model_version) if c.get("field_uri") == field]
-        return sample, found
+        rows = [f for f in queries.fields(session, sample_id, model_version) if f["field_uri"] == field]
+        return sample, found, rows
 
-    sample, found = await run_in_threadpool(state.read, read)
-    if sample is None or not found:
+    sample, found, rows = await run_in_threadpool(state.read, read)
+    if sample is None or not (found or rows):  # only fields of the sample named are served
         return PlainTextResponse("no such field", status_code=404)
-    png = await run_in_threadpool(_overlay_png, state.settings, sample, found)
+    png = await run_in_threadpool(_overlay_png, state.settings, sample, found, rows)
     if png is None:
         return PlainTextResponse("field unavailable", status_code=404)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Model
 from db.reviews import cell_row, sample_reviews
-from db.views import cell_results, sample_results
+from db.views import cell_results, field_results, sample_results
 
 PAGE_SIZE = 25
 SORTS = {
@@ -192,6 +192,16 @@ def cells(session: Session, sample_id: str, model_version: str) -> list[dict[str
     """Every cell row of one sample result."""
     stmt = select(cell_results).where(
         cell_results.c.sample_id == sample_id, cell_results.c.model_version == model_version
+    )
+    return [dict(row._mapping) for row in session.execute(stmt)]
+
+
+def fields(session: Session, sample_id: str, model_version: str) -> list[dict[str, Any]]:
+    """Every field row of one field sample result (view field_results), in the order submitted."""
+    stmt = (
+        select(field_results)
+        .where(field_results.c.sample_id == sample_id, field_results.c.model_version == model_version)
+        .order_by(field_results.c.field_index)
     )
     return [dict(row._mapping) for row in session.execute(stmt)]
 

@@ -37,8 +37,8 @@ CELL_RESULTS_COLUMNS = [
     "cell_kind", "edge", "um_per_px", "scale_source", "outline",
 ]
 # fmt: on
-TABLES = {"models", "jobs", "samples", "cells", "review_users", "cell_verdicts", "sample_signoffs"}
-VIEWS = {"sample_results", "cell_results", "sample_reviews"}
+TABLES = {"models", "jobs", "samples", "cells", "sample_fields", "review_users", "cell_verdicts", "sample_signoffs"}
+VIEWS = {"sample_results", "cell_results", "field_results", "sample_reviews"}
 
 # PostgreSQL's SQLSTATE for a statement a role may not run.
 INSUFFICIENT_PRIVILEGE = "42501"

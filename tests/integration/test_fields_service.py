@@ -100,11 +100,18 @@ def test_a_worker_scores_real_bccd_fields_with_a_row_per_cell_and_an_overlay_per
     }
     for name, (data, _) in bad.items():
         (folder / name).write_bytes(data)
+    # A real field with no white cell in it (red cells only): the part of a BCCD field away from its boxed white
+    # cell. It is not an error: a field row with nothing found, and an overlay a reviewer can look at.
+    empty = "no-white-cell.jpg"
+    (x0, y0, x1, y1), *more = _boxes()[fields[0].name]
+    assert not more and x0 >= 256, "the first BCCD field holds one white cell, right of x=256"
+    with Image.open(fields[0]) as im:
+        im.crop((0, 0, 256, 480)).save(folder / empty, quality=95)
 
     job = submit_sample("slide-bccd", [str(folder)], model_ref=tiny_model.ref, kind="fields")
     (row,) = wait_for_job(job, 1, timeout=240)
     assert row["status"] == "done", row
-    assert (row["kind"], row["n_fields"], row["n_fields_failed"]) == ("fields", len(fields) + len(bad), len(bad))
+    assert (row["kind"], row["n_fields"], row["n_fields_failed"]) == ("fields", len(fields) + len(bad) + 1, len(bad))
     assert row["scale_source"] == "estimated" and 0.05 < row["um_per_px"] < 0.2, row
 
     engine = make_engine(fields_service["ALLSCORE_DATABASE_URL"])
@@ -112,6 +119,10 @@ def test_a_worker_scores_real_bccd_fields_with_a_row_per_cell_and_an_overlay_per
         cells = [
             dict(r._mapping) for r in conn.execute(text("SELECT * FROM cell_results WHERE sample_id = 'slide-bccd'"))
         ]
+        field_rows = {
+            Path(r.field_uri).name: dict(r._mapping)
+            for r in conn.execute(text("SELECT * FROM field_results WHERE sample_id = 'slide-bccd'"))
+        }
     engine.dispose()
     errors = {Path(c["image_uri"]).name: c["error"] for c in cells if c["field_uri"] is None}
     assert set(errors) == set(bad), errors
@@ -141,6 +152,17 @@ def test_a_worker_scores_real_bccd_fields_with_a_row_per_cell_and_an_overlay_per
     assert row["n_failed"] == len(bad) + sum(1 for c in whole_lymphoid if c["p_all"] is None)
     assert row["n_other"] == sum(1 for c in found if c["cell_kind"] == "other")
     assert row["n_edge"] == sum(1 for c in found if c["cell_kind"] == "lymphoid" and c["edge"])
+    # One field row per field submitted: what was found in it (all kinds, edge or not), or why it was not read.
+    assert set(field_rows) == {p.name for p in fields} | set(bad) | {empty}
+    for name, fld in field_rows.items():
+        here = [c for c in found if Path(c["field_uri"]).name == name]
+        assert fld["n_found"] == len(here), name
+        assert fld["n_scored"] == sum(1 for c in here if c["cell_kind"] == "lymphoid" and not c["edge"]), name
+        assert fld["n_other"] == sum(1 for c in here if c["cell_kind"] == "other"), name
+        assert (fld["error"] is not None) == (name in bad), name
+        assert (fld["um_per_px"] is None) == (name in bad), name
+    assert field_rows[empty]["n_found"] == 0 and field_rows[empty]["error"] is None
+    assert sorted(f["field_index"] for f in field_rows.values()) == list(range(len(field_rows)))
     # BCCD is normal blood, mostly neutrophils: most cells found are not lymphoid, and none is scored as one.
     assert row["n_other"] >= len(fields) // 2
     assert "low_count" in row["flags"]
@@ -151,8 +173,11 @@ def test_a_worker_scores_real_bccd_fields_with_a_row_per_cell_and_an_overlay_per
     result = CliRunner().invoke(app, ["report", "slide-bccd", "--overlays", str(overlays)])
     assert result.exit_code == 0, result.output
     pictures = sorted(overlays.rglob("*.png"))
-    drawn_fields = {c["field_uri"] for c in found}
-    assert len(pictures) == len(drawn_fields)
+    # one picture per field read, the one where nothing was found too; none for the fields that could not be read
+    assert len(pictures) == len(fields) + 1
     for picture in pictures:
         with Image.open(picture) as im:
-            assert im.size[0] == 640 and im.size[1] > 480  # the field, under a header
+            if empty.removesuffix(".jpg") in picture.name:
+                assert im.size[0] == 640 and im.size[1] > 480  # the narrow field on a canvas as wide as the header
+            else:
+                assert im.size[0] == 640 and im.size[1] > 480  # the field, under a header
