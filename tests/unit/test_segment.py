@@ -283,3 +283,14 @@ def test_wrong_arrays_raise_the_typed_error(bad: object) -> None:
 def test_a_bad_scale_raises_the_typed_error(um: float) -> None:
     with pytest.raises(SegmentationError):
         segment_field(np.zeros((20, 20, 3), np.uint8), um_per_px=um)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 16, 17, 1000, 4097])
+def test_the_partial_sort_percentiles_are_numpys(n: int) -> None:
+    from core.segment import _halfway, _percentile, _percentiles
+
+    v = np.random.default_rng(n).random(n).astype(np.float32)
+    qs = (0.0, 10.0, 50.0, 90.0, 97.0, 100.0)
+    np.testing.assert_allclose(_percentiles(v, qs), np.percentile(v, qs), rtol=0, atol=1e-6)
+    assert _percentile(v, 97) == pytest.approx(float(np.percentile(v, 97)), abs=1e-6)
+    assert _halfway(v) == pytest.approx(float(np.percentile(v, 10) + np.percentile(v, 90)) / 2, abs=1e-6)
