@@ -1,6 +1,6 @@
 """C-NMC data sets: find the cells in any mirror's layout, parse subject ids, split by subject.
 
-Layouts understood (DESIGN.md "Data set format"):
+Layouts understood (README.md, "Training on the real C-NMC 2019 data"):
 
 - folds: any directory named ``fold_<k>`` that holds ``all/`` and/or ``hem/``, wherever it sits in the tree
   (``C-NMC_training_data/fold_0/all``, Kaggle's ``C-NMC_Leukemia/training_data/fold_0/all``, the nested

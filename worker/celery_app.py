@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    """The Celery settings allscore runs with (DESIGN.md "Scoring")."""
+    """The Celery settings allscore runs with (docs/ARCHITECTURE.md, "Every sample ends once")."""
     # The broker must not hand a task to a second worker while the first may still be running it:
     # the visibility timeout sits above the hard time limit.
     visibility = settings.task_time_limit + 600
