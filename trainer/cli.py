@@ -29,11 +29,14 @@ def synth_cmd(
     subjects: Annotated[int, typer.Option(help="subjects in all (split over three folds)")] = 12,
     cells: Annotated[int, typer.Option(help="cells per subject")] = 120,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    tint: Annotated[
+        float, typer.Option(help="how much each subject's stain differs (0.05; 0.10 is harder), 0-0.3")
+    ] = 0.05,
 ) -> None:
     """Write a SYNTHETIC data set in the C-NMC 2019 layout (fold_k/all, fold_k/hem, 450x450 BMP)."""
     from trainer.synth import synthesize
 
-    summary = synthesize(out_dir, subjects=subjects, cells=cells, seed=seed)
+    summary = synthesize(out_dir, subjects=subjects, cells=cells, seed=seed, tint=tint)
     err.print(f"wrote {summary}")
     typer.echo(str(out_dir))
 

@@ -99,10 +99,11 @@ class SynthSummary:
         return "\n".join(lines)
 
 
-def subject_tint(rng: np.random.Generator) -> np.ndarray:
-    """A subject's stain: per-channel RGB gains (brightness included), around 1."""
-    brightness = 1.0 + BRIGHTNESS_STRENGTH * rng.standard_normal()
-    gains = brightness * (1.0 + TINT_STRENGTH * rng.standard_normal(3))
+def subject_tint(rng: np.random.Generator, strength: float = TINT_STRENGTH) -> np.ndarray:
+    """A subject's stain: per-channel RGB gains (brightness included), around 1. ``strength`` is the standard
+    deviation of each channel's gain; the brightness's scales with it (TINT_STRENGTH : BRIGHTNESS_STRENGTH)."""
+    brightness = 1.0 + BRIGHTNESS_STRENGTH * (strength / TINT_STRENGTH) * rng.standard_normal()
+    gains = brightness * (1.0 + strength * rng.standard_normal(3))
     return np.clip(gains, 0.5, 1.8)
 
 
@@ -214,9 +215,16 @@ def _smooth_noise(rng: np.random.Generator, grain: int, draw: int) -> np.ndarray
     return np.asarray(smooth)
 
 
-def synthesize(out: Path, *, subjects: int = 12, cells: int = 120, seed: int = 0, size: int = 450) -> SynthSummary:
-    """Write a synthetic C-NMC-layout data set under out (see the module docstring); returns a summary."""
+def synthesize(
+    out: Path, *, subjects: int = 12, cells: int = 120, seed: int = 0, size: int = 450, tint: float = TINT_STRENGTH
+) -> SynthSummary:
+    """Write a synthetic C-NMC-layout data set under out (see the module docstring); returns a summary.
+
+    ``tint``: how much each subject's stain differs (subject_tint's strength; 0.05 by default, 0.10 is harder: a
+    model can learn the training subjects' tints, which says nothing about a new subject)."""
     out = Path(out)
+    if not 0 <= tint <= 0.3:
+        raise DatasetError(f"tint={tint}: choose a subject tint strength between 0 and 0.3 (default {TINT_STRENGTH})")
     if subjects < 2 * FOLDS:
         raise DatasetError(
             f"subjects={subjects}: need at least {2 * FOLDS} so that each of the {FOLDS} folds has a "
@@ -241,11 +249,11 @@ def synthesize(out: Path, *, subjects: int = 12, cells: int = 120, seed: int = 0
         class_dir.mkdir(parents=True, exist_ok=True)
         # One stream per subject: a subject's cells do not change when others are added.
         rng = np.random.default_rng([seed, int(malignant), number])
-        tint = subject_tint(rng)
+        stain = subject_tint(rng, tint)
         n = cells if malignant else max(1, round(cells * HEALTHY_CELL_FRACTION))
         for j in range(n):
             name = f"UID_{subject}_{j // 3 + 1}_{j % 3 + 1}_{CLASS_NAMES[int(malignant)]}.bmp"
-            Image.fromarray(render_cell(rng, malignant, tint, size)).save(class_dir / name, "BMP")
+            Image.fromarray(render_cell(rng, malignant, stain, size)).save(class_dir / name, "BMP")
         counts[malignant] += n
     summary = SynthSummary(
         root=out, folds=folds, n_all=counts[True], n_hem=counts[False], seconds=time.perf_counter() - started
