@@ -518,6 +518,14 @@ def main() -> None:
         results["bf16_over_fp32"] = None
         log("no AVX512_BF16/AMX on this CPU: bfloat16 not measured")
 
+    log("1b. runtimes side by side (bench/runtimes.py), each in a process of its own")
+    from bench.runtimes import DEFAULT_SIZE, measure_runtimes, train_models
+
+    runtime_models = {args.size: (store, "bench:v1")}
+    if args.size != DEFAULT_SIZE:
+        runtime_models.update(train_models(work, (DEFAULT_SIZE,), args.epochs))
+    results.update(measure_runtimes(work, runtime_models, batch=args.batch, seconds=3.0 if args.quick else 10.0))
+
     log("3. naive path: model.predict one image at a time")
     naive = bench_naive(keras_model, paths, args.size, min(120, len(paths)))
     results["naive_cells_per_s"] = round(naive, 1)
@@ -642,6 +650,8 @@ TARGETS = {
     "split_over_single": (">=", 0.95),
     "pg_rows_per_s": (">=", 20000),
     "loads_per_process": ("==", 1),
+    "best_over_tf_best": (">=", 1.5),
+    "best_wf1_delta": ("abs<=", 0.01),
     "fields_e2e_over_crops_e2e": (">=", 0.8),
     "fields_vs_crops_fraction_delta": ("abs<=", 0.03),
 }
@@ -705,6 +715,21 @@ def write_results(results: dict[str, Any]) -> None:
         f"{results.get('peak_rss_mb_per_worker_process')} MiB.",
         f"Memory soak: {soak.get('cells')} cells, RSS after each 1,000 (MiB): {soak.get('rss_mb')}; growth after "
         f"warm-up {soak.get('growth_mb_after_warmup')} MiB.",
+        "",
+        "| runtime (bench/runtimes.py) | size | cells/s | CPU ms/cell | GFLOP/s | RSS MiB | wF1 delta |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for size, by_runtime in results.get("runtimes", {}).items():
+        for name, run in by_runtime.items():
+            if isinstance(run, dict):
+                lines.append(
+                    f"| {name} | {size} | {run['cells_per_s']} | {run['cpu_ms_per_cell']} | {run['gflops']} | "
+                    f"{run['rss_mib']} | {run['wf1_delta']} |"
+                )
+    lines += [
+        f"ONNX Runtime over TensorFlow float32: {results.get('ort_over_tf_fp32')} (64x64), "
+        f"{results.get('ort_over_tf_fp32_128')} (128x128); best at 128x128: {results.get('best_runtime_128')}, "
+        f"{results.get('best_over_tf_best_128')} x TensorFlow's best.",
         "",
     ]
     (RESULTS / "latest.md").write_text("\n".join(lines))
