@@ -108,17 +108,12 @@ def s3_bucket(s3_settings: Settings) -> Iterator[str]:
 
 
 @pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    """URL of a new SQLite file in a folder that does not exist yet, migrated to head."""
+def db_url(tmp_path: Path) -> str:
+    """The test's database, migrated to head: a new SQLite file in a folder that does not exist yet (the embedded
+    default); under tests/integration, a new PostgreSQL database (tests/integration/conftest.py)."""
     url = f"sqlite:///{tmp_path / 'db' / 'allscore.db'}"
     upgrade(url)
     return url
-
-
-@pytest.fixture
-def db_url(sqlite_url: str) -> str:
-    """The test's migrated database: SQLite (the embedded default); PostgreSQL under tests/integration."""
-    return sqlite_url
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from core.settings import Settings, reset_settings_cache
 from db.engine import parse_url
 from db.migrate import upgrade
 from tests.fixtures import PublishedModel
+from tests.harness.services import local_redis_url, throwaway_database
 from tests.helpers import require_service
 from tests.integration.stack import Stack
 
@@ -50,16 +50,8 @@ def pg_admin_url() -> str:
 @pytest.fixture
 def pg_empty_url(pg_admin_url: str) -> Iterator[str]:
     """URL of a new empty database on the test server, dropped (connections and all) after the test."""
-    name = f"allscore_test_{uuid.uuid4().hex[:16]}"
-    admin = create_engine(parse_url(pg_admin_url), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        yield parse_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with throwaway_database(pg_admin_url) as url:
+        yield url
 
 
 @pytest.fixture
@@ -78,16 +70,7 @@ def db_url(pg_url: str) -> str:
 @pytest.fixture
 def redis_url() -> str:
     """The machine's Redis (skips, or fails under CI, when it does not answer)."""
-    import redis
-
-    url = "redis://127.0.0.1:6379/0"
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
-        ok, reason = True, ""
-    except redis.RedisError as exc:
-        ok, reason = False, f"no Redis at {url} ({exc})"
-    require_service("Redis", ok, reason)
-    return url
+    return local_redis_url()
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.harness.cli import run_allscore
 from tests.helpers import stop_process_group
 from tests.integration.faults import free_port
 
@@ -27,16 +28,7 @@ PASSWORDS = {"alice": "alice-password-1", "viewer": "viewer-password-1"}
 
 def run_cli(args: list[str], env: dict[str, str], stdin: str = "") -> subprocess.CompletedProcess[str]:
     """Run `allscore ARGS` as a user would, failing with its output if it fails."""
-    result = subprocess.run(
-        [sys.executable, "-m", "allscore", *args],
-        env={**os.environ, **env},
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, f"allscore {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
-    return result
+    return run_allscore(*args, env=env, stdin=stdin, timeout=120)
 
 
 @dataclass

@@ -5,13 +5,12 @@ and worker.client.wait_for_job as a lab pipeline uses them."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import urllib.request
 
 import pytest
 
+from tests.harness.cli import run_allscore
 from tests.integration.faults import free_port, wait_until
 from tests.integration.stack import Stack
 from worker.client import JobTimeout, wait_for_job
@@ -21,10 +20,7 @@ pytestmark = pytest.mark.integration
 
 def allscore(*args: str) -> subprocess.CompletedProcess[str]:
     """The CLI as a lab pipeline runs it, with the test's settings (the stack's environment)."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run(
-        [sys.executable, "-m", "allscore", *args], env=env, capture_output=True, text=True, timeout=120
-    )
+    return run_allscore(*args, check=False, timeout=120)
 
 
 @pytest.mark.timeout(300)

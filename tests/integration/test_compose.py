@@ -23,6 +23,7 @@ import yaml
 
 from core.settings import Settings, reset_settings_cache
 from db.engine import parse_url
+from tests.harness.cli import run_allscore
 from tests.harness.compose import compose_config
 from tests.helpers import REPO_ROOT, require_service, stop_process_group
 from tests.integration.faults import free_port
@@ -149,14 +150,7 @@ def _local_env(service: dict[str, Any], overrides: dict[str, str]) -> dict[str, 
 
 
 def _run(command: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, **env, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run(
-        [sys.executable, "-m", "allscore", *command],
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_allscore(*command, env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"}, check=False, timeout=timeout)
 
 
 def test_each_service_command_runs_on_the_host(

@@ -32,6 +32,7 @@ from tests.harness.db import (
     summarize,
 )
 from tests.harness.scenarios import SAMPLE_SCENARIOS, Scenario, scenario_id
+from tests.harness.services import upgrade_with_passwords
 
 pytestmark = pytest.mark.integration
 
@@ -130,8 +131,7 @@ def test_a_redelivered_task_waits_for_the_first_writer(factory: Factory) -> None
 @pytest.mark.reliability
 def test_analyst_role_reads_the_views_and_cannot_write(pg_empty_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     password = f"analyst-{uuid.uuid4().hex}'%\\"  # quotes and escapes must survive the migration
-    monkeypatch.setenv("ALLSCORE_ANALYST_PASSWORD", password)
-    upgrade(pg_empty_url)
+    upgrade_with_passwords(pg_empty_url, monkeypatch, ALLSCORE_ANALYST_PASSWORD=password)
     owner = make_engine(pg_empty_url)
     try:
         factory = session_factory(owner)
@@ -189,9 +189,12 @@ def test_worker_role_writes_results_and_nothing_else_and_passwords_rotate_on_upg
 ) -> None:
     worker_password = f"worker-{uuid.uuid4().hex}'%"
     analyst_password = f"analyst-{uuid.uuid4().hex}"
-    monkeypatch.setenv("ALLSCORE_WORKER_DB_PASSWORD", worker_password)
-    monkeypatch.setenv("ALLSCORE_ANALYST_PASSWORD", analyst_password)
-    upgrade(pg_empty_url)
+    upgrade_with_passwords(
+        pg_empty_url,
+        monkeypatch,
+        ALLSCORE_WORKER_DB_PASSWORD=worker_password,
+        ALLSCORE_ANALYST_PASSWORD=analyst_password,
+    )
     owner = make_engine(pg_empty_url)
     submit(session_factory(owner), "job-w", ["S1"])
 
@@ -230,8 +233,7 @@ def test_worker_role_writes_results_and_nothing_else_and_passwords_rotate_on_upg
     assert limit == 20 and "statement_timeout=60s" in config
     assert _scram_matches(verifier(), analyst_password)
     rotated = f"analyst-{uuid.uuid4().hex}"
-    monkeypatch.setenv("ALLSCORE_ANALYST_PASSWORD", rotated)
-    upgrade(pg_empty_url)
+    upgrade_with_passwords(pg_empty_url, monkeypatch, ALLSCORE_ANALYST_PASSWORD=rotated)
     after = verifier()
     owner.dispose()
     assert _scram_matches(after, rotated) and not _scram_matches(after, analyst_password)

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from core.artifact import Registry
 from core.settings import reset_settings_cache
-from db.engine import make_engine, parse_url
+from db.engine import make_engine
 from db.migrate import upgrade
 from tests.fixtures import PublishedModel
+from tests.harness.services import local_redis_url, throwaway_database
 from tests.helpers import CNMC_SAMPLE, REPO_ROOT, cnmc_cells, require_service
 from tests.integration.review_site import (
     CHROMIUM,
@@ -52,89 +53,69 @@ class Site:
     server: ReviewServer
 
 
-def _redis() -> str:
-    import redis
-
-    url = "redis://127.0.0.1:6379/0"
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
-        ok, reason = True, ""
-    except redis.RedisError as exc:
-        ok, reason = False, f"no Redis at {url} ({exc})"
-    require_service("Redis", ok, reason)
-    return url
-
-
 @pytest.fixture(scope="module")
 def site(pg_admin_url: str, tiny_model: PublishedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     """Four slides (three synthetic, the real C-NMC cells) and a slide of unreadable files, scored by a real worker
     with the tiny model, one of them also by a second version; `allscore review` serving them; two users."""
     require_service("Chromium", os.path.exists(CHROMIUM), f"{CHROMIUM} missing: apt-get install chromium")
-    redis_url = _redis()
+    redis_url = local_redis_url()
     tmp = tmp_path_factory.mktemp("review")
-    name = f"allscore_test_{uuid.uuid4().hex[:16]}"
-    admin = create_engine(parse_url(pg_admin_url), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    db_url = parse_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
-    upgrade(db_url)
-    # The same model published again as a second version: the sample page lists the other version's result.
-    model_file, manifest = Registry(tiny_model.store).fetch(tiny_model.ref)
-    other = manifest.model_copy(update={"version": "v2-review"})
-    Registry(tiny_model.store).publish(model_file, other)
-    env = {
-        "ALLSCORE_HOME": str(tmp / "home"),
-        "ALLSCORE_DATABASE_URL": db_url,
-        "ALLSCORE_BROKER_URL": redis_url,
-        "ALLSCORE_QUEUE": unique_queue(),
-        "ALLSCORE_MODEL_STORE": tiny_model.store,
-        "ALLSCORE_BATCH_SIZE": "16",
-        "ALLSCORE_LOW_COUNT": "0",  # flags from the fractions only
-        "ALLSCORE_REVIEW_SECRET_KEY": "k" * 16 + uuid.uuid4().hex,
-    }
-    worker = WorkerProcess(env, tmp / "worker.log", concurrency=1)
-    server = ReviewServer(env, tmp / "review.log")
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        reset_settings_cache()
-        from trainer.synth import write_sample
-
-        samples = {}
-        for i, (sample, fraction) in enumerate(FRACTIONS.items()):
-            write_sample(tmp / "slides" / sample, CELLS, fraction, seed=10 + i)
-            samples[sample] = [str(tmp / "slides" / sample)]
-        cnmc_cells()
-        samples["SLIDE-CNMC"] = [str(CNMC_SAMPLE)]
-        (tmp / "slides" / "SLIDE-BROKEN").mkdir()
-        (tmp / "slides" / "SLIDE-BROKEN" / "empty.bmp").write_bytes(b"")
-        samples["SLIDE-BROKEN"] = [str(tmp / "slides" / "SLIDE-BROKEN")]
-        try:
-            worker.start(timeout=120)
-            job = submit_samples(samples, model_ref=tiny_model.ref)
-            rows = wait_for_job(job, len(samples), timeout=300)
-            assert {r["status"] for r in rows} == {"done"}, rows
-            job2 = submit_sample("SLIDE-HIGH", samples["SLIDE-HIGH"], model_ref=other.ref)
-            assert wait_for_job(job2, 1, timeout=120)[0]["status"] == "done"
-            # A field sample: two real BCCD fields, in which the worker finds the white cells.
-            fields = tmp / "slides" / "SLIDE-FIELDS"
-            fields.mkdir()
-            for jpg in sorted((REPO_ROOT / "tests" / "data" / "bccd" / "JPEGImages").glob("*.jpg"))[:2]:
-                shutil.copy(jpg, fields / jpg.name)
-            job3 = submit_sample("SLIDE-FIELDS", [str(fields)], model_ref=tiny_model.ref, kind="fields")
-            assert wait_for_job(job3, 1, timeout=240)[0]["status"] == "done"
-            worker.stop()
-            run_cli(["users", "add", "alice", "--password-stdin"], env, stdin=PASSWORDS["alice"] + "\n")
-            run_cli(["users", "add", "viewer", "--read-only", "--password-stdin"], env, PASSWORDS["viewer"] + "\n")
-            server.start()
-            yield Site(url=server.url, db_url=db_url, model=tiny_model, other_version=other.ref, server=server)
-        finally:
-            worker.stop()
-            server.stop()
+    with throwaway_database(pg_admin_url) as db_url:
+        upgrade(db_url)
+        # The same model published again as a second version: the sample page lists the other version's result.
+        model_file, manifest = Registry(tiny_model.store).fetch(tiny_model.ref)
+        other = manifest.model_copy(update={"version": "v2-review"})
+        Registry(tiny_model.store).publish(model_file, other)
+        env = {
+            "ALLSCORE_HOME": str(tmp / "home"),
+            "ALLSCORE_DATABASE_URL": db_url,
+            "ALLSCORE_BROKER_URL": redis_url,
+            "ALLSCORE_QUEUE": unique_queue(),
+            "ALLSCORE_MODEL_STORE": tiny_model.store,
+            "ALLSCORE_BATCH_SIZE": "16",
+            "ALLSCORE_LOW_COUNT": "0",  # flags from the fractions only
+            "ALLSCORE_REVIEW_SECRET_KEY": "k" * 16 + uuid.uuid4().hex,
+        }
+        worker = WorkerProcess(env, tmp / "worker.log", concurrency=1)
+        server = ReviewServer(env, tmp / "review.log")
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in env.items():
+                mp.setenv(key, value)
             reset_settings_cache()
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            admin.dispose()
+            from trainer.synth import write_sample
+
+            samples = {}
+            for i, (sample, fraction) in enumerate(FRACTIONS.items()):
+                write_sample(tmp / "slides" / sample, CELLS, fraction, seed=10 + i)
+                samples[sample] = [str(tmp / "slides" / sample)]
+            cnmc_cells()
+            samples["SLIDE-CNMC"] = [str(CNMC_SAMPLE)]
+            (tmp / "slides" / "SLIDE-BROKEN").mkdir()
+            (tmp / "slides" / "SLIDE-BROKEN" / "empty.bmp").write_bytes(b"")
+            samples["SLIDE-BROKEN"] = [str(tmp / "slides" / "SLIDE-BROKEN")]
+            try:
+                worker.start(timeout=120)
+                job = submit_samples(samples, model_ref=tiny_model.ref)
+                rows = wait_for_job(job, len(samples), timeout=300)
+                assert {r["status"] for r in rows} == {"done"}, rows
+                job2 = submit_sample("SLIDE-HIGH", samples["SLIDE-HIGH"], model_ref=other.ref)
+                assert wait_for_job(job2, 1, timeout=120)[0]["status"] == "done"
+                # A field sample: two real BCCD fields, in which the worker finds the white cells.
+                fields = tmp / "slides" / "SLIDE-FIELDS"
+                fields.mkdir()
+                for jpg in sorted((REPO_ROOT / "tests" / "data" / "bccd" / "JPEGImages").glob("*.jpg"))[:2]:
+                    shutil.copy(jpg, fields / jpg.name)
+                job3 = submit_sample("SLIDE-FIELDS", [str(fields)], model_ref=tiny_model.ref, kind="fields")
+                assert wait_for_job(job3, 1, timeout=240)[0]["status"] == "done"
+                worker.stop()
+                run_cli(["users", "add", "alice", "--password-stdin"], env, stdin=PASSWORDS["alice"] + "\n")
+                run_cli(["users", "add", "viewer", "--read-only", "--password-stdin"], env, PASSWORDS["viewer"] + "\n")
+                server.start()
+                yield Site(url=server.url, db_url=db_url, model=tiny_model, other_version=other.ref, server=server)
+            finally:
+                worker.stop()
+                server.stop()
+                reset_settings_cache()
 
 
 def _query(db_url: str, sql: str, **params: object) -> list[dict[str, object]]:

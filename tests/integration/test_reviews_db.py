@@ -10,9 +10,9 @@ from sqlalchemy import Engine, inspect, text
 
 from db import reviews
 from db.engine import make_engine, session_factory, transaction
-from db.migrate import upgrade
 from tests.harness.db import Factory, assert_denied, role_engine
 from tests.harness.scenarios import MODEL, REVIEW_SCENARIOS, Scenario, scenario_id, scored_sample
+from tests.harness.services import upgrade_with_passwords
 
 pytestmark = pytest.mark.integration
 
@@ -31,9 +31,12 @@ def test_reviewer_role_writes_only_reviews_and_analysts_read_them(
 ) -> None:
     reviewer_password = f"reviewer{uuid.uuid4().hex}"
     analyst_password = f"analyst{uuid.uuid4().hex}"
-    monkeypatch.setenv("ALLSCORE_REVIEWER_DB_PASSWORD", reviewer_password)
-    monkeypatch.setenv("ALLSCORE_ANALYST_PASSWORD", analyst_password)
-    upgrade(pg_empty_url)
+    upgrade_with_passwords(
+        pg_empty_url,
+        monkeypatch,
+        ALLSCORE_REVIEWER_DB_PASSWORD=reviewer_password,
+        ALLSCORE_ANALYST_PASSWORD=analyst_password,
+    )
     owner = make_engine(pg_empty_url)
     try:
         cells = scored_sample(session_factory(owner))

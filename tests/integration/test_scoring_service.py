@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from core.settings import Settings, get_settings, reset_settings_cache
 from core.storage import store_for
 from db.engine import make_engine
 from tests.fixtures import PublishedModel
+from tests.harness.oracles import wilson_by_inverting_the_score_test
 from tests.helpers import CNMC_SAMPLE, cnmc_cells
 from tests.worker_process import WorkerProcess
 from worker.cli import wait_for_job
@@ -26,13 +26,6 @@ pytestmark = pytest.mark.integration
 
 FRACTIONS = {"low": 0.1, "mid": 0.5, "high": 0.9}
 CELLS_PER_SAMPLE = 40
-
-
-def _wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return centre - half, centre + half
 
 
 @pytest.fixture
@@ -88,7 +81,7 @@ def _truth(model: PublishedModel, images: list[bytes], sens: float, spec: float)
     p = np.asarray(keras_model(x, training=False)).reshape(-1)
     k = int(np.sum(p >= model.manifest.threshold))
     n = len(p)
-    low, high = _wilson(k, n)
+    low, high = wilson_by_inverting_the_score_test(k, n)
     rg = min(1.0, max(0.0, (k / n + spec - 1) / (sens + spec - 1)))
     return {
         "n_all": k,

@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.harness.cli import run_allscore
 from tests.helpers import CNMC_SAMPLE, cnmc_cells
 
 
 def allscore(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "ALLSCORE_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run(
-        [sys.executable, "-m", "allscore", *args], env=env, capture_output=True, text=True, timeout=300
-    )
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return run_allscore(*args, env={"ALLSCORE_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "3"}, check=check)
 
 
 def subject_of(cell: Path) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from db import repository
 from db.engine import make_engine, session_factory, transaction
 from db.errors import StaleDelivery
 from db.migrate import upgrade
+from tests.harness.oracles import wilson_by_inverting_the_score_test
 from worker.engine import score_sample
 
 SIZE = 16
@@ -56,13 +56,6 @@ def _png(value: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (40, 40), (value, value, value)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return centre - half, centre + half
 
 
 @pytest.fixture
@@ -120,7 +113,7 @@ def test_engine_writes_counts_fraction_interval_and_correction(tmp_path: Path, s
     assert row["status"] == "done"
     assert (row["n_cells"], row["n_all"], row["n_failed"]) == (73, 21, 3)
     assert row["all_fraction"] == pytest.approx(21 / 70)
-    low, high = _wilson(21, 70)
+    low, high = wilson_by_inverting_the_score_test(21, 70)
     assert (row["ci_low"], row["ci_high"]) == (pytest.approx(low), pytest.approx(high))
     # Rogan-Gladen with sensitivity 0.9 and specificity 0.8: (0.3 + 0.8 - 1) / (0.9 + 0.8 - 1).
     assert row["corrected_fraction"] == pytest.approx((0.3 + 0.8 - 1) / 0.7)

@@ -8,9 +8,7 @@ cell wrongly; the reviewer corrects those to the truth, agrees with the rest, an
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from db import reviews
 from db.engine import make_engine, session_factory, transaction
 from db.migrate import upgrade
 from db.records import CellResult
+from tests.harness.cli import run_allscore
 from tests.harness.db import score, submit
 from trainer.dataset import discover
 
@@ -74,16 +73,9 @@ def _reviewed_database(tmp_path: Path, synth_data: Path) -> tuple[str, dict[str,
 
 def test_export_holds_the_reviewers_classes_and_trains(tmp_path: Path, synth_data: Path) -> None:
     url, truth, excluded = _reviewed_database(tmp_path, synth_data)
-    env = {**os.environ, "ALLSCORE_DATABASE_URL": url, "ALLSCORE_HOME": str(tmp_path / "home")}
+    env = {"ALLSCORE_DATABASE_URL": url, "ALLSCORE_HOME": str(tmp_path / "home")}
     out = tmp_path / "export"
-    run = subprocess.run(
-        [sys.executable, "-m", "allscore", "data", "export-reviewed", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stderr
+    run = run_allscore("data", "export-reviewed", str(out), env=env, timeout=120)
     assert f"{excluded} not_a_cell left out" in " ".join(run.stderr.split())
 
     with (out / "reviewed.csv").open() as fh:
@@ -116,17 +108,11 @@ def test_export_holds_the_reviewers_classes_and_trains(tmp_path: Path, synth_dat
 
 def test_export_since_and_into_a_used_folder(tmp_path: Path, synth_data: Path) -> None:
     url, _, _ = _reviewed_database(tmp_path, synth_data)
-    env = {**os.environ, "ALLSCORE_DATABASE_URL": url, "ALLSCORE_HOME": str(tmp_path / "home")}
+    env = {"ALLSCORE_DATABASE_URL": url, "ALLSCORE_HOME": str(tmp_path / "home")}
     tomorrow = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%d")
 
     def export(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "allscore", "data", "export-reviewed", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return run_allscore("data", "export-reviewed", *args, env=env, check=False, timeout=120)
 
     later = export(str(tmp_path / "later"), "--since", tomorrow)
     # (rich wraps stderr: compare with its line breaks folded)

@@ -4,15 +4,13 @@ unchanged on PostgreSQL in tests/integration/test_reviews_db.py."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from sqlalchemy import Engine, inspect
 
 from db import reviews
 from db.engine import transaction
+from tests.harness.cli import run_allscore
 from tests.harness.db import Factory
 from tests.harness.scenarios import MODEL, REVIEW_SCENARIOS, Scenario, scenario_id, scored_sample, verdict
 
@@ -31,14 +29,9 @@ def test_report_shows_the_reviews(db_url: str, factory: Factory) -> None:
     verdict(factory, cells[0], False, "hem")
     with transaction(factory) as s:
         reviews.sign_off(session=s, sample_id="S1", model_version=MODEL, reviewer="ann", comment="seen")
-    env = {**os.environ, "ALLSCORE_DATABASE_URL": db_url}
 
     def report(*args: str) -> str:
-        run = subprocess.run(
-            [sys.executable, "-m", "allscore", "report", "S1", *args], env=env, capture_output=True, text=True
-        )
-        assert run.returncode == 0, run.stderr
-        return run.stdout
+        return run_allscore("report", "S1", *args, env={"ALLSCORE_DATABASE_URL": db_url}).stdout
 
     (row,) = json.loads(report("--reviews", "--format", "json"))
     assert (row["n_reviewed"], row["n_disagree"], row["signed_off_by"], row["sign_off_comment"]) == (

@@ -1,0 +1,53 @@
+"""The services the integration tests run against: the machine's Redis, throwaway PostgreSQL databases, and
+migrating one with the roles' passwords in the environment."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from sqlalchemy import create_engine
+
+from db.engine import parse_url
+from db.migrate import upgrade
+from tests.helpers import require_service
+
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def local_redis_url() -> str:
+    """The machine's Redis; skips the test (fails it under CI) when it does not answer."""
+    import redis
+
+    try:
+        redis.Redis.from_url(LOCAL_REDIS_URL, socket_connect_timeout=2).ping()
+        ok, reason = True, ""
+    except redis.RedisError as exc:
+        ok, reason = False, f"no Redis at {LOCAL_REDIS_URL} ({exc})"
+    require_service("Redis", ok, reason)
+    return LOCAL_REDIS_URL
+
+
+@contextmanager
+def throwaway_database(admin_url: str) -> Iterator[str]:
+    """A new empty database `allscore_test_<random>` on the server of admin_url (whose user may create databases);
+    yields its URL and drops it (connections and all) afterwards."""
+    name = f"allscore_test_{uuid.uuid4().hex[:16]}"
+    admin = create_engine(parse_url(admin_url), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        yield parse_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def upgrade_with_passwords(url: str, monkeypatch: pytest.MonkeyPatch, **passwords: str) -> None:
+    """Migrate url as `allscore db upgrade` does with the given password variables set (ALLSCORE_..._PASSWORD)."""
+    for variable, password in passwords.items():
+        monkeypatch.setenv(variable, password)
+    upgrade(url)
