@@ -11,19 +11,9 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
+from db import errors, reviews
 from db import repository as repo
-from db import reviews
 from db.engine import transaction
-from db.errors import (
-    InvalidIdentifierError,
-    JobExistsError,
-    JobNotFoundError,
-    ModelConflictError,
-    ResultMismatchError,
-    SampleCancelled,
-    SampleNotFoundError,
-    StaleDelivery,
-)
 from db.models import Sample
 from db.records import CellResult, SampleSummary
 from tests.harness.db import (
@@ -156,26 +146,26 @@ def mistakes_get_typed_errors_and_the_transaction_stays_usable(factory: Factory)
     """Mistakes a caller can make get typed errors, and the transaction stays usable after them."""
     with transaction(factory) as s:
         repo.create_job(session=s, job_id="job-e", n_samples=1)
-        with pytest.raises(JobExistsError, match="job-e"):
+        with pytest.raises(errors.JobExistsError, match="job-e"):
             repo.create_job(session=s, job_id="job-e", n_samples=1)
-        with pytest.raises(JobNotFoundError, match="nope"):
+        with pytest.raises(errors.JobNotFoundError, match="nope"):
             repo.enqueue_sample(session=s, job_id="nope", sample_id="S1", model_version="cnn:1")
-        with pytest.raises(SampleNotFoundError, match="ghost"):
+        with pytest.raises(errors.SampleNotFoundError, match="ghost"):
             repo.mark_running(session=s, sample_id="ghost", model_version="cnn:1")
-        with pytest.raises(SampleNotFoundError, match="ghost"):
+        with pytest.raises(errors.SampleNotFoundError, match="ghost"):
             repo.mark_failed(session=s, sample_id="ghost", model_version="cnn:1", error="x")
         for bad in ("", "x" * 129, "bad\nid", "tab\tid", " padded"):
-            with pytest.raises(InvalidIdentifierError):
+            with pytest.raises(errors.InvalidIdentifierError):
                 repo.enqueue_sample(session=s, job_id="job-e", sample_id=bad, model_version="cnn:1")
         repo.enqueue_sample(session=s, job_id="job-e", sample_id="x" * 128, model_version="cnn:1")
 
         repo.enqueue_sample(session=s, job_id="job-e", sample_id="S1", model_version="cnn:1")
         cells = make_cells("s3://lab/S1", [0.9, None])
-        with pytest.raises(ResultMismatchError, match="n_cells"):
+        with pytest.raises(errors.ResultMismatchError, match="n_cells"):
             repo.record_sample_result(
                 session=s, sample_id="S1", model_version="cnn:1", cells=cells[:1], summary=summarize(cells)
             )
-        with pytest.raises(ResultMismatchError, match="twice"):
+        with pytest.raises(errors.ResultMismatchError, match="twice"):
             doubled = [cells[0], cells[0]]
             repo.record_sample_result(
                 session=s, sample_id="S1", model_version="cnn:1", cells=doubled, summary=summarize(doubled)
@@ -184,7 +174,7 @@ def mistakes_get_typed_errors_and_the_transaction_stays_usable(factory: Factory)
         model_id = register_model(s)
         assert register_model(s) == model_id
         assert register_model(s, version="2", sha256="b" * 64) != model_id
-        with pytest.raises(ModelConflictError, match="cnn:1"):
+        with pytest.raises(errors.ModelConflictError, match="cnn:1"):
             register_model(s, sha256="c" * 64)
     # Everything that did not raise was committed: the errors did not poison the transaction.
     assert {r["sample_id"] for r in results(factory, job_id="job-e")} == {"S1", "x" * 128}
@@ -364,12 +354,12 @@ def cancelled_samples_end_and_their_deliveries_write_nothing(sessions: Factory) 
     assert [(c.sample_id, c.was) for c in cancelled] == [("queued", "queued"), ("running", "running")]
     assert [status_of(sessions, x) for x in ("queued", "running", "done")] == ["cancelled", "cancelled", "done"]
     # The queued sample's message arrives: it is not run.
-    with pytest.raises(SampleCancelled), transaction(sessions) as s:
+    with pytest.raises(errors.SampleCancelled), transaction(sessions) as s:
         repo.mark_running(session=s, sample_id="queued", model_version=CANCEL_VERSION, delivery=d["queued"])
     # The running one asks before its next batch, and could not write its result anyway.
-    with pytest.raises(SampleCancelled), sessions() as s:
+    with pytest.raises(errors.SampleCancelled), sessions() as s:
         repo.check_current(session=s, sample_id="running", model_version=CANCEL_VERSION, delivery=d["running"])
-    with pytest.raises(SampleCancelled), transaction(sessions) as s:
+    with pytest.raises(errors.SampleCancelled), transaction(sessions) as s:
         repo.record_sample_result(
             session=s,
             sample_id="running",
@@ -385,9 +375,9 @@ def cancelled_samples_end_and_their_deliveries_write_nothing(sessions: Factory) 
     assert rows["done"]["n_cells"] == 1
     # A resubmission takes the sample again; a delivery of the cancelled submission is now just stale.
     d2 = queue(sessions, "job-c2", "running")
-    with pytest.raises(StaleDelivery) as raised, transaction(sessions) as s:
+    with pytest.raises(errors.StaleDelivery) as raised, transaction(sessions) as s:
         repo.mark_running(session=s, sample_id="running", model_version=CANCEL_VERSION, delivery=d["running"])
-    assert not isinstance(raised.value, SampleCancelled)
+    assert not isinstance(raised.value, errors.SampleCancelled)
     with transaction(sessions) as s:
         repo.mark_running(session=s, sample_id="running", model_version=CANCEL_VERSION, delivery=d2["running"])
 
