@@ -18,7 +18,7 @@ from core.settings import get_settings, reset_settings_cache
 from core.storage import store_for
 from db.engine import make_engine
 from tests.fixtures import PublishedModel
-from tests.integration.faults import FaultProxy, wait_until
+from tests.harness.faults import FaultProxy, wait_until
 from tests.worker_process import WorkerProcess
 from worker.client import submit_samples
 

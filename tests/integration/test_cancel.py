@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from tests.harness.cli import run_allscore
-from tests.integration.faults import free_port, wait_until
+from tests.harness.faults import free_port, wait_until
 from tests.integration.stack import Stack
 from worker.client import JobTimeout, wait_for_job
 

@@ -25,8 +25,8 @@ from core.settings import Settings, reset_settings_cache
 from db.engine import parse_url
 from tests.harness.cli import run_allscore
 from tests.harness.compose import compose_config
+from tests.harness.faults import free_port
 from tests.helpers import REPO_ROOT, require_service, stop_process_group
-from tests.integration.faults import free_port
 from tests.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -260,7 +260,7 @@ def test_each_service_command_runs_on_the_host(
         timeout=120,
     )
     assert add.returncode == 0, add.stderr
-    from tests.integration.review_site import ReviewServer, login
+    from tests.harness.review_site import ReviewServer, login
 
     review_cmd = services["review"]["command"]
     assert review_cmd[:1] == ["review"] and "--port" in review_cmd

@@ -20,7 +20,7 @@ from core.contract import ScoreMessage
 from db import repository
 from db.engine import session_factory, transaction
 from db.errors import JobExistsError
-from tests.integration.faults import wait_until
+from tests.harness.faults import wait_until
 from tests.integration.stack import FINAL, Stack
 from worker.client import SubmitError, submit_samples
 

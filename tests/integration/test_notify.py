@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from core.settings import get_settings, reset_settings_cache
-from tests.integration.faults import wait_until
+from tests.harness.faults import wait_until
 from tests.integration.stack import Stack
 from worker.client import SubmitError, cancel, submit_samples, wait_for_job
 from worker.notify import SIGNATURE_HEADER, verify

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.storage import store_for
-from tests.integration.faults import free_port, wait_until
+from tests.harness.faults import free_port, wait_until
 from tests.integration.stack import Stack
 from worker.health import check as health_check
 

@@ -23,8 +23,8 @@ from core.settings import get_settings, reset_settings_cache
 from core.storage import BucketNotFound, store_for
 from db.engine import parse_url
 from tests.fixtures import PublishedModel
+from tests.harness.faults import RedisServer, wait_until
 from tests.helpers import require_service
-from tests.integration.faults import RedisServer, wait_until
 from tests.integration.stack import Stack, children
 from worker.client import SubmitError, submit_samples
 

@@ -22,9 +22,7 @@ from core.settings import reset_settings_cache
 from db.engine import make_engine
 from db.migrate import upgrade
 from tests.fixtures import PublishedModel
-from tests.harness.services import local_redis_url, throwaway_database
-from tests.helpers import CNMC_SAMPLE, REPO_ROOT, cnmc_cells, require_service
-from tests.integration.review_site import (
+from tests.harness.review_site import (
     CHROMIUM,
     PASSWORDS,
     ReviewServer,
@@ -34,6 +32,8 @@ from tests.integration.review_site import (
     run_cli,
     unique_queue,
 )
+from tests.harness.services import local_redis_url, throwaway_database
+from tests.helpers import CNMC_SAMPLE, REPO_ROOT, cnmc_cells, require_service
 from tests.worker_process import WorkerProcess
 from worker.cli import wait_for_job
 from worker.client import submit_sample, submit_samples

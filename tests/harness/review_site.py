@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 
 from tests.harness.cli import run_allscore
+from tests.harness.faults import free_port
 from tests.helpers import stop_process_group
-from tests.integration.faults import free_port
 
 SCREENSHOTS = Path("/tmp/review-shots")
 CHROMIUM = "/usr/bin/chromium"
