@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,27 +58,51 @@ def test_each_manifest_validates(path: Path) -> None:
         validate(doc)
 
 
-def test_the_validators_refuse_broken_resources() -> None:
-    docs = _all()
-    scaled = copy.deepcopy(docs[("ScaledObject", "allscore-worker")])
-    scaled["spec"]["triggers"][0]["metdata"] = scaled["spec"]["triggers"][0].pop("metadata")
-    with pytest.raises(jsonschema.ValidationError):
-        validate(scaled)
-    scaled = copy.deepcopy(docs[("ScaledObject", "allscore-worker")])
-    scaled["spec"]["maxReplicaCount"] = "twenty"
-    with pytest.raises(jsonschema.ValidationError):
-        validate(scaled)
-    del scaled["spec"]["scaleTargetRef"]
-    with pytest.raises(jsonschema.ValidationError):
-        validate(scaled)
-    deployment = copy.deepcopy(docs[("Deployment", "allscore-worker")])
-    deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGett"] = {}
-    with pytest.raises(kubernetes_validate.ValidationError):
-        validate(deployment)
-    deployment = copy.deepcopy(docs[("Deployment", "allscore-worker")])
-    deployment["spec"]["replicas"] = "one"
-    with pytest.raises(kubernetes_validate.ValidationError):
-        validate(deployment)
+def _rename_trigger_metadata(doc: dict[str, Any]) -> None:
+    doc["spec"]["triggers"][0]["metdata"] = doc["spec"]["triggers"][0].pop("metadata")
+
+
+def _replica_count_as_text(doc: dict[str, Any]) -> None:
+    doc["spec"]["maxReplicaCount"] = "twenty"
+
+
+def _no_scale_target(doc: dict[str, Any]) -> None:
+    del doc["spec"]["scaleTargetRef"]
+
+
+def _misspelt_probe(doc: dict[str, Any]) -> None:
+    doc["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGett"] = {}
+
+
+def _replicas_as_text(doc: dict[str, Any]) -> None:
+    doc["spec"]["replicas"] = "one"
+
+
+@pytest.mark.parametrize(
+    ("resource", "breakage", "error"),
+    [
+        (("ScaledObject", "allscore-worker"), _rename_trigger_metadata, jsonschema.ValidationError),
+        (("ScaledObject", "allscore-worker"), _replica_count_as_text, jsonschema.ValidationError),
+        (("ScaledObject", "allscore-worker"), _no_scale_target, jsonschema.ValidationError),
+        (("Deployment", "allscore-worker"), _misspelt_probe, kubernetes_validate.ValidationError),
+        (("Deployment", "allscore-worker"), _replicas_as_text, kubernetes_validate.ValidationError),
+    ],
+    ids=[
+        "ScaledObject trigger metadata misspelt",
+        "ScaledObject replica count as text",
+        "ScaledObject without a scale target",
+        "Deployment probe misspelt",
+        "Deployment replicas as text",
+    ],
+)
+def test_the_validators_refuse_a_broken_resource(
+    resource: tuple[str, str], breakage: Callable[[dict[str, Any]], None], error: type[Exception]
+) -> None:
+    doc = copy.deepcopy(_all()[resource])
+    validate(copy.deepcopy(doc))  # whole, it passes: what fails below is the breakage alone
+    breakage(doc)
+    with pytest.raises(error):
+        validate(doc)
 
 
 def _env(container: dict[str, Any], config: dict[str, str]) -> dict[str, Any]:

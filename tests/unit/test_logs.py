@@ -34,6 +34,13 @@ def test_json_lines_carry_the_job_and_sample_only_inside_their_context() -> None
     assert "job_id" not in outside and "sample_id" not in outside and "exc" not in outside
 
 
+def _stderr_lines_of(script: str) -> list[str]:
+    """What a Python process running `script` writes to its standard error (it must exit 0)."""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    return run.stderr.splitlines()
+
+
 def test_native_start_up_noise_is_dropped_and_other_native_lines_kept() -> None:
     script = (
         "import os\n"
@@ -45,9 +52,7 @@ def test_native_start_up_noise_is_dropped_and_other_native_lines_kept() -> None:
         "    os.write(2, b'F0000 something else broke\\n')\n"
         "os.write(2, b'after\\n')\n"
     )
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    assert run.stderr.splitlines() == ["F0000 something else broke", "after"]
+    assert _stderr_lines_of(script) == ["F0000 something else broke", "after"]
 
 
 def test_native_noise_is_dropped_when_sys_stderr_has_no_descriptor() -> None:
@@ -63,6 +68,4 @@ def test_native_noise_is_dropped_when_sys_stderr_has_no_descriptor() -> None:
         "    os.write(2, b'I0000 port.cc:153] oneDNN custom operations are on.\\n')\n"
         "    os.write(2, b'F0000 kept\\n')\n"
     )
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    assert run.stderr.splitlines() == ["F0000 kept"]
+    assert _stderr_lines_of(script) == ["F0000 kept"]
