@@ -86,12 +86,23 @@ def train_cmd(
     patience: Annotated[int, typer.Option(help="early-stopping patience in epochs")] = 6,
     version: Annotated[str | None, typer.Option(help="version; default a UTC timestamp")] = None,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="turn off flips/rotations")] = False,
+    folds: Annotated[
+        int,
+        typer.Option(
+            help="K > 1: one model per held-out group of subjects, published as their mean; threshold and "
+            "validation figures out of fold (1: one model, one validation fold)"
+        ),
+    ] = 1,
 ) -> None:
     """Train a CNN on held-out-subject validation and publish it; the last stdout line is `name:version`."""
     from trainer.train import TrainConfig, publish, train_model
 
     if val_fold is not None and val_fraction is not None:
         raise typer.BadParameter("give --val-fold or --val-fraction, not both")
+    if folds < 1:
+        raise typer.BadParameter(f"--folds {folds}: give 1 (one model) or K >= 2 folds")
+    if folds > 1 and (val_fold is not None or val_fraction is not None):
+        raise typer.BadParameter("--folds K holds out every subject once: leave out --val-fold and --val-fraction")
     config = TrainConfig(
         name=name,
         arch=arch,
@@ -105,7 +116,12 @@ def train_cmd(
         version=version,
         augment=not no_augment,
     )
-    outcome = train_model(data, config, err)
+    if folds > 1:
+        from trainer.folds import train_folds
+
+        outcome = train_folds(data, config, folds, err)
+    else:
+        outcome = train_model(data, config, err)
     manifest = publish(outcome, out_store)
     v = manifest.validation
     err.print(

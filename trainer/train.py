@@ -134,6 +134,39 @@ def _decode_with_progress(progress: Progress, ds: Dataset, size: int, label: str
     return arrays
 
 
+def fit_one(
+    train: CellArrays, val: CellArrays, config: TrainConfig, progress: Progress, seed: int | None = None
+) -> Any:
+    """One model fitted on `train`, stopped early on `val`'s loss; returns (model, keras History)."""
+    import keras
+    import tensorflow as tf
+
+    seed = config.seed if seed is None else seed
+    model = build_model(config.arch, config.size, seed=seed)
+    model.compile(
+        optimizer=keras.optimizers.Adam(config.learning_rate),
+        loss="binary_crossentropy",
+        metrics=[keras.metrics.AUC(name="auc")],
+    )
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True)
+    # Smaller steps once validation loss stops improving: batch-norm noise otherwise keeps it bouncing.
+    plateau = keras.callbacks.ReduceLROnPlateau(
+        monitor="val_loss", factor=0.3, patience=max(1, config.patience // 3), min_lr=1e-5
+    )
+    history = model.fit(
+        _augmented(train.images, train.labels, config.batch_size, seed, config.augment),
+        validation_data=tf.data.Dataset.from_tensor_slices((val.images, val.labels.astype("float32"))).batch(
+            config.batch_size
+        ),
+        epochs=config.epochs,
+        class_weight=_class_weights(train.labels),
+        callbacks=[stop, plateau, _progress_callback(progress, config.epochs)],
+        verbose=0,
+        shuffle=False,  # the tf.data pipeline shuffles
+    )
+    return model, history
+
+
 def train_model(data: Path, config: TrainConfig, console: Console | None = None) -> TrainOutcome:
     """Train on a C-NMC-layout data set, validating on held-out subjects; nothing is published here."""
     import keras
@@ -158,28 +191,7 @@ def train_model(data: Path, config: TrainConfig, console: Console | None = None)
         train = _decode_with_progress(progress, train_ds, config.size, "training cells")
         val = _decode_with_progress(progress, val_ds, config.size, "validation cells")
 
-        model = build_model(config.arch, config.size, seed=config.seed)
-        model.compile(
-            optimizer=keras.optimizers.Adam(config.learning_rate),
-            loss="binary_crossentropy",
-            metrics=[keras.metrics.AUC(name="auc")],
-        )
-        stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True)
-        # Smaller steps once validation loss stops improving: batch-norm noise otherwise keeps it bouncing.
-        plateau = keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=0.3, patience=max(1, config.patience // 3), min_lr=1e-5
-        )
-        history = model.fit(
-            _augmented(train.images, train.labels, config.batch_size, config.seed, config.augment),
-            validation_data=tf.data.Dataset.from_tensor_slices((val.images, val.labels.astype("float32"))).batch(
-                config.batch_size
-            ),
-            epochs=config.epochs,
-            class_weight=_class_weights(train.labels),
-            callbacks=[stop, plateau, _progress_callback(progress, config.epochs)],
-            verbose=0,
-            shuffle=False,  # the tf.data pipeline shuffles
-        )
+        model, history = fit_one(train, val, config, progress)
 
     scale, scale_source = data_scale(Path(data))
     p_val = predict_proba(model, val.images, batch_size=settings.batch_size)
