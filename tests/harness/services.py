@@ -46,8 +46,11 @@ def throwaway_database(admin_url: str) -> Iterator[str]:
         admin.dispose()
 
 
-def upgrade_with_passwords(url: str, monkeypatch: pytest.MonkeyPatch, **passwords: str) -> None:
-    """Migrate url as `allscore db upgrade` does with the given password variables set (ALLSCORE_..._PASSWORD)."""
+def upgrade_with_new_passwords(url: str, monkeypatch: pytest.MonkeyPatch, *variables: str) -> dict[str, str]:
+    """Migrate url as `allscore db upgrade` does, with a new password in each variable (ALLSCORE_..._PASSWORD);
+    returns them by variable. Each holds a quote, a percent sign and a backslash: they must survive the migration."""
+    passwords = {variable: f"{variable.lower()}-{uuid.uuid4().hex}'%\\" for variable in variables}
     for variable, password in passwords.items():
         monkeypatch.setenv(variable, password)
     upgrade(url)
+    return passwords

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 
 import pytest
 from sqlalchemy import Engine, text
@@ -32,7 +31,7 @@ from tests.harness.db import (
     summarize,
 )
 from tests.harness.scenarios import SAMPLE_SCENARIOS, Scenario, scenario_id
-from tests.harness.services import upgrade_with_passwords
+from tests.harness.services import upgrade_with_new_passwords
 
 pytestmark = pytest.mark.integration
 
@@ -130,8 +129,7 @@ def test_a_redelivered_task_waits_for_the_first_writer(factory: Factory) -> None
 
 @pytest.mark.reliability
 def test_analyst_role_reads_the_views_and_cannot_write(pg_empty_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    password = f"analyst-{uuid.uuid4().hex}'%\\"  # quotes and escapes must survive the migration
-    upgrade_with_passwords(pg_empty_url, monkeypatch, ALLSCORE_ANALYST_PASSWORD=password)
+    (password,) = upgrade_with_new_passwords(pg_empty_url, monkeypatch, "ALLSCORE_ANALYST_PASSWORD").values()
     owner = make_engine(pg_empty_url)
     try:
         factory = session_factory(owner)
@@ -187,14 +185,9 @@ def _scram_matches(verifier: str, password: str) -> bool:
 def test_worker_role_writes_results_and_nothing_else_and_passwords_rotate_on_upgrade(
     pg_empty_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    worker_password = f"worker-{uuid.uuid4().hex}'%"
-    analyst_password = f"analyst-{uuid.uuid4().hex}"
-    upgrade_with_passwords(
-        pg_empty_url,
-        monkeypatch,
-        ALLSCORE_WORKER_DB_PASSWORD=worker_password,
-        ALLSCORE_ANALYST_PASSWORD=analyst_password,
-    )
+    worker_password, analyst_password = upgrade_with_new_passwords(
+        pg_empty_url, monkeypatch, "ALLSCORE_WORKER_DB_PASSWORD", "ALLSCORE_ANALYST_PASSWORD"
+    ).values()
     owner = make_engine(pg_empty_url)
     submit(session_factory(owner), "job-w", ["S1"])
 
@@ -232,8 +225,7 @@ def test_worker_role_writes_results_and_nothing_else_and_passwords_rotate_on_upg
         ).one()
     assert limit == 20 and "statement_timeout=60s" in config
     assert _scram_matches(verifier(), analyst_password)
-    rotated = f"analyst-{uuid.uuid4().hex}"
-    upgrade_with_passwords(pg_empty_url, monkeypatch, ALLSCORE_ANALYST_PASSWORD=rotated)
+    (rotated,) = upgrade_with_new_passwords(pg_empty_url, monkeypatch, "ALLSCORE_ANALYST_PASSWORD").values()
     after = verifier()
     owner.dispose()
     assert _scram_matches(after, rotated) and not _scram_matches(after, analyst_password)

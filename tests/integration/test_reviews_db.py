@@ -3,8 +3,6 @@ app's allscore_reviewer writes only the review tables; the analysts read sample_
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from sqlalchemy import Engine, inspect, text
 
@@ -12,7 +10,7 @@ from db import reviews
 from db.engine import make_engine, session_factory, transaction
 from tests.harness.db import Factory, assert_denied, role_engine
 from tests.harness.scenarios import MODEL, REVIEW_SCENARIOS, Scenario, scenario_id, scored_sample
-from tests.harness.services import upgrade_with_passwords
+from tests.harness.services import upgrade_with_new_passwords
 
 pytestmark = pytest.mark.integration
 
@@ -29,14 +27,9 @@ def test_reviews(factory: Factory, scenario: Scenario) -> None:
 def test_reviewer_role_writes_only_reviews_and_analysts_read_them(
     pg_empty_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    reviewer_password = f"reviewer{uuid.uuid4().hex}"
-    analyst_password = f"analyst{uuid.uuid4().hex}"
-    upgrade_with_passwords(
-        pg_empty_url,
-        monkeypatch,
-        ALLSCORE_REVIEWER_DB_PASSWORD=reviewer_password,
-        ALLSCORE_ANALYST_PASSWORD=analyst_password,
-    )
+    reviewer_password, analyst_password = upgrade_with_new_passwords(
+        pg_empty_url, monkeypatch, "ALLSCORE_REVIEWER_DB_PASSWORD", "ALLSCORE_ANALYST_PASSWORD"
+    ).values()
     owner = make_engine(pg_empty_url)
     try:
         cells = scored_sample(session_factory(owner))

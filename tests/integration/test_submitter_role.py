@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from sqlalchemy import text
 
@@ -11,7 +9,7 @@ from db import repository as repo
 from db.engine import make_engine, session_factory, transaction
 from db.migrate import upgrade
 from tests.harness.db import assert_denied, cells_of, make_cells, register_model, role_engine, score
-from tests.harness.services import upgrade_with_passwords
+from tests.harness.services import upgrade_with_new_passwords
 
 pytestmark = pytest.mark.integration
 
@@ -19,8 +17,7 @@ pytestmark = pytest.mark.integration
 def test_submitter_role_submits_reads_cancels_and_nothing_else(
     pg_empty_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    password = f"submitter-{uuid.uuid4().hex}"
-    upgrade_with_passwords(pg_empty_url, monkeypatch, ALLSCORE_SUBMITTER_DB_PASSWORD=password)
+    (password,) = upgrade_with_new_passwords(pg_empty_url, monkeypatch, "ALLSCORE_SUBMITTER_DB_PASSWORD").values()
     owner = make_engine(pg_empty_url)
     with owner.connect() as conn:
         assert conn.execute(text("SELECT rolcanlogin FROM pg_roles WHERE rolname = 'allscore_submitter'")).scalar()
