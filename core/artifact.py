@@ -120,6 +120,9 @@ class ModelManifest(BaseModel):
     preprocessing: str = "core.imaging.decode_image (center-crop to square, resize); rescaling inside the model"
     threshold: float
     threshold_criterion: str = "maximises weighted F1 on the validation subjects"
+    # Temperature scaling (core/calibration.py): p(all) is served as sigmoid(logit(model output) / temperature), and
+    # the threshold applies to that. 1.0 (no change) in versions published before it existed and without --folds.
+    temperature: float = Field(default=1.0, gt=0)
     validation: ValidationMetrics
     train_subjects: list[str]
     val_subjects: list[str]

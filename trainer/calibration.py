@@ -8,6 +8,8 @@
   under-confident one. It is monotone: the ranking of the cells, and so the AUC, do not move; a decision threshold
   moves with it (``apply_temperature`` on the threshold gives the same calls).
 
+``apply_temperature`` (core/calibration.py, shared with the worker) applies it.
+
 Fit it on predictions the model did not train on (out of fold, or a validation split), never on training cells.
 """
 
@@ -19,15 +21,10 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.optimize import minimize_scalar
 
-# Probabilities are clipped this far from 0 and 1 before taking logits (float32 sigmoids saturate).
-_EPS = 1e-7
+from core.calibration import EPS, apply_temperature, logit
+
 # The temperature is searched over [1/50, 50] (in log space): beyond that the model says nothing useful.
 _LOG_T_BOUND = math.log(50.0)
-
-
-def _logit(p: ArrayLike) -> NDArray[np.float64]:
-    q = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1.0 - _EPS)
-    return np.log(q) - np.log1p(-q)
 
 
 def _check(p: ArrayLike, y: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
@@ -42,15 +39,8 @@ def _check(p: ArrayLike, y: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.
     return probs, labels
 
 
-def apply_temperature(p: ArrayLike, temperature: float) -> NDArray[np.float64]:
-    """p(ALL) after dividing its logit by ``temperature`` (1 leaves it as it is, up to the clipping at 1e-7)."""
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    return 1.0 / (1.0 + np.exp(-_logit(p) / temperature))
-
-
 def _nll(p: NDArray[np.float64], y: NDArray[np.float64]) -> float:
-    q = np.clip(p, _EPS, 1.0 - _EPS)
+    q = np.clip(p, EPS, 1.0 - EPS)
     return float(-np.mean(y * np.log(q) + (1.0 - y) * np.log1p(-q)))
 
 
@@ -59,7 +49,7 @@ def fit_temperature(p: ArrayLike, y: ArrayLike) -> float:
     probs, labels = _check(p, y)
     if labels.min() == labels.max():
         raise ValueError("fitting a temperature needs cells of both classes")
-    z = _logit(probs)
+    z = logit(probs)
 
     def loss(log_t: float) -> float:
         return _nll(1.0 / (1.0 + np.exp(-z / math.exp(log_t))), labels)
@@ -79,3 +69,6 @@ def expected_calibration_error(p: ArrayLike, y: ArrayLike, bins: int = 15) -> fl
     seen = np.bincount(index, weights=labels, minlength=bins)
     used = count > 0
     return float(np.sum(np.abs(seen[used] - said[used])) / probs.size)
+
+
+__all__ = ["apply_temperature", "expected_calibration_error", "fit_temperature"]

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from core.artifact import load_model
+from core.calibration import apply_temperature
 from core.errors import AllscoreError
 from core.inference import ServingModel, configure_tensorflow, predict_proba
 from core.settings import get_settings
@@ -33,7 +34,7 @@ def evaluate(ref: str, data: Path, *, store: str | None = None) -> dict[str, Any
         )
     arrays = decode_cells(labelled, manifest.input_size)
     model = ServingModel(loaded.model, settings.precision)  # exactly what the workers run
-    p = predict_proba(model, arrays.images, batch_size=settings.batch_size)
+    p = apply_temperature(predict_proba(model, arrays.images, batch_size=settings.batch_size), manifest.temperature)
     metrics = summarize(arrays.labels, p, manifest.threshold, arrays.subjects)
     overlap = sorted(set(manifest.train_subjects) & {s for s in arrays.subjects if s})
     return {

@@ -5,9 +5,9 @@ then predicts it: those are the out-of-fold (OOF) predictions, one per cell, non
 the cell's subject. The decision threshold is chosen on all of them together (every subject, not four validation
 subjects), the validation figures (and so the sensitivity and specificity the Rogan-Gladen correction uses) are
 computed on them, and each fold's own best threshold is recorded with their spread, which says how much the
-threshold would move from one group of subjects to another. A temperature is fitted on the OOF predictions and the
-expected calibration error recorded before and after (trainer/calibration.py; recorded, not yet applied when
-serving).
+threshold would move from one group of subjects to another. A temperature is fitted on the OOF predictions first
+(trainer/calibration.py) and served with the version (manifest.temperature), so the threshold and the figures are
+on the calibrated p(all) the workers report; the expected calibration error is recorded before and after.
 
 The published model is the fold models' mean probability in one Keras graph (``ensemble``): one forward pass per
 batch through K networks, so it costs K times one model (bench/README.md).
@@ -123,7 +123,8 @@ def train_folds(data: Path, config: TrainConfig, k: int, console: Console | None
                     "trained_on_subjects": sorted(train_ds.subjects),
                     "n_train_cells": len(train.labels),
                     "n_held_out_cells": len(val.labels),
-                    "threshold": choose_threshold(val.labels, p),
+                    "_labels": val.labels,
+                    "_p": p,
                     "epochs_run": len(history.history.get("loss", [])),
                     "best_epoch": int(np.argmin(history.history["val_loss"])) + 1,
                     "seconds": round(time.perf_counter() - fold_started, 1),
@@ -131,25 +132,25 @@ def train_folds(data: Path, config: TrainConfig, k: int, console: Console | None
                     "_history": history.history,
                 }
             )
-            console.print(
-                f"fold {index + 1}/{k}: held out {', '.join(sorted(held))}; threshold {folds[-1]['threshold']:.3f} "
-                f"({folds[-1]['seconds']:.0f} s)"
-            )
+            console.print(f"fold {index + 1}/{k}: held out {', '.join(sorted(held))} ({folds[-1]['seconds']:.0f} s)")
 
     labels = np.concatenate(labels_all)
-    p_oof = np.concatenate(p_all)
+    raw_oof = np.concatenate(p_all)
+    # Calibrated on the out-of-fold predictions, then served so (manifest.temperature): the threshold and every
+    # figure below are on the calibrated p(all), as the workers will see it.
+    temperature = fit_temperature(raw_oof, labels)
+    p_oof = apply_temperature(raw_oof, temperature)
     threshold = choose_threshold(labels, p_oof)
     metrics = summarize(labels, p_oof, threshold, subjects_all)
+    for f in folds:  # each fold's own best threshold, on the same calibrated scale
+        f["threshold"] = choose_threshold(f["_labels"], apply_temperature(f.pop("_p"), temperature))
+        del f["_labels"]
     thresholds = [f["threshold"] for f in folds]
-    temperature = fit_temperature(p_oof, labels)
     calibration = {
         "temperature": round(temperature, 4),
+        "ece_oof_before": round(expected_calibration_error(raw_oof, labels), 4),
         "ece_oof": round(expected_calibration_error(p_oof, labels), 4),
-        "ece_oof_after_temperature": round(
-            expected_calibration_error(apply_temperature(p_oof, temperature), labels), 4
-        ),
         "fitted_on": f"{len(labels)} out-of-fold cells of {len(dataset.subjects)} subjects",
-        "applied_when_serving": False,
     }
     model = ensemble(models)
     scale, scale_source = data_scale(Path(data))
@@ -174,6 +175,7 @@ def train_folds(data: Path, config: TrainConfig, k: int, console: Console | None
         architecture=f"ensemble of {k} {config.arch}",
         input_size=config.size,
         threshold=threshold,
+        temperature=temperature,
         threshold_criterion=(
             f"maximises weighted F1 on the out-of-fold predictions of all {len(dataset.subjects)} subjects "
             f"(each predicted by the fold model that did not train on it)"

@@ -15,6 +15,7 @@ import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.artifact import LoadedModel, ModelError
+from core.calibration import apply_temperature
 from core.contract import ScoreMessage
 from core.errors import AllscoreError
 from core.inference import predict_batch
@@ -68,6 +69,7 @@ def score_units(
     model: Any,
     size: int,
     threshold: float,
+    temperature: float = 1.0,
     pool: ThreadPoolExecutor,
     batch_size: int = 64,
     max_cells: int | None = None,
@@ -96,7 +98,7 @@ def score_units(
         # Always a full batch (zero-padded), so the traced graph is reused.
         buffer[len(waiting) :] = 0
         started = time.perf_counter()
-        p = predict_batch(model, buffer)
+        p = apply_temperature(predict_batch(model, buffer), temperature)
         if hooks.batch is not None:
             hooks.batch(len(waiting), time.perf_counter() - started)
         for slot, (row, item) in enumerate(waiting):
@@ -162,6 +164,7 @@ def score_cells(
     model: Any,
     size: int,
     threshold: float,
+    temperature: float = 1.0,
     fetch: Fetch,
     pool: ThreadPoolExecutor,
     batch_size: int = 64,
@@ -174,6 +177,7 @@ def score_cells(
         model=model,
         size=size,
         threshold=threshold,
+        temperature=temperature,
         pool=pool,
         batch_size=batch_size,
     )
@@ -244,6 +248,7 @@ def score_sample(
         model=loaded.model,
         size=size,
         threshold=manifest.threshold,
+        temperature=manifest.temperature,
         pool=pool,
         batch_size=batch_size,
         max_cells=max_cells if request.kind == "fields" else None,

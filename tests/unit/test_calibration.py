@@ -3,6 +3,8 @@ temperature scaling, fitted on held-out predictions, repairs a deliberately misc
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -53,3 +55,35 @@ def test_bad_input_is_refused_with_what_is_wrong() -> None:
         expected_calibration_error([0.2, 1.5], [1, 0])
     with pytest.raises(ValueError, match="positive"):
         apply_temperature([0.5], 0.0)
+
+
+def test_the_worker_serves_p_all_at_the_versions_temperature(tmp_path: Path) -> None:
+    # A stand-in model says p = brightness / 255; at temperature 2 the engine reports sigmoid(logit(p) / 2), and the
+    # threshold applies to that (0.5 is the same call either way: the scaling is monotone and keeps 0.5).
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from core.storage import LocalStore
+    from worker.engine import score_cells
+
+    def model(x: np.ndarray, training: bool = False) -> np.ndarray:
+        return (x.reshape(len(x), -1).mean(axis=1) / 255.0).reshape(-1, 1)
+
+    uris = []
+    for value in (51, 128, 230):
+        path = tmp_path / f"cell_{value}.png"
+        Image.new("RGB", (20, 20), (value, value, value)).save(path)
+        uris.append(str(path))
+    with ThreadPoolExecutor(2) as pool:
+        plain, warm = (
+            score_cells(
+                uris, model=model, size=8, threshold=0.5, temperature=t, fetch=LocalStore().read_bytes, pool=pool
+            )
+            for t in (1.0, 2.0)
+        )
+    p = np.array([c.p_all for c in plain], dtype=np.float64)
+    np.testing.assert_allclose(p, [51 / 255, 128 / 255, 230 / 255], atol=1e-6)
+    served = np.array([c.p_all for c in warm], dtype=np.float64)
+    np.testing.assert_allclose(served, 1 / (1 + np.exp(-np.log(p / (1 - p)) / 2)), atol=1e-9)
+    assert [c.is_all for c in warm] == [c.is_all for c in plain] == [False, True, True]

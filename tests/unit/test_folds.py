@@ -12,6 +12,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from core.artifact import load_model
+from core.calibration import apply_temperature
 from core.inference import ServingModel, predict_proba
 from trainer.dataset import DatasetError, discover
 from trainer.folds import subject_groups, train_folds
@@ -60,7 +61,8 @@ def test_every_subject_is_held_out_once_and_the_threshold_is_out_of_fold(
     assert manifest.training["fold_threshold_spread"] == pytest.approx(max(thresholds) - min(thresholds), abs=1e-4)
     assert "out-of-fold" in manifest.threshold_criterion
     calibration = manifest.training["calibration"]
-    assert calibration["temperature"] > 0 and 0 <= calibration["ece_oof"] <= 1
+    assert manifest.temperature == pytest.approx(calibration["temperature"], abs=1e-4) and manifest.temperature > 0
+    assert 0 <= calibration["ece_oof"] <= 1 and 0 <= calibration["ece_oof_before"] <= 1
 
 
 def test_the_threshold_is_the_one_the_oof_predictions_choose(outcome: TrainOutcome, synth_data: Path) -> None:
@@ -74,7 +76,9 @@ def test_the_threshold_is_the_one_the_oof_predictions_choose(outcome: TrainOutco
         arrays = decode_cells(cells, 32)
         labels.append(arrays.labels)
         probs.append(predict_proba(member, arrays.images))
-    assert outcome.manifest.threshold == pytest.approx(choose_threshold(np.concatenate(labels), np.concatenate(probs)))
+    # on the calibrated scale the workers serve (the version's temperature, fitted on the same OOF predictions)
+    calibrated = apply_temperature(np.concatenate(probs), outcome.manifest.temperature)
+    assert outcome.manifest.threshold == pytest.approx(choose_threshold(np.concatenate(labels), calibrated))
 
 
 def test_the_published_version_serves_the_mean_of_the_fold_models(
