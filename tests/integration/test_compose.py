@@ -7,6 +7,7 @@ commands it gives the allscore services are run against the local PostgreSQL, Re
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -421,3 +422,42 @@ def test_monitoring_profile_runs_prometheus_that_scrapes_the_workers(tmp_path: P
         assert answered["sum(allscore_worker_consuming)"][0]["value"][1] == "1"
     finally:
         stop_process_group(proc, 20)
+
+
+# -- secrets only from the environment; compose's Redis and PostgreSQL require passwords ---------------------------
+# (The read-only analyst role is tested in test_db.py::test_analyst_role_reads_the_views_and_cannot_write.)
+
+
+@pytest.mark.timeout(90)
+def test_every_compose_secret_must_come_from_the_environment(tmp_path: Path) -> None:
+    example = (REPO_ROOT / ".env.example").read_text().splitlines()
+    secrets = {
+        line.split("=", 1)[0]: line.split("=", 1)[1]
+        for line in example
+        if re.match(r"^[A-Z0-9_]*(PASSWORD|SECRET|ACCESS_KEY)[A-Z0-9_]*=", line)
+    }
+    assert {"POSTGRES_PASSWORD", "REDIS_PASSWORD", "ALLSCORE_ANALYST_PASSWORD"} <= set(secrets), secrets
+    for name in secrets:
+        env_file = tmp_path / f"without-{name}.env"
+        env_file.write_text("\n".join(ln for ln in example if not ln.startswith(f"{name}=")) + "\n")
+        result = compose_config(env_file)
+        assert result.returncode != 0 and name in result.stderr, (name, result.stderr[-500:])
+    rendered = compose_config(REPO_ROOT / ".env.example")
+    assert rendered.returncode == 0, rendered.stderr
+    services = yaml.safe_load(rendered.stdout)["services"]
+    redis_cmd = services["redis"]["command"]
+    redis_cmd = " ".join(redis_cmd) if isinstance(redis_cmd, list) else redis_cmd
+    assert f"--requirepass {secrets['REDIS_PASSWORD']}" in redis_cmd.replace('"', "")
+    postgres = services["postgres"]["environment"]
+    assert postgres["POSTGRES_PASSWORD"] == secrets["POSTGRES_PASSWORD"]
+    assert postgres.get("POSTGRES_HOST_AUTH_METHOD", "") not in ("trust", "password")
+    # No secret value is written into what is shipped: the compose file, the image or the code. (An access key
+    # id is not a secret: the example's is the word "allscore".)
+    secret_values = {name: value for name, value in secrets.items() if "ACCESS_KEY" not in name}
+    shipped = [REPO_ROOT / "docker-compose.yml", REPO_ROOT / "Dockerfile"]
+    for package in ("allscore", "core", "db", "trainer", "worker"):
+        shipped += sorted((REPO_ROOT / package).rglob("*.py"))
+    for path in shipped:
+        body = path.read_text(errors="replace")
+        for name, value in secret_values.items():
+            assert value not in body, f"{path} holds the value of {name}"
