@@ -32,11 +32,14 @@ def synth_cmd(
     tint: Annotated[
         float, typer.Option(help="how much each subject's stain differs (0.05; 0.10 is harder), 0-0.3")
     ] = 0.05,
+    first_subject: Annotated[
+        int, typer.Option(help="number of the first subject (101: other subjects than a set made from 1)")
+    ] = 1,
 ) -> None:
     """Write a SYNTHETIC data set in the C-NMC 2019 layout (fold_k/all, fold_k/hem, 450x450 BMP)."""
     from trainer.synth import synthesize
 
-    summary = synthesize(out_dir, subjects=subjects, cells=cells, seed=seed, tint=tint)
+    summary = synthesize(out_dir, subjects=subjects, cells=cells, seed=seed, tint=tint, first_subject=first_subject)
     err.print(f"wrote {summary}")
     typer.echo(str(out_dir))
 

@@ -216,12 +216,21 @@ def _smooth_noise(rng: np.random.Generator, grain: int, draw: int) -> np.ndarray
 
 
 def synthesize(
-    out: Path, *, subjects: int = 12, cells: int = 120, seed: int = 0, size: int = 450, tint: float = TINT_STRENGTH
+    out: Path,
+    *,
+    subjects: int = 12,
+    cells: int = 120,
+    seed: int = 0,
+    size: int = 450,
+    tint: float = TINT_STRENGTH,
+    first_subject: int = 1,
 ) -> SynthSummary:
     """Write a synthetic C-NMC-layout data set under out (see the module docstring); returns a summary.
 
     ``tint``: how much each subject's stain differs (subject_tint's strength; 0.05 by default, 0.10 is harder: a
-    model can learn the training subjects' tints, which says nothing about a new subject)."""
+    model can learn the training subjects' tints, which says nothing about a new subject). ``first_subject``: the
+    number of the first subject of each class (ALL subjects are named by number, normal ones H<number>); a set
+    starting at 101 holds other subjects than one starting at 1, whatever the seed: held-out subjects to evaluate on."""
     out = Path(out)
     if not 0 <= tint <= 0.3:
         raise DatasetError(f"tint={tint}: choose a subject tint strength between 0 and 0.3 (default {TINT_STRENGTH})")
@@ -238,12 +247,15 @@ def synthesize(
         raise DatasetError(f"{out}: exists and is not an empty folder; choose a new folder for the data set")
     started = time.perf_counter()
     n_malignant = (subjects + 1) // 2
-    plan = [(str(i), True, i) for i in range(1, n_malignant + 1)]
-    plan += [(f"H{i}", False, i) for i in range(1, subjects - n_malignant + 1)]
+    if first_subject < 1:
+        raise DatasetError(f"first_subject={first_subject}: subject numbers start at 1 or above")
+    first = first_subject
+    plan = [(str(i), True, i) for i in range(first, first + n_malignant)]
+    plan += [(f"H{i}", False, i) for i in range(first, first + subjects - n_malignant)]
     folds: dict[str, list[str]] = {str(k): [] for k in range(FOLDS)}
     counts = {True: 0, False: 0}
     for subject, malignant, number in plan:
-        fold = str((number - 1) % FOLDS)
+        fold = str((number - first) % FOLDS)
         folds[fold].append(subject)
         class_dir = out / f"fold_{fold}" / CLASS_NAMES[int(malignant)]
         class_dir.mkdir(parents=True, exist_ok=True)

@@ -51,3 +51,18 @@ def test_a_higher_tint_makes_subjects_differ_more_and_the_cli_takes_it(tmp_path:
 def test_a_tint_out_of_range_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"tint=0\.5"):
         synthesize(tmp_path / "x", subjects=6, cells=2, size=32, tint=0.5)
+
+
+def test_a_set_from_subject_101_holds_other_subjects(tmp_path: Path) -> None:
+    from trainer.dataset import discover
+
+    synthesize(tmp_path / "train", subjects=6, cells=3, size=32)
+    synthesize(tmp_path / "held", subjects=6, cells=3, size=32, first_subject=101)
+    train, held = discover(tmp_path / "train"), discover(tmp_path / "held")
+    assert sorted(train.subjects) == ["1", "2", "3", "H1", "H2", "H3"]
+    assert sorted(held.subjects) == ["101", "102", "103", "H101", "H102", "H103"]
+    assert held.folds == ["0", "1", "2"]  # one subject of each class per fold, as from 1
+    # other subjects: other stains and cells (the same seed draws per subject number)
+    a = np.asarray(Image.open(sorted((tmp_path / "train").rglob("*.bmp"))[0]))
+    b = np.asarray(Image.open(sorted((tmp_path / "held").rglob("*.bmp"))[0]))
+    assert not np.array_equal(a, b)
