@@ -1,0 +1,158 @@
+"""Model quality from run to run and from subject to subject (issue 14's protocol), on SYNTHETIC data.
+
+For one subject tint: a training set made by `allscore data synth` (12 subjects, 120 cells each, its defaults) and
+a held-out set of 6 other subjects (numbers from 101, 400 cells each: no subject in common). For each seed: train
+with the defaults (plus --folds K), publish to a local store, evaluate on the held-out subjects (weighted F1, AUC,
+sensitivity, specificity at the version's threshold), and score mixed samples of 500 held-out cells at true ALL
+fractions 0.05, 0.20 and 0.50 (five draws each, without replacement): the raw fraction of cells called ALL and the
+Rogan-Gladen fraction corrected with the version's (out-of-fold) sensitivity and specificity. Writes
+bench/results/quality_<tint>.json and prints a table; bench/README.md keeps the figures.
+
+    python -m bench.quality --tint 0.05 --seeds 0 1 2 --folds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).with_name("results")
+FRACTIONS = (0.05, 0.20, 0.50)
+SAMPLE_CELLS = 500
+DRAWS = 5
+
+
+def make_sets(work: Path, tint: float) -> tuple[Path, Path]:
+    """The training set (the generator's defaults) and the held-out subjects (from 101), at one tint."""
+    from trainer.synth import synthesize
+
+    train, held = work / "train", work / "held"
+    if not train.exists():
+        synthesize(train, seed=0, tint=tint)
+    if not held.exists():
+        synthesize(held, subjects=6, cells=400, seed=0, tint=tint, first_subject=101)
+    return train, held
+
+
+def mixed_samples(labels: np.ndarray, calls: np.ndarray, sens: float, spec: float, seed: int) -> dict[str, Any]:
+    """The fraction called ALL and its Rogan-Gladen correction on mixed samples drawn from the held-out cells."""
+    from core.stats import rogan_gladen
+
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    out: dict[str, Any] = {}
+    for truth in FRACTIONS:
+        n_pos = round(truth * SAMPLE_CELLS)
+        raw, corrected = [], []
+        for _ in range(DRAWS):
+            cells = np.r_[rng.choice(pos, n_pos, replace=False), rng.choice(neg, SAMPLE_CELLS - n_pos, replace=False)]
+            fraction = float(calls[cells].mean())
+            raw.append(fraction)
+            corrected.append(rogan_gladen(fraction, sens, spec))
+        errors = [abs(c - truth) for c in corrected if c is not None]
+        out[f"{truth:.2f}"] = {
+            "raw": [round(r, 4) for r in raw],
+            "corrected": [None if c is None else round(c, 4) for c in corrected],
+            "max_abs_error_corrected": round(max(errors), 4) if errors else None,
+        }
+    return out
+
+
+def run_seed(train: Path, held: Path, store: Path, *, seed: int, folds: int, epochs: int) -> dict[str, Any]:
+    """Train one version with the defaults at this seed, evaluate it on the held-out subjects, score mixtures."""
+    from rich.console import Console
+
+    from core.artifact import load_model
+    from core.calibration import apply_temperature
+    from core.inference import ServingModel, predict_proba
+    from trainer.dataset import discover
+    from trainer.folds import train_folds
+    from trainer.loading import decode_cells
+    from trainer.metrics import summarize
+    from trainer.train import TrainConfig, publish, train_model
+
+    config = TrainConfig(name="quality", seed=seed, epochs=epochs, version=f"s{seed}-k{folds}")
+    console = Console(stderr=True)
+    started = time.perf_counter()
+    outcome = train_folds(train, config, folds, console) if folds > 1 else train_model(train, config, console)
+    seconds = time.perf_counter() - started
+    manifest = publish(outcome, str(store))
+    loaded = load_model(manifest.ref, store=str(store))
+    cells = [c for c in discover(held).cells if c.label is not None]
+    arrays = decode_cells(cells, manifest.input_size)
+    p = apply_temperature(predict_proba(ServingModel(loaded.model), arrays.images), manifest.temperature)
+    metrics = summarize(arrays.labels, p, manifest.threshold, arrays.subjects)
+    sens, spec = manifest.validation.sensitivity, manifest.validation.specificity
+    calls = (p >= manifest.threshold).astype(int)
+    return {
+        "seed": seed,
+        "ref": manifest.ref,
+        "train_minutes": round(seconds / 60, 2),
+        "fold_minutes": [round(f["seconds"] / 60, 2) for f in manifest.training.get("per_fold", [])],
+        "threshold": round(manifest.threshold, 4),
+        "fold_thresholds": manifest.training.get("fold_thresholds"),
+        "calibration": manifest.training.get("calibration"),
+        "validation_oof": {
+            k: getattr(manifest.validation, k) for k in ("weighted_f1", "auc", "sensitivity", "specificity")
+        },
+        "held_out": {
+            k: metrics[k] for k in ("weighted_f1", "auc", "sensitivity", "specificity", "n_cells", "n_subjects")
+        },
+        "mixed_samples": mixed_samples(arrays.labels, calls, sens or 0.0, spec or 0.0, seed),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tint", type=float, default=0.05)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--work", type=Path, help="keep the data sets here (default: a temporary folder)")
+    args = parser.parse_args()
+    from bench.run import machine
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="allscore-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    train, held = make_sets(work / f"tint{args.tint:g}", args.tint)
+    runs = [run_seed(train, held, work / "store", seed=s, folds=args.folds, epochs=args.epochs) for s in args.seeds]
+    f1 = [r["held_out"]["weighted_f1"] for r in runs]
+    errors = [r["mixed_samples"][f"{t:.2f}"]["max_abs_error_corrected"] for r in runs for t in FRACTIONS]
+    result = {
+        "machine": machine(),
+        "data": f"allscore data synth (12 subjects, 120 cells, seed 0, tint {args.tint}); held out: 6 other "
+        "subjects (101-103, H101-H103), 400 cells each",
+        "folds": args.folds,
+        "runs": runs,
+        "held_out_weighted_f1": f1,
+        "held_out_weighted_f1_min": min(f1),
+        "held_out_weighted_f1_spread": round(max(f1) - min(f1), 4),
+        "held_out_weighted_f1_median": statistics.median(f1),
+        "mixed_max_abs_error_corrected": max((e for e in errors if e is not None), default=None),
+        "train_minutes": [r["train_minutes"] for r in runs],
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"quality_tint{args.tint:g}_k{args.folds}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for r in runs:
+        h = r["held_out"]
+        print(
+            f"seed {r['seed']}: held-out weighted F1 {h['weighted_f1']:.4f} AUC {h['auc']:.4f} "
+            f"sens {h['sensitivity']:.3f} spec {h['specificity']:.3f}; threshold {r['threshold']:.3f}; "
+            f"{r['train_minutes']:.1f} min"
+        )
+    print(
+        f"spread {result['held_out_weighted_f1_spread']}, mixed samples max |corrected - truth| "
+        f"{result['mixed_max_abs_error_corrected']}; written to {out}"
+    )
+
+
+if __name__ == "__main__":
+    main()
