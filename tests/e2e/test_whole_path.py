@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.harness.cli import run_allscore
 from tests.helpers import CNMC_SAMPLE, cnmc_cells, require_service
 from tests.worker_process import WorkerProcess
 
@@ -21,16 +22,7 @@ pytestmark = pytest.mark.e2e
 
 
 def run(*args: str, env: dict[str, str], check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "allscore", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check:
-        assert result.returncode == 0, f"allscore {' '.join(args)}:\n{result.stderr[-3000:]}"
-    return result
+    return run_allscore(*args, env=env, check=check, timeout=timeout)
 
 
 def test_user_path_on_the_embedded_database_with_redis(tmp_path: Path, synth_data: Path) -> None:
@@ -119,13 +111,13 @@ def test_user_path_on_the_embedded_database_with_redis(tmp_path: Path, synth_dat
     assert fraction == pytest.approx(k / 20)
 
 
-def test_demo_runs_with_the_embedded_broker(tmp_path: Path) -> None:
+def test_the_demo_scores_its_slides_in_order_with_the_embedded_broker(tmp_path: Path) -> None:
     env = {"ALLSCORE_BROKER_URL": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.pop("ALLSCORE_HOME", None)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "allscore", "demo", "--workdir", str(tmp_path / "demo"), "--epochs", "2"],
+        [sys.executable, "-m", "allscore", "demo", "--workdir", str(tmp_path / "demo"), "--epochs", "6"],
         env={k: v for k, v in {**os.environ, **env}.items() if k != "ALLSCORE_HOME"},
         cwd=cwd,
         capture_output=True,
@@ -141,6 +133,12 @@ def test_demo_runs_with_the_embedded_broker(tmp_path: Path) -> None:
     assert len(list((tmp_path / "demo" / "montages").glob("*.png"))) == 4
     # The slide given as fields: its white cells were found (rows in the view) and each field was drawn.
     db = sqlite3.connect(tmp_path / "demo" / "allscore.db")
+    # The three slides of cells were written with ALL fractions 5 %, 25 % and 60 %: the scores keep their order.
+    # (Two epochs were too few: every cell was called ALL and every fraction was 1.0; six separate them.)
+    fractions = dict(
+        db.execute("SELECT sample_id, all_fraction FROM sample_results WHERE sample_id LIKE 'demo-%'").fetchall()
+    )
+    assert fractions["demo-low"] < fractions["demo-mid"] < fractions["demo-high"], fractions
     (n_found,) = db.execute("SELECT count(*) FROM cell_results WHERE sample_id = 'demo-fields'").fetchone()
     (n_fields,) = db.execute("SELECT n_fields FROM sample_results WHERE sample_id = 'demo-fields'").fetchone()
     assert n_fields == 6 and n_found >= 6 * 12 * 0.8
