@@ -6,6 +6,7 @@ import errno
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import boto3
 import botocore.exceptions
@@ -238,10 +239,15 @@ def test_file_uri_with_a_remote_host_is_refused() -> None:
 
 
 @pytest.fixture
-def stubbed() -> tuple[S3Store, Stubber]:
-    client = boto3.session.Session().client(
+def client() -> Any:
+    """A real boto3 S3 client that never reaches a server (the tests answer for it)."""
+    return boto3.session.Session().client(
         "s3", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
     )
+
+
+@pytest.fixture
+def stubbed(client: Any) -> tuple[S3Store, Stubber]:
     stubber = Stubber(client)
     stubber.activate()
     return S3Store(Settings(), client=client), stubber
@@ -297,11 +303,8 @@ def _raises(exc: Exception) -> Callable[..., object]:
     ids=["no credentials", "unreachable", "TLS", "invalid request"],
 )  # fmt: skip
 def test_botocore_failures_become_typed_errors(
-    monkeypatch: pytest.MonkeyPatch, failure: Exception, error: type[StorageError], told: str
+    client: Any, monkeypatch: pytest.MonkeyPatch, failure: Exception, error: type[StorageError], told: str
 ) -> None:
-    client = boto3.session.Session().client(
-        "s3", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
-    )
     monkeypatch.setattr(client, "get_object", _raises(failure))
     with pytest.raises(StorageError, match=told) as caught:
         S3Store(Settings(), client=client).read_bytes("s3://b/k.bmp")
@@ -309,10 +312,7 @@ def test_botocore_failures_become_typed_errors(
     assert caught.value.__cause__ is failure
 
 
-def test_an_error_botocore_does_not_raise_passes_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
-    client = boto3.session.Session().client(
-        "s3", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
-    )
+def test_an_error_botocore_does_not_raise_passes_unchanged(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(client, "get_object", _raises(KeyError("a bug, not a storage failure")))
     with pytest.raises(KeyError):
         S3Store(Settings(), client=client).read_bytes("s3://b/k.bmp")
