@@ -557,12 +557,14 @@ def main() -> None:
         set_env(ALLSCORE_S3_ENDPOINT_URL=endpoint)
         s3 = S3Store()
         s3.ensure_bucket("s3://bench")
-        s3_uris = []
+
+        def put(path: Path) -> str:
+            uri = f"s3://bench/cells/{path.name}"
+            s3.upload(path, uri)
+            return uri
+
         with ThreadPoolExecutor(8) as pool:
-            for uri in pool.map(
-                lambda p: (s3.upload(p, f"s3://bench/cells/{p.name}"), f"s3://bench/cells/{p.name}")[1], paths
-            ):
-                s3_uris.append(uri)
+            s3_uris = list(pool.map(put, paths))
         fetch = Fetcher(get_settings())  # now with the S3 endpoint
         e2e["local_postgres"] = bench_engine(loaded, uris, fetch, pg_url, args.batch)
         e2e["s3_sqlite"] = bench_engine(loaded, s3_uris, fetch, f"sqlite:///{work / 'e2e-s3.db'}", args.batch)
