@@ -20,6 +20,7 @@ from core.contract import ScoreMessage
 from core.errors import AllscoreError
 from core.inference import predict_batch
 from core.segment import CNMC_UM_PER_PX
+from core.tta import averaged
 from db import repository
 from db.engine import transaction
 from db.records import LYMPHOID, CellResult, FieldRecord, SampleSummary
@@ -70,6 +71,7 @@ def score_units(
     size: int,
     threshold: float,
     temperature: float = 1.0,
+    tta: int = 1,
     pool: ThreadPoolExecutor,
     batch_size: int = 64,
     max_cells: int | None = None,
@@ -98,7 +100,7 @@ def score_units(
         # Always a full batch (zero-padded), so the traced graph is reused.
         buffer[len(waiting) :] = 0
         started = time.perf_counter()
-        p = apply_temperature(predict_batch(model, buffer), temperature)
+        p = apply_temperature(averaged(partial(predict_batch, model), buffer, tta), temperature)
         if hooks.batch is not None:
             hooks.batch(len(waiting), time.perf_counter() - started)
         for slot, (row, item) in enumerate(waiting):
@@ -165,6 +167,7 @@ def score_cells(
     size: int,
     threshold: float,
     temperature: float = 1.0,
+    tta: int = 1,
     fetch: Fetch,
     pool: ThreadPoolExecutor,
     batch_size: int = 64,
@@ -178,6 +181,7 @@ def score_cells(
         size=size,
         threshold=threshold,
         temperature=temperature,
+        tta=tta,
         pool=pool,
         batch_size=batch_size,
     )
@@ -199,6 +203,7 @@ def score_sample(
     retries: int = 0,
     max_deaths: int | None = None,
     hooks: Hooks | None = None,
+    tta: int = 1,
 ) -> SampleSummary:
     """Mark the sample running, score its cells, and write cells + summary in one transaction.
 
@@ -249,6 +254,7 @@ def score_sample(
         size=size,
         threshold=manifest.threshold,
         temperature=manifest.temperature,
+        tta=tta,
         pool=pool,
         batch_size=batch_size,
         max_cells=max_cells if request.kind == "fields" else None,
