@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.keras"
 MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model-int8.onnx"
+# Serving exports by key: the float32 ONNX model, and its int8 quantization (ALLSCORE_PRECISION=int8).
+EXPORT_KEYS = ("onnx", "onnx-int8")
 _EXPORT_FILE_RE = re.compile(r"^model[A-Za-z0-9_-]*\.onnx$")
 POSITIVE_CLASS = "all"
 # Index i of the model's output space; the single sigmoid output is p(class_names[1]) = p(all).
@@ -89,12 +92,20 @@ class ServingExport(BaseModel):
     precision: str = "float32"
     converter: str = ""  # e.g. "tf2onnx 1.17.0"
     opset: int | None = None
-    # The largest |p(all) difference| from model.keras over the checked cells, and the bound it had to be within.
+    # The largest |p(all) difference| from model.keras over the checked cells, and the bound it had to be within
+    # (none for int8, which is held to weighted F1 instead).
     max_abs_diff: float
-    tolerance: float
+    tolerance: float | None
     checked_on: str = ""  # which cells: the validation cells of the version, or a deterministic synthetic sample
     n_checked: int = 0
     created_at: str = ""
+    # int8 only: the cells it was calibrated on, and weighted F1 at the version's threshold on held-out subjects
+    # (never its calibration cells), float32 export against int8; published only if |delta| <= wf1_gate.
+    calibrated_on: str = ""
+    wf1_float32: float | None = None
+    wf1_int8: float | None = None
+    wf1_delta: float | None = None
+    wf1_gate: float | None = None
 
     @field_validator("file")
     @classmethod
@@ -382,19 +393,21 @@ class Registry:
         return self._with_late_exports(manifest, vdir), vdir
 
     def _with_late_exports(self, manifest: ModelManifest, vdir: str) -> ModelManifest:
-        """The manifest with the record of an ONNX export published beside the version after it (if any)."""
-        if "onnx" in manifest.exports:
-            return manifest
-        uri = join_uri(vdir, export_record_file("onnx"))
-        try:
-            raw = self._store_of(uri).read_bytes(uri)
-        except ObjectNotFound:
-            return manifest
-        try:
-            record = ServingExport.model_validate_json(raw)
-        except ValidationError as exc:
-            raise ModelError(f"{uri} is not a valid export record: {exc.errors()[0]['msg']}") from exc
-        return manifest.model_copy(update={"exports": {**manifest.exports, "onnx": record}})
+        """The manifest with the records of the exports published beside the version after it (if any)."""
+        exports = dict(manifest.exports)
+        for key in EXPORT_KEYS:
+            if key in exports:
+                continue
+            uri = join_uri(vdir, export_record_file(key))
+            try:
+                raw = self._store_of(uri).read_bytes(uri)
+            except ObjectNotFound:
+                continue
+            try:
+                exports[key] = ServingExport.model_validate_json(raw)
+            except ValidationError as exc:
+                raise ModelError(f"{uri} is not a valid export record: {exc.errors()[0]['msg']}") from exc
+        return manifest if exports == manifest.exports else manifest.model_copy(update={"exports": exports})
 
     def _resolve_named(self, parsed: ModelRef) -> ModelManifest:
         assert parsed.name is not None
@@ -438,6 +451,12 @@ class Registry:
         record = manifest.exports.get(key)
         if record is None:
             store = "" if self.root == self.settings.model_store.rstrip("/") else f" --store {self.root}"
+            if key == "onnx-int8":
+                raise ExportMissing(
+                    f"{manifest.ref} has no int8 export ({INT8_FILE}), which ALLSCORE_PRECISION=int8 serves: run "
+                    f"`allscore models export {manifest.ref} --int8{store}` where TensorFlow is installed (it is "
+                    "published only if it holds weighted F1), or serve this version in float32"
+                )
             raise ExportMissing(
                 f"{manifest.ref} has no {key} export (model.onnx), which ALLSCORE_RUNTIME=onnxruntime serves: run "
                 f"`allscore models export {manifest.ref}{store}` where TensorFlow is installed, or serve this "
@@ -482,10 +501,15 @@ def _check_export_file(path: Path, record: ServingExport) -> None:
     digest = sha256_file(path)
     if digest != record.sha256:
         raise ModelIntegrityError(f"export sha256 {record.sha256[:12]}... does not match {path} ({digest[:12]}...)")
-    if not record.max_abs_diff <= record.tolerance:
+    if record.wf1_gate is not None:
+        if record.wf1_delta is None or not abs(record.wf1_delta) <= record.wf1_gate:
+            raise ModelError(
+                f"{record.file} moved held-out weighted F1 by {record.wf1_delta} (gate {record.wf1_gate}): "
+                "not published"
+            )
+    elif record.tolerance is None or not record.max_abs_diff <= record.tolerance:
         raise ModelError(
-            f"{record.file} differs from model.keras by {record.max_abs_diff:.3g} > {record.tolerance:.3g}: "
-            "not published"
+            f"{record.file} differs from model.keras by {record.max_abs_diff:.3g} > {record.tolerance}: not published"
         )
 
 

@@ -58,6 +58,8 @@ def choose_runtime(setting: str, has_export: bool, precision: str = "float32") -
         return setting
     if setting != "auto":
         raise ValueError(f"unknown runtime {setting!r}; choose tensorflow, onnxruntime or auto")
+    if precision == "int8":
+        return "onnxruntime"  # only ONNX Runtime serves int8; a version without the export is refused with advice
     if precision == "bfloat16" and cpu_has_bf16():
         return "tensorflow"
     return "onnxruntime" if has_export and onnxruntime_available() else "tensorflow"
@@ -77,9 +79,12 @@ class OnnxServingModel:
     def __init__(self, path: Path, threads: int = 0, precision: str = "float32", *, spin: bool = False) -> None:
         import onnxruntime as ort
 
-        if precision != "float32":
-            log.warning("ALLSCORE_PRECISION=%s: ONNX Runtime serves the float32 export; scoring in float32", precision)
-        self.precision = "float32"
+        if precision not in ("float32", "int8"):
+            log.warning(
+                "ALLSCORE_PRECISION=%s: ONNX Runtime serves float32 or int8 exports; scoring in float32", precision
+            )
+            precision = "float32"
+        self.precision = precision  # what the file holds: model.onnx float32, model-int8.onnx int8
         options = ort.SessionOptions()
         if threads > 0:
             options.intra_op_num_threads = threads

@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     model: str = Field(default="allscore@production", description="model reference `submit` uses by default")
     queue: str = "allscore"
     batch_size: int = Field(default=64, ge=1, le=4096)
-    precision: Literal["float32", "bfloat16"] = "float32"
+    # int8: the version's static int8 quantization (model-int8.onnx), served by ONNX Runtime only.
+    precision: Literal["float32", "bfloat16", "int8"] = "float32"
     # Which runtime runs the model's forward pass (core/runtimes.py): TensorFlow on model.keras, or ONNX Runtime on
     # the version's model.onnx (a worker on it never imports TensorFlow, and refuses a version without the export);
     # auto: ONNX Runtime where it is installed and the version has the export, else TensorFlow.
@@ -103,6 +104,10 @@ class Settings(BaseSettings):
                 f"ALLSCORE_TASK_SOFT_TIME_LIMIT ({self.task_soft_time_limit} s) must be below "
                 f"ALLSCORE_TASK_TIME_LIMIT ({self.task_time_limit} s): the soft limit lets a sample fail cleanly "
                 "before the hard limit kills the process"
+            )
+        if self.precision == "int8" and self.runtime == "tensorflow":
+            raise ValueError(
+                "ALLSCORE_PRECISION=int8 is served by ONNX Runtime only: set ALLSCORE_RUNTIME=onnxruntime (or auto)"
             )
         self.home = self.home.expanduser()
         if not self.database_url:

@@ -19,14 +19,24 @@ from typing import Any
 
 import numpy as np
 
-from core.artifact import ONNX_FILE, ModelManifest, Registry, ServingExport, load_keras, parse_ref, sha256_file
+from core.artifact import (
+    INT8_FILE,
+    ONNX_FILE,
+    ModelManifest,
+    Registry,
+    ServingExport,
+    load_keras,
+    parse_ref,
+    sha256_file,
+)
 from core.errors import AllscoreError
 from core.imaging import model_input
 from core.inference import configure_tensorflow, predict_proba, prepare_for_serving
 from core.runtimes import OnnxServingModel
 from core.settings import Settings, get_settings
-from trainer.dataset import discover
+from trainer.dataset import CellRecord, discover
 from trainer.loading import decode_cells
+from trainer.metrics import weighted_f1
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +46,9 @@ EXPORT_TOLERANCE = 1e-4
 ONNX_OPSET = 17
 # At most this many validation cells (a deterministic, evenly spaced sample) check an export.
 CHECK_CELLS = 256
+# An int8 export is published only if held-out weighted F1 (at the version's threshold) moves by at most this much
+# from the float32 export's.
+INT8_WF1_GATE = 0.01
 
 
 class ExportMismatch(AllscoreError):
@@ -158,3 +171,141 @@ def export_published(
         onnx_path, record = make_onnx_export(model, Path(tmp), images, checked_on)
         # The version fetched, not what an alias points at by now.
         return registry.publish_export(ref if parse_ref(ref).uri else manifest.ref, "onnx", onnx_path, record)
+
+
+# --- int8 -------------------------------------------------------------------------------------------------------
+
+
+def quantize_int8(float_path: Path, out: Path, calibration: np.ndarray, batch: int = 16) -> str:
+    """Static int8 quantization of a float32 ONNX model with ONNX Runtime: QDQ format, per-channel int8 weights,
+    uint8 activations whose ranges come from running `calibration` (uint8 cells) through the model."""
+    import onnxruntime
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Cells(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.batches = iter([{"image": calibration[i : i + batch]} for i in range(0, len(calibration), batch)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    prepared = out.with_name(out.stem + "-prepared.onnx")
+    quant_pre_process(str(float_path), str(prepared))
+    quantize_static(
+        str(prepared),
+        str(out),
+        Cells(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    prepared.unlink(missing_ok=True)
+    return f"onnxruntime.quantization {onnxruntime.__version__} (static, QDQ, per-channel int8 weights)"
+
+
+def make_int8_export(
+    float_path: Path,
+    out_dir: Path,
+    *,
+    calibration: np.ndarray,
+    calibrated_on: str,
+    held_out: np.ndarray,
+    labels: np.ndarray,
+    held_out_on: str,
+    threshold: float,
+    gate: float = INT8_WF1_GATE,
+) -> tuple[Path, ServingExport]:
+    """Quantize the float32 export on the calibration cells and gate it on held-out cells (other subjects): weighted
+    F1 at `threshold` may move by at most `gate` from the float32 export's, else ExportMismatch (not published)."""
+    path = out_dir / INT8_FILE
+    converter = quantize_int8(float_path, path, calibration)
+    p32 = predict_proba(OnnxServingModel(float_path), held_out, batch_size=64)
+    p8 = predict_proba(OnnxServingModel(path, precision="int8"), held_out, batch_size=64)
+    wf32 = weighted_f1(labels, (p32 >= threshold).astype(int))
+    wf8 = weighted_f1(labels, (p8 >= threshold).astype(int))
+    delta = wf8 - wf32
+    if not abs(delta) <= gate:
+        raise ExportMismatch(
+            f"the int8 export moved weighted F1 on {held_out_on} from {wf32:.4f} to {wf8:.4f} "
+            f"({delta:+.4f}; gate {gate}): refused, not published; serve this version in float32"
+        )
+    record = ServingExport(
+        format="onnx",
+        file=INT8_FILE,
+        sha256=sha256_file(path),
+        precision="int8",
+        converter=converter,
+        opset=ONNX_OPSET,
+        max_abs_diff=float(np.max(np.abs(p8 - p32))),
+        tolerance=None,
+        checked_on=held_out_on,
+        n_checked=len(held_out),
+        created_at=datetime.now(UTC).isoformat(),
+        calibrated_on=calibrated_on,
+        wf1_float32=round(wf32, 6),
+        wf1_int8=round(wf8, 6),
+        wf1_delta=round(delta, 6),
+        wf1_gate=gate,
+    )
+    log.info("int8 export: weighted F1 %.4f -> %.4f on %s", wf32, wf8, held_out_on)
+    return path, record
+
+
+def split_validation(
+    cells: list[CellRecord], n: int = CHECK_CELLS
+) -> tuple[list[CellRecord], list[CellRecord], list[str], list[str]]:
+    """The validation cells split by subject, alternating in sorted order: (calibration cells, held-out cells,
+    their subjects). The gate never sees a calibration subject."""
+    subjects = sorted({c.subject for c in cells if c.subject is not None})
+    if len(subjects) < 2:
+        raise ExportMismatch("int8 needs validation cells of at least two subjects (one to calibrate, one to gate)")
+    calibrate, gate = subjects[0::2], subjects[1::2]
+    first = [c for c in cells if c.subject in calibrate]
+    second = [c for c in cells if c.subject in gate]
+    return (
+        [first[i] for i in evenly_spaced(len(first), n)],
+        [second[i] for i in evenly_spaced(len(second), 4 * n)],
+        calibrate,
+        gate,
+    )
+
+
+def export_int8_published(
+    ref: str, *, store: str | None = None, data: Path | None = None, settings: Settings | None = None
+) -> ModelManifest:
+    """Quantize a published version's float32 ONNX export to int8, calibrated on half of its validation subjects
+    and gated on the other half (weighted F1 within INT8_WF1_GATE), and publish it beside the version."""
+    settings = settings or get_settings()
+    registry = Registry(store, settings)
+    manifest = registry.resolve(ref)
+    if "onnx-int8" in manifest.exports:
+        log.info("%s already has an int8 export", manifest.ref)
+        return manifest
+    if "onnx" not in manifest.exports:
+        manifest = export_published(ref, store=store, data=data, settings=settings)
+    source = data or (Path(manifest.data) if manifest.data else None)
+    if source is None or not source.exists():
+        raise ExportMismatch(
+            f"int8 is calibrated and gated on {manifest.ref}'s validation subjects: give --data with them "
+            f"({', '.join(manifest.val_subjects[:6])}...)"
+        )
+    held = set(manifest.val_subjects)
+    cells = [c for c in discover(source).cells if c.subject in held and c.label is not None]
+    calibrate, gate, calibrate_subjects, gate_subjects = split_validation(cells)
+    calibration = decode_cells(calibrate, manifest.input_size)
+    held_out = decode_cells(gate, manifest.input_size)
+    float_path, _ = registry.fetch_export(manifest.ref if not parse_ref(ref).uri else ref)
+    with tempfile.TemporaryDirectory(prefix="allscore-int8-") as tmp:
+        path, record = make_int8_export(
+            float_path,
+            Path(tmp),
+            calibration=calibration.images,
+            calibrated_on=f"{len(calibration.images)} validation cells of subjects {', '.join(calibrate_subjects)}",
+            held_out=held_out.images,
+            labels=held_out.labels,
+            held_out_on=f"{len(held_out.images)} validation cells of subjects {', '.join(gate_subjects)}",
+            threshold=manifest.threshold,
+        )
+        return registry.publish_export(ref if parse_ref(ref).uri else manifest.ref, "onnx-int8", path, record)

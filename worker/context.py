@@ -120,10 +120,11 @@ class WorkerContext:
             manifest = registry.resolve(parsed)
             if manifest.ref != key[1]:
                 raise ModelError(f"store {store!r} answered {version} with model {manifest.ref}; republish it")
-            runtime = choose_runtime(self.settings.runtime, "onnx" in manifest.exports, self.settings.precision)
+            export = "onnx-int8" if self.settings.precision == "int8" else "onnx"
+            runtime = choose_runtime(self.settings.runtime, export in manifest.exports, self.settings.precision)
             if runtime == "onnxruntime":
                 # ExportMissing, with the command that makes the export, for a version without one.
-                path, manifest = registry.fetch_export(parsed, "onnx")
+                path, manifest = registry.fetch_export(parsed, export)
             else:
                 path, manifest = registry.fetch(parsed)
                 self._configure_tensorflow()

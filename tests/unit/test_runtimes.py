@@ -242,3 +242,103 @@ def test_load_runtime_model_tensorflow(tiny_model: PublishedModel) -> None:
         predict_proba(model, cells, 8),
         atol=EXPORT_TOLERANCE,
     )
+
+
+# --- int8 ------------------------------------------------------------------------------------------------------
+
+
+def _copy_store(tiny_model: PublishedModel, tmp_path: Path) -> str:
+    """The tiny model (with its float32 export) in a store of this test's own."""
+    store = str(tmp_path / "store")
+    source = Registry(tiny_model.store)
+    keras_file, manifest = source.fetch(tiny_model.ref)
+    Registry(store).publish(keras_file, manifest, exports={"onnx": source.fetch_export(tiny_model.ref)[0]})
+    return store
+
+
+_SERVE_INT8 = """
+import sys
+import numpy as np
+from core.settings import get_settings
+from worker.context import WorkerContext
+loaded = WorkerContext(get_settings()).model(sys.argv[1])
+p = loaded.model(np.zeros((4, 32, 32, 3), dtype=np.uint8), training=False)
+m = loaded.model
+print("precision", m.precision, m.runtime, "shape", p.shape, "tensorflow", "tensorflow" in sys.modules)
+"""
+
+
+def test_int8_export_is_calibrated_and_gated_on_different_subjects(tiny_model: PublishedModel, tmp_path: Path) -> None:
+    from allscore.cli import app
+
+    store = _copy_store(tiny_model, tmp_path)
+    registry = Registry(store)
+    with pytest.raises(ExportMissing, match=r"--int8"):
+        registry.fetch_export(tiny_model.ref, "onnx-int8")
+    result = CliRunner().invoke(
+        app, ["models", "export", tiny_model.ref, "--int8", "--store", store, "--data", str(tiny_model.data)]
+    )
+    assert result.exit_code == 0, result.output
+    record = registry.resolve(tiny_model.ref).exports["onnx-int8"]
+    assert record.precision == "int8" and record.file == "model-int8.onnx"
+    assert record.wf1_delta is not None and record.wf1_gate == 0.01 and abs(record.wf1_delta) <= 0.01
+    calibrated = set(record.calibrated_on.split("subjects ")[1].split(", "))
+    gated = set(record.checked_on.split("subjects ")[1].split(", "))
+    assert calibrated and gated and not calibrated & gated
+    assert calibrated | gated == set(tiny_model.manifest.val_subjects)
+    path, _ = registry.fetch_export(tiny_model.ref, "onnx-int8")
+    assert sha256_file(path) == record.sha256
+    model = load_runtime_model("onnxruntime", path, "int8")
+    assert model.precision == "int8"
+    assert np.asarray(model(synthetic_check_cells(SIZE, n=4))).shape == (4, 1)
+    # A worker process with ALLSCORE_PRECISION=int8 serves it, without TensorFlow.
+    env = {
+        **os.environ,
+        "ALLSCORE_HOME": str(tmp_path / "home"),
+        "ALLSCORE_MODEL_STORE": store,
+        "ALLSCORE_RUNTIME": "auto",
+        "ALLSCORE_PRECISION": "int8",
+        "ALLSCORE_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _SERVE_INT8, tiny_model.ref],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "precision int8 onnxruntime shape (4, 1) tensorflow False" in done.stdout, done.stderr
+
+
+def test_an_int8_model_that_fails_the_gate_is_refused(tiny_model: PublishedModel, tmp_path: Path) -> None:
+    from trainer.dataset import discover
+    from trainer.export import ExportMismatch, make_int8_export
+    from trainer.loading import decode_cells
+
+    float_path, manifest = Registry(tiny_model.store).fetch_export(tiny_model.ref)
+    held = [c for c in discover(tiny_model.data).cells if c.subject in set(manifest.val_subjects)]
+    cells = decode_cells(held, SIZE)
+    # Calibrated on black images, every activation range is near zero: the quantized model saturates.
+    black = np.zeros((32, SIZE, SIZE, 3), dtype=np.uint8)
+    with pytest.raises(ExportMismatch, match="refused"):
+        make_int8_export(
+            float_path,
+            tmp_path,
+            calibration=black,
+            calibrated_on="32 black images",
+            held_out=cells.images,
+            labels=cells.labels,
+            held_out_on="the validation cells",
+            threshold=manifest.threshold,
+        )
+
+
+def test_int8_is_served_by_onnx_runtime_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.settings import Settings
+
+    monkeypatch.setenv("ALLSCORE_PRECISION", "int8")
+    monkeypatch.setenv("ALLSCORE_RUNTIME", "tensorflow")
+    with pytest.raises(ValueError, match="ONNX Runtime only"):
+        Settings()
+    assert choose_runtime("auto", False, "int8") == "onnxruntime"
