@@ -1,6 +1,6 @@
 """Runtimes side by side (issue 16): raw cells/s, CPU ms and GFLOP/s per cell, weighted F1 against TensorFlow
 float32 on held-out synthetic subjects, and the RSS of a process that does nothing else, for each runtime x
-precision this machine has, at the default model (seed at 64x64) and at 128x128.
+precision this machine has (int8: the version's gated export), at the default model (seed at 64x64) and at 128x128.
 
 Each measurement runs in a process of its own (`python -m bench.runtimes --child ...`), so that its RSS is that
 runtime's alone and the ONNX Runtime process never imports TensorFlow. Called by bench/run.py
@@ -135,6 +135,9 @@ def measure_runtimes(
             runs.append(("tensorflow", "bfloat16", keras_path))
         if onnxruntime_available() and "onnx" in manifest.exports:
             runs.append(("onnxruntime", "float32", registry.fetch_export(ref)[0]))
+            manifest = _with_int8(store, ref, results)
+            if "onnx-int8" in manifest.exports:
+                runs.append(("onnxruntime", "int8", registry.fetch_export(ref, "onnx-int8")[0]))
         measured: dict[str, dict[str, Any]] = {}
         reference_wf1 = None
         for runtime, precision, path in runs:
@@ -149,9 +152,8 @@ def measure_runtimes(
                     "wf1_delta": round(wf1 - reference_wf1, 4),
                 }
             )
-            measured[f"{'tf' if runtime == 'tensorflow' else 'ort'}_{'fp32' if precision == 'float32' else 'bf16'}"] = (
-                figures
-            )
+            short = {"float32": "fp32", "bfloat16": "bf16", "int8": "int8"}[precision]
+            measured[f"{'tf' if runtime == 'tensorflow' else 'ort'}_{short}"] = figures
         results["runtimes"][str(size)] = {"gflop_per_cell": round(gflop, 4), "model": ref, **measured}
         suffix = "" if size == DEFAULT_SIZE else f"_{size}"
         tf_fp32 = measured["tf_fp32"]["cells_per_s"]
@@ -165,6 +167,20 @@ def measure_runtimes(
         results[f"best_over_tf_fp32{suffix}"] = round(accurate[best]["cells_per_s"] / tf_fp32, 2)
         results[f"best_wf1_delta{suffix}"] = accurate[best]["wf1_delta"]
     return results
+
+
+def _with_int8(store: str, ref: str, results: dict[str, Any]) -> Any:
+    """The version's manifest, with its int8 export made first if it has none (calibrated and gated on its own
+    validation subjects); a refusal by the gate is recorded in results["int8_refused"]."""
+    from core.artifact import Registry
+    from trainer.export import ExportMismatch, export_int8_published
+
+    try:
+        return export_int8_published(ref, store=store)
+    except ExportMismatch as exc:
+        _log(f"{ref}: int8 refused: {exc}")
+        results.setdefault("int8_refused", {})[ref] = str(exc)
+        return Registry(store).resolve(ref)
 
 
 def train_models(work: Path, sizes: tuple[int, ...], epochs: int) -> dict[int, tuple[str, str]]:
