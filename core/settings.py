@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.contract import DEFAULT_STORE, STORE_NAME_RE
@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     runtime: Literal["tensorflow", "onnxruntime", "auto"] = Field(
         default="tensorflow", description="tensorflow | onnxruntime | auto"
     )
+    # Test-time augmentation (core/tta.py): 8 averages each cell's p(all) over its flips and rotations, at 8 times
+    # the model's cost; 1 scores each cell once.
+    tta: int = Field(default=1, description="1 | 8 views per cell")
     tf_threads: int = Field(default=0, ge=0, description="TensorFlow threads per process; 0 = cores/concurrency")
     worker_concurrency: int = Field(default=0, ge=0, description="worker processes; 0 = number of cores")
     # Fetch+decode threads per worker process. They share the cores with TensorFlow: on 2 cores, 2 threads
@@ -96,6 +99,13 @@ class Settings(BaseSettings):
     db_connect_timeout: int = Field(default=10, ge=1, description="seconds to wait for a connection")
     db_statement_timeout_ms: int = Field(default=120_000, ge=0, description="0 = none")
     db_lock_timeout_ms: int = Field(default=60_000, ge=0, description="0 = none")
+
+    @field_validator("tta")
+    @classmethod
+    def _tta_views(cls, value: int) -> int:
+        if value not in (1, 8):
+            raise ValueError(f"ALLSCORE_TTA={value}: 1 (each cell once) or 8 (its flips and rotations)")
+        return value
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:

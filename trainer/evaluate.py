@@ -10,6 +10,7 @@ from core.calibration import apply_temperature
 from core.errors import AllscoreError
 from core.inference import ServingModel, configure_tensorflow, predict_proba
 from core.settings import get_settings
+from core.tta import averaged
 from trainer.dataset import discover
 from trainer.loading import decode_cells
 from trainer.metrics import summarize
@@ -34,7 +35,8 @@ def evaluate(ref: str, data: Path, *, store: str | None = None) -> dict[str, Any
         )
     arrays = decode_cells(labelled, manifest.input_size)
     model = ServingModel(loaded.model, settings.precision)  # exactly what the workers run
-    p = apply_temperature(predict_proba(model, arrays.images, batch_size=settings.batch_size), manifest.temperature)
+    raw = averaged(lambda x: predict_proba(model, x, batch_size=settings.batch_size), arrays.images, settings.tta)
+    p = apply_temperature(raw, manifest.temperature)
     metrics = summarize(arrays.labels, p, manifest.threshold, arrays.subjects)
     overlap = sorted(set(manifest.train_subjects) & {s for s in arrays.subjects if s})
     return {
@@ -43,5 +45,6 @@ def evaluate(ref: str, data: Path, *, store: str | None = None) -> dict[str, Any
         **metrics,
         "n_failed": len(arrays.failed),
         "precision": model.precision,
+        "tta": settings.tta,
         "subjects_seen_in_training": overlap,
     }

@@ -160,6 +160,7 @@ def _run_scoring(task: Task, message: ScoreMessage) -> None:
             sessions=ctx.sessions,
             pool=ctx.pool,
             batch_size=settings.batch_size,
+            tta=settings.tta,
             flag_thresholds=settings.flag_thresholds,
             max_pixels=settings.max_image_pixels,
             low_count=settings.low_count,

@@ -61,3 +61,21 @@ def test_the_engine_scores_each_cell_over_its_eight_views(tmp_path: Path) -> Non
         (eight,) = score_cells([str(path)], model=left_half, size=8, threshold=0.5, fetch=fetch, pool=pool, tta=8)
     assert plain.p_all == pytest.approx(200 / 255, abs=1e-6) and plain.is_all
     assert eight.p_all == pytest.approx(100 / 255, abs=1e-6) and not eight.is_all
+
+
+def test_allscore_tta_takes_1_or_8() -> None:
+    from pydantic import ValidationError
+
+    from core.settings import Settings
+
+    assert Settings().tta == 1
+    assert Settings(tta=8).tta == 8
+    with pytest.raises(ValidationError, match="tta"):
+        Settings(tta=4)
+
+
+def test_allscore_tta_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.settings import Settings
+
+    monkeypatch.setenv("ALLSCORE_TTA", "8")
+    assert Settings().tta == 8
