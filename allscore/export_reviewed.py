@@ -86,7 +86,8 @@ def _field_crop(
     if not inside.any():
         inside[:] = True
     ys, xs = np.nonzero(inside)
-    from core.segment import CNMC_UM_PER_PX, FoundCell, cut_cell  # scipy, scikit-image, OpenCV: only here
+    from core.cut import cut_cell
+    from core.segment import CNMC_UM_PER_PX, FoundCell  # scipy, scikit-image, OpenCV: only here
 
     found = FoundCell(
         index=0,

@@ -61,14 +61,12 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from core import morph
 from core.errors import AllscoreError
 
-CROP_SIZE = 450
 RBC_DIAMETER_UM = 7.5
 CNMC_UM_PER_PX = 0.046
 LYMPHOID, OTHER = "lymphoid", "other"
@@ -125,7 +123,8 @@ class FieldSegmentation:
     width: int
 
 
-def _check(rgb: object) -> NDArray[np.uint8]:
+def check_rgb(rgb: object) -> NDArray[np.uint8]:
+    """The array, if it is an (H, W, 3) uint8 RGB image; SegmentationError saying what it is otherwise."""
     if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         desc = f"{type(rgb).__name__} {getattr(rgb, 'shape', '')} {getattr(rgb, 'dtype', '')}".strip()
         raise SegmentationError(f"a field must be an (H, W, 3) uint8 RGB array, got {desc}; convert it to RGB uint8")
@@ -193,7 +192,7 @@ def _label_max(values: NDArray[np.generic], lab: NDArray[np.int32], n: int) -> N
 
 def estimate_um_per_px(rgb: np.ndarray) -> float | None:
     """um per pixel from the typical red-cell diameter (``RBC_DIAMETER_UM``); None if too few red cells are seen."""
-    rgb = _check(rgb)
+    rgb = check_rgb(rgb)
     if min(rgb.shape[:2]) < 16:
         return None
     f = max(1, math.ceil(max(rgb.shape[:2]) / _EST_SIDE))
@@ -257,7 +256,7 @@ def _p90_diameter(e: NDArray[np.floating[Any]], min_cells: int) -> float | None:
 
 def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSegmentation:
     """Find the white cells of one field; see the module docstring for the method and the kind rule."""
-    rgb = _check(rgb)
+    rgb = check_rgb(rgb)
     height, width = rgb.shape[:2]
     if um_per_px is not None:
         try:
@@ -520,92 +519,3 @@ def _kind(score: NDArray[np.float32], dens: NDArray[np.float32], cell: NDArray[n
     if f["lobes"] <= 1 and f["solidity"] >= _LYMPH_SOLIDITY and f["nc"] >= _LYMPH_NC:
         return LYMPHOID
     return OTHER
-
-
-def _scaled(rgb: np.ndarray, cell: FoundCell, f: float) -> tuple[np.ndarray, float, float]:
-    """The cell's bbox, black outside its mask, resized by f (bilinear, the mask resized with it and reapplied)."""
-    x0, y0, x1, y1 = cell.bbox
-    sub = morph.black_outside(rgb[y0:y1, x0:x1], cell.mask)
-    nw, nh = max(1, round((x1 - x0) * f)), max(1, round((y1 - y0) * f))
-    if (nw, nh) == (x1 - x0, y1 - y0):
-        return sub, 1.0, 1.0
-    if f < 1:  # shrinking: Pillow's bilinear filter widens with the factor (antialiased); OpenCV's does not
-        big = np.array(Image.fromarray(sub).resize((nw, nh), Image.BILINEAR))
-        off = np.asarray(Image.fromarray(cell.mask.view(np.uint8) * np.uint8(255)).resize((nw, nh), Image.BILINEAR))
-    else:
-        big = morph.resize_linear(sub, nw, nh)
-        off = morph.resize_linear(cell.mask.view(np.uint8) * np.uint8(255), nw, nh)
-    big = morph.black_outside(big, off >= 128)
-    return big, nw / (x1 - x0), nh / (y1 - y0)
-
-
-def _offset(cell: FoundCell, fx: float, fy: float, size: int) -> tuple[int, int]:
-    """Where the resized bbox's top-left goes so that the mask centroid lands on the output's centre pixel."""
-    cx, cy = cell.centroid
-    x0, y0 = cell.bbox[0], cell.bbox[1]
-    ox = round((size - 1) / 2 - ((cx - x0 + 0.5) * fx - 0.5))
-    oy = round((size - 1) / 2 - ((cy - y0 + 0.5) * fy - 0.5))
-    return ox, oy
-
-
-def _paste(out: np.ndarray, sub: np.ndarray, ox: int, oy: int) -> None:
-    """sub into out with its top-left at (ox, oy), clipped to out."""
-    sy0, sx0 = max(0, -oy), max(0, -ox)
-    dy0, dx0 = max(0, oy), max(0, ox)
-    hh = min(sub.shape[0] - sy0, out.shape[0] - dy0)
-    ww = min(sub.shape[1] - sx0, out.shape[1] - dx0)
-    if hh > 0 and ww > 0:
-        out[dy0 : dy0 + hh, dx0 : dx0 + ww] = sub[sy0 : sy0 + hh, sx0 : sx0 + ww]
-
-
-def _check_scales(*values: float) -> None:
-    if not all(v > 0 for v in values):
-        raise SegmentationError("cutting a cell needs positive scales and size")
-
-
-def cut_cell(
-    rgb: np.ndarray, cell: FoundCell, *, field_um_per_px: float, target_um_per_px: float, size: int = CROP_SIZE
-) -> np.ndarray:
-    """The cell at ``target_um_per_px``, black outside its mask, its mask centroid at the centre; clipped, not fit."""
-    rgb = _check(rgb)
-    _check_scales(field_um_per_px, target_um_per_px, size)
-    sub, fx, fy = _scaled(rgb, cell, field_um_per_px / target_um_per_px)
-    out = np.zeros((size, size, 3), np.uint8)
-    _paste(out, sub, *_offset(cell, fx, fy, size))
-    return out
-
-
-def cut_for_model(
-    rgb: np.ndarray, cell: FoundCell, *, field_um_per_px: float, train_um_per_px: float, size: int
-) -> np.ndarray:
-    """The model's input for one cell: exactly ``model_input(cut_cell(..., train_um_per_px, CROP_SIZE), size)``, the
-    C-NMC crop at the training scale taken down to the model's size as a crop file would be, without the 450x450
-    canvas. The model was trained on crops taken down that way; cutting straight at the input's scale resamples
-    once, sharper, and moved a synthetic slide's ALL fraction by +0.03 against its cells' own crops.
-
-    Pillow's resize with ``reducing_gap`` box-reduces by a whole factor first (450 -> 150 for 128); the cell is the
-    only non-black part of the crop, so only its block-aligned part is reduced, into a black reduced canvas, which
-    is then resized as the whole crop would be. Where the cell reaches the crop's last partial block, the whole crop
-    is made instead.
-    """
-    from core.imaging import REDUCING_GAP, model_input
-
-    rgb = _check(rgb)
-    _check_scales(field_um_per_px, train_um_per_px, size)
-    sub, fx, fy = _scaled(rgb, cell, field_um_per_px / train_um_per_px)
-    ox, oy = _offset(cell, fx, fy, CROP_SIZE)
-    k = int(CROP_SIZE / size / REDUCING_GAP) or 1
-    whole = CROP_SIZE // k * k
-    x0, y0 = max(0, ox) // k * k, max(0, oy) // k * k
-    x1 = min(CROP_SIZE, -(-(ox + sub.shape[1]) // k) * k)
-    y1 = min(CROP_SIZE, -(-(oy + sub.shape[0]) // k) * k)
-    if k == 1 or x1 > whole or y1 > whole or x1 <= x0 or y1 <= y0:
-        crop = np.zeros((CROP_SIZE, CROP_SIZE, 3), np.uint8)
-        _paste(crop, sub, ox, oy)
-        return model_input(crop, size)
-    region = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
-    _paste(region, sub, ox - x0, oy - y0)
-    small = np.zeros((-(-CROP_SIZE // k), -(-CROP_SIZE // k), 3), np.uint8)
-    small[y0 // k : y1 // k, x0 // k : x1 // k] = np.asarray(Image.fromarray(region).reduce(k))
-    box = (0.0, 0.0, CROP_SIZE / k, CROP_SIZE / k)  # the part of the reduced canvas that is the crop (Pillow's box)
-    return np.asarray(Image.fromarray(small).resize((size, size), Image.BILINEAR, box=box))

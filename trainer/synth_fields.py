@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.segment import FoundCell, cut_cell
+from core.cut import cut_cell
+from core.segment import FoundCell
 from trainer.dataset import CLASS_NAMES, DatasetError
 from trainer.synth import SYNTH_UM_PER_PX, render_cell_layers, subject_tint
 

@@ -10,17 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.cut import CROP_SIZE, cut_cell, cut_for_model
 from core.errors import AllscoreError
 from core.segment import (
     CNMC_UM_PER_PX,
-    CROP_SIZE,
     LYMPHOID,
     OTHER,
     FieldSegmentation,
     FoundCell,
     SegmentationError,
-    cut_cell,
-    cut_for_model,
     estimate_um_per_px,
     segment_field,
 )
