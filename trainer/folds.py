@@ -31,11 +31,19 @@ from core.artifact import ModelManifest, ValidationMetrics, new_version
 from core.inference import configure_tensorflow, predict_proba
 from core.settings import get_settings
 from trainer.calibration import apply_temperature, expected_calibration_error, fit_temperature
-from trainer.dataset import Dataset, DatasetError, data_scale, discover
+from trainer.dataset import Dataset, DatasetError, discover
 from trainer.export import CHECK_CELLS, evenly_spaced
 from trainer.metrics import choose_threshold, summarize
 from trainer.report_pictures import training_report
-from trainer.train import TrainConfig, TrainOutcome, _decode_with_progress, _progress, fit_one
+from trainer.train import (
+    TrainConfig,
+    TrainOutcome,
+    _decode_with_progress,
+    _progress,
+    fit_one,
+    provenance,
+    training_record,
+)
 
 
 def subject_class(ds: Dataset) -> dict[str, int]:
@@ -88,7 +96,6 @@ def ensemble(models: list[Any], name: str = "allscore_ensemble") -> Any:
 def train_folds(data: Path, config: TrainConfig, k: int, console: Console | None = None) -> TrainOutcome:
     """Train K fold models on every subject of `data` and return their ensemble with out-of-fold figures."""
     import keras
-    import tensorflow as tf
 
     console = console or Console(stderr=True)
     started = time.perf_counter()
@@ -153,7 +160,6 @@ def train_folds(data: Path, config: TrainConfig, k: int, console: Console | None
         "fitted_on": f"{len(labels)} out-of-fold cells of {len(dataset.subjects)} subjects",
     }
     model = ensemble(models)
-    scale, scale_source = data_scale(Path(data))
     pictures = training_report(
         labels=labels,
         p=p_oof,
@@ -186,25 +192,16 @@ def train_folds(data: Path, config: TrainConfig, k: int, console: Console | None
         split=f"by subject, {k}-fold: {how}; validation figures are out of fold",
         n_train_cells=len(labels),
         n_val_cells=len(labels),
-        training={
-            **_config_dict(config),
-            "image_size": config.size,
-            "folds": k,
-            "per_fold": folds,
-            "fold_thresholds": thresholds,
-            "fold_threshold_spread": round(max(thresholds) - min(thresholds), 4),
-            "calibration": calibration,
-            "seconds": round(seconds, 1),
-            "precision": "float32",
-            **config.extra,
-        },
-        sha256="",
-        tensorflow_version=tf.__version__,
-        keras_version=keras.__version__,
-        data=str(data),
-        um_per_px=scale,
-        um_per_px_source=scale_source,
-        report_pictures=list(pictures),
+        training=training_record(
+            config,
+            seconds,
+            folds=k,
+            per_fold=folds,
+            fold_thresholds=thresholds,
+            fold_threshold_spread=round(max(thresholds) - min(thresholds), 4),
+            calibration=calibration,
+        ),
+        **provenance(data, pictures),
     )
     return TrainOutcome(
         model=model,
@@ -214,12 +211,6 @@ def train_folds(data: Path, config: TrainConfig, k: int, console: Console | None
         check_images=check_from[check],
         checked_on=f"{len(check)} out-of-fold cells of {data}",
     )
-
-
-def _config_dict(config: TrainConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return {k: v for k, v in asdict(config).items() if k not in ("extra", "version")}
 
 
 __all__ = ["ensemble", "subject_groups", "train_folds"]

@@ -170,7 +170,6 @@ def fit_one(
 def train_model(data: Path, config: TrainConfig, console: Console | None = None) -> TrainOutcome:
     """Train on a C-NMC-layout data set, validating on held-out subjects; nothing is published here."""
     import keras
-    import tensorflow as tf
 
     check_architecture(config.arch)  # before minutes of decoding, not after
     console = console or Console(stderr=True)
@@ -193,7 +192,6 @@ def train_model(data: Path, config: TrainConfig, console: Console | None = None)
 
         model, history = fit_one(train, val, config, progress)
 
-    scale, scale_source = data_scale(Path(data))
     p_val = predict_proba(model, val.images, batch_size=settings.batch_size)
     threshold = choose_threshold(val.labels, p_val)
     metrics = summarize(val.labels, p_val, threshold, val.subjects)
@@ -221,23 +219,14 @@ def train_model(data: Path, config: TrainConfig, console: Console | None = None)
         split=_describe_split(config, val_ds),
         n_train_cells=len(train.labels),
         n_val_cells=len(val.labels),
-        training={
-            **{k: v for k, v in asdict(config).items() if k not in ("extra", "version")},
-            "image_size": config.size,
-            "epochs_run": len(history.history.get("loss", [])),
-            "best_epoch": best_epoch,
-            "class_weights": _class_weights(train.labels),
-            "seconds": round(seconds, 1),
-            "precision": "float32",  # training always runs in float32; serving may use bfloat16
-            **config.extra,
-        },
-        sha256="",
-        tensorflow_version=tf.__version__,
-        keras_version=keras.__version__,
-        data=str(data),
-        um_per_px=scale,
-        um_per_px_source=scale_source,
-        report_pictures=list(pictures),
+        training=training_record(
+            config,
+            seconds,
+            epochs_run=len(history.history.get("loss", [])),
+            best_epoch=best_epoch,
+            class_weights=_class_weights(train.labels),
+        ),
+        **provenance(data, pictures),
     )
     check = evenly_spaced(len(val.images), CHECK_CELLS)
     return TrainOutcome(
@@ -248,6 +237,36 @@ def train_model(data: Path, config: TrainConfig, console: Console | None = None)
         check_images=val.images[check],
         checked_on=f"{len(check)} validation cells of {data}",
     )
+
+
+def training_record(config: TrainConfig, seconds: float, **specific: Any) -> dict[str, Any]:
+    """The manifest's `training`: the configuration, what this run adds (`specific`), its time, extras."""
+    return {
+        **{k: v for k, v in asdict(config).items() if k not in ("extra", "version")},
+        "image_size": config.size,
+        **specific,
+        "seconds": round(seconds, 1),
+        "precision": "float32",  # training always runs in float32; serving may use bfloat16
+        **config.extra,
+    }
+
+
+def provenance(data: Path, pictures: dict[str, bytes]) -> dict[str, Any]:
+    """The manifest fields that say where a version came from: libraries, data, its scale, the report's pictures
+    (sha256 is filled in at publish)."""
+    import keras
+    import tensorflow as tf
+
+    scale, scale_source = data_scale(Path(data))
+    return {
+        "sha256": "",
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "data": str(data),
+        "um_per_px": scale,
+        "um_per_px_source": scale_source,
+        "report_pictures": list(pictures),
+    }
 
 
 def _describe_split(config: TrainConfig, val_ds: Dataset) -> str:

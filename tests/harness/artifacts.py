@@ -31,3 +31,28 @@ def tiny_manifest(path: Path, version: str = "v1") -> ModelManifest:
         sha256=sha256_file(path),
         validation=ValidationMetrics(weighted_f1=0.9, auc=0.9, sensitivity=0.9, specificity=0.8, accuracy=0.9),
     )
+
+
+def brightness_model(x: object, training: bool = False) -> object:
+    """A stand-in model whose answer a test chooses: p(all) = an image's mean pixel value / 255, shape (N, 1)."""
+    import numpy as np
+
+    batch = np.asarray(x)
+    return (batch.reshape(len(batch), -1).mean(axis=1) / 255.0).reshape(-1, 1)
+
+
+def stand_in_manifest(input_size: int, sens: float = 0.9, spec: float = 0.8) -> ModelManifest:
+    """The manifest of a stand-in model `fake:1` (no file behind it): threshold 0.5, the given validation figures."""
+    metrics = ValidationMetrics(weighted_f1=0.9, auc=0.95, sensitivity=sens, specificity=spec, accuracy=0.9)
+    return ModelManifest(
+        name="fake",
+        version="1",
+        created_at="2026-01-01",
+        architecture="brightness",
+        input_size=input_size,
+        threshold=0.5,
+        validation=metrics,
+        train_subjects=[],
+        val_subjects=[],
+        sha256="0" * 64,
+    )

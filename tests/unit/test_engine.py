@@ -11,13 +11,14 @@ import pytest
 from PIL import Image
 from sqlalchemy import text
 
-from core.artifact import LoadedModel, ModelManifest, ValidationMetrics
+from core.artifact import LoadedModel, ModelManifest
 from core.contract import ScoreMessage
 from core.storage import LocalStore
 from db import repository
 from db.engine import make_engine, session_factory, transaction
 from db.errors import StaleDelivery
 from db.migrate import upgrade
+from tests.harness.artifacts import stand_in_manifest
 from tests.harness.oracles import wilson_by_inverting_the_score_test
 from worker.engine import score_sample
 
@@ -37,19 +38,7 @@ class BrightnessModel:
 
 
 def _manifest(sens: float = 0.9, spec: float = 0.8) -> ModelManifest:
-    metrics = ValidationMetrics(weighted_f1=0.9, auc=0.95, sensitivity=sens, specificity=spec, accuracy=0.9)
-    return ModelManifest(
-        name="fake",
-        version="1",
-        created_at="2026-01-01",
-        architecture="brightness",
-        input_size=SIZE,
-        threshold=0.5,
-        validation=metrics,
-        train_subjects=[],
-        val_subjects=[],
-        sha256="0" * 64,
-    )
+    return stand_in_manifest(SIZE, sens, spec)
 
 
 def _png(value: int) -> bytes:

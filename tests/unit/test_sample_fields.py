@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,37 +16,18 @@ from starlette.testclient import TestClient
 
 from allscore.review.app import create_app
 from allscore.review.auth import hash_password
-from core.artifact import LoadedModel, ModelManifest, ValidationMetrics
+from core.artifact import LoadedModel
 from core.contract import ScoreMessage
 from core.storage import LocalStore
 from db import repository, reviews
 from db.engine import make_engine, session_factory, transaction
 from db.migrate import upgrade
+from tests.harness.artifacts import brightness_model, stand_in_manifest
 from worker.engine import score_sample
 from worker.report import render_overlays
 
 BCCD = Path(__file__).resolve().parents[1] / "data" / "bccd" / "JPEGImages"
 SIZE = 16
-
-
-def _model(x: np.ndarray, training: bool = False) -> np.ndarray:
-    return (x.reshape(len(x), -1).mean(axis=1) / 255.0).reshape(-1, 1)
-
-
-def _manifest() -> ModelManifest:
-    metrics = ValidationMetrics(weighted_f1=0.9, auc=0.95, sensitivity=0.9, specificity=0.8, accuracy=0.9)
-    return ModelManifest(
-        name="fake",
-        version="1",
-        created_at="2026-01-01",
-        architecture="brightness",
-        input_size=SIZE,
-        threshold=0.5,
-        validation=metrics,
-        train_subjects=[],
-        val_subjects=[],
-        sha256="0" * 64,
-    )
 
 
 @pytest.fixture
@@ -85,7 +67,7 @@ def scored(tmp_path: Path) -> tuple[str, dict[str, Path]]:
     with ThreadPoolExecutor(2) as pool:
         score_sample(
             message,
-            loaded=LoadedModel(model=_model, manifest=_manifest(), path=tmp_path),
+            loaded=LoadedModel(model=brightness_model, manifest=stand_in_manifest(SIZE), path=tmp_path),
             fetch=LocalStore().read_bytes,
             sessions=factory,
             pool=pool,
@@ -94,13 +76,18 @@ def scored(tmp_path: Path) -> tuple[str, dict[str, Path]]:
     return url, paths
 
 
-def test_every_field_read_is_a_row_with_what_was_found_in_it(scored: tuple[str, dict[str, Path]]) -> None:
-    url, paths = scored
-    factory = session_factory(make_engine(url))
-    with factory() as session:
+def _read(url: str) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The sample's row, its cell rows and its field rows, as an analyst reads them."""
+    with session_factory(make_engine(url))() as session:
         (sample,) = repository.get_sample_results(session=session, sample_ids=["S1"])
         cells = repository.get_cell_results(session=session, sample_id="S1")
         fields = repository.get_field_results(session=session, sample_id="S1")
+    return sample, cells, fields
+
+
+def test_every_field_read_is_a_row_with_what_was_found_in_it(scored: tuple[str, dict[str, Path]]) -> None:
+    url, paths = scored
+    sample, cells, fields = _read(url)
     assert [Path(f["field_uri"]).name for f in fields] == list(paths)  # in the order submitted
     assert [f["field_index"] for f in fields] == [0, 1, 2, 3]
     by_name = {Path(f["field_uri"]).name: f for f in fields}
@@ -133,11 +120,7 @@ def test_the_field_with_no_cell_has_an_overlay_in_the_report_and_the_review_page
     scored: tuple[str, dict[str, Path]], tmp_path: Path
 ) -> None:
     url, paths = scored
-    factory = session_factory(make_engine(url))
-    with factory() as session:
-        (sample,) = repository.get_sample_results(session=session, sample_ids=["S1"])
-        cells = repository.get_cell_results(session=session, sample_id="S1")
-        fields = repository.get_field_results(session=session, sample_id="S1")
+    sample, cells, fields = _read(url)
     pictures = render_overlays(sample, cells, tmp_path / "overlays", fields=fields)
     # one per field read, in the order submitted; none for the file that is not an image
     assert [p.name for p in pictures] == ["001_a.png", "002_empty.png", "003_b.png"]
