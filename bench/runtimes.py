@@ -135,9 +135,9 @@ def measure_runtimes(
             runs.append(("tensorflow", "bfloat16", keras_path))
         if onnxruntime_available() and "onnx" in manifest.exports:
             runs.append(("onnxruntime", "float32", registry.fetch_export(ref)[0]))
-            manifest = _with_int8(store, ref, results)
-            if "onnx-int8" in manifest.exports:
-                runs.append(("onnxruntime", "int8", registry.fetch_export(ref, "onnx-int8")[0]))
+            int8_path = _with_int8(store, ref, work, results)
+            if int8_path is not None:
+                runs.append(("onnxruntime", "int8", int8_path))
         measured: dict[str, dict[str, Any]] = {}
         reference_wf1 = None
         for runtime, precision, path in runs:
@@ -160,7 +160,9 @@ def measure_runtimes(
         tf_best = max(measured[k]["cells_per_s"] for k in measured if k.startswith("tf_"))
         if "ort_fp32" in measured:
             results[f"ort_over_tf_fp32{suffix}"] = round(measured["ort_fp32"]["cells_per_s"] / tf_fp32, 2)
-        accurate = {k: v for k, v in measured.items() if abs(v["wf1_delta"]) <= 0.01}
+        if "ort_int8" in measured:
+            measured["ort_int8"]["refused_by_gate"] = ref in results.get("int8_refused", {})
+        accurate = {k: v for k, v in measured.items() if abs(v["wf1_delta"]) <= 0.01 and not v.get("refused_by_gate")}
         best = max(accurate, key=lambda k: accurate[k]["cells_per_s"])
         results[f"best_runtime{suffix}"] = best
         results[f"best_over_tf_best{suffix}"] = round(accurate[best]["cells_per_s"] / tf_best, 2)
@@ -169,18 +171,28 @@ def measure_runtimes(
     return results
 
 
-def _with_int8(store: str, ref: str, results: dict[str, Any]) -> Any:
-    """The version's manifest, with its int8 export made first if it has none (calibrated and gated on its own
-    validation subjects); a refusal by the gate is recorded in results["int8_refused"]."""
+def _with_int8(store: str, ref: str, work: Path, results: dict[str, Any]) -> Path | None:
+    """The version's int8 export, made first if it has none (calibrated and gated on its own validation subjects).
+    When the gate refuses it, the same quantization is still measured (from work/, never published): the refusal
+    is recorded in results["int8_refused"] and that run is never the best."""
     from core.artifact import Registry
-    from trainer.export import ExportMismatch, export_int8_published
+    from trainer.export import ExportMismatch, export_int8_published, int8_cells, quantize_int8
 
+    registry = Registry(store)
     try:
-        return export_int8_published(ref, store=store)
+        export_int8_published(ref, store=store)
+        return registry.fetch_export(ref, "onnx-int8")[0]
     except ExportMismatch as exc:
         _log(f"{ref}: int8 refused: {exc}")
         results.setdefault("int8_refused", {})[ref] = str(exc)
-        return Registry(store).resolve(ref)
+        manifest = registry.resolve(ref)
+        try:
+            calibration = int8_cells(manifest)[0]
+        except ExportMismatch:
+            return None
+        out = work / f"refused-int8-{manifest.name}.onnx"
+        quantize_int8(registry.fetch_export(ref)[0], out, calibration)
+        return out
 
 
 def train_models(work: Path, sizes: tuple[int, ...], epochs: int) -> dict[int, tuple[str, str]]:

@@ -272,6 +272,29 @@ def split_validation(
     )
 
 
+def int8_cells(manifest: ModelManifest, data: Path | None = None) -> tuple[Any, str, Any, str]:
+    """The decoded cells an int8 export of the version is calibrated on and gated on: its validation subjects
+    (from `data`, else the data set it was trained on), split in two; (calibration, its description, held-out
+    arrays with labels, their description)."""
+    source = data or (Path(manifest.data) if manifest.data else None)
+    if source is None or not source.exists():
+        raise ExportMismatch(
+            f"int8 is calibrated and gated on {manifest.ref}'s validation subjects: give --data with them "
+            f"({', '.join(manifest.val_subjects[:6])}...)"
+        )
+    held = set(manifest.val_subjects)
+    cells = [c for c in discover(source).cells if c.subject in held and c.label is not None]
+    calibrate, gate, calibrate_subjects, gate_subjects = split_validation(cells)
+    calibration = decode_cells(calibrate, manifest.input_size)
+    held_out = decode_cells(gate, manifest.input_size)
+    return (
+        calibration.images,
+        f"{len(calibration.images)} validation cells of subjects {', '.join(calibrate_subjects)}",
+        held_out,
+        f"{len(held_out.images)} validation cells of subjects {', '.join(gate_subjects)}",
+    )
+
+
 def export_int8_published(
     ref: str, *, store: str | None = None, data: Path | None = None, settings: Settings | None = None
 ) -> ModelManifest:
@@ -285,27 +308,18 @@ def export_int8_published(
         return manifest
     if "onnx" not in manifest.exports:
         manifest = export_published(ref, store=store, data=data, settings=settings)
-    source = data or (Path(manifest.data) if manifest.data else None)
-    if source is None or not source.exists():
-        raise ExportMismatch(
-            f"int8 is calibrated and gated on {manifest.ref}'s validation subjects: give --data with them "
-            f"({', '.join(manifest.val_subjects[:6])}...)"
-        )
-    held = set(manifest.val_subjects)
-    cells = [c for c in discover(source).cells if c.subject in held and c.label is not None]
-    calibrate, gate, calibrate_subjects, gate_subjects = split_validation(cells)
-    calibration = decode_cells(calibrate, manifest.input_size)
-    held_out = decode_cells(gate, manifest.input_size)
-    float_path, _ = registry.fetch_export(manifest.ref if not parse_ref(ref).uri else ref)
+    calibration, calibrated_on, held_out, held_out_on = int8_cells(manifest, data)
+    pinned = ref if parse_ref(ref).uri else manifest.ref
+    float_path, _ = registry.fetch_export(pinned)
     with tempfile.TemporaryDirectory(prefix="allscore-int8-") as tmp:
         path, record = make_int8_export(
             float_path,
             Path(tmp),
-            calibration=calibration.images,
-            calibrated_on=f"{len(calibration.images)} validation cells of subjects {', '.join(calibrate_subjects)}",
+            calibration=calibration,
+            calibrated_on=calibrated_on,
             held_out=held_out.images,
             labels=held_out.labels,
-            held_out_on=f"{len(held_out.images)} validation cells of subjects {', '.join(gate_subjects)}",
+            held_out_on=held_out_on,
             threshold=manifest.threshold,
         )
-        return registry.publish_export(ref if parse_ref(ref).uri else manifest.ref, "onnx-int8", path, record)
+        return registry.publish_export(pinned, "onnx-int8", path, record)
