@@ -342,3 +342,22 @@ def test_int8_is_served_by_onnx_runtime_only(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(ValueError, match="ONNX Runtime only"):
         Settings()
     assert choose_runtime("auto", False, "int8") == "onnxruntime"
+
+
+def test_an_export_added_to_a_version_on_s3(tiny_model: PublishedModel, s3_bucket: str, tmp_path: Path) -> None:
+    """On an S3 store (moto over HTTP): the late export is written once beside the version and resolves with it."""
+    source = Registry(tiny_model.store)
+    keras_file, manifest = source.fetch(tiny_model.ref)
+    onnx_file, _ = source.fetch_export(tiny_model.ref)
+    record = manifest.exports["onnx"]
+    store = f"{s3_bucket}/models"
+    registry = Registry(store)
+    registry.publish(keras_file, manifest.model_copy(update={"exports": {}}))  # as published before exports
+    with pytest.raises(ExportMissing):
+        registry.fetch_export(tiny_model.ref)
+    assert registry.publish_export(tiny_model.ref, "onnx", onnx_file, record).exports["onnx"] == record
+    assert Registry(store).resolve(tiny_model.ref).exports["onnx"] == record
+    path, _ = Registry(store).fetch_export(tiny_model.ref, cache_dir=tmp_path / "cache")
+    assert sha256_file(path) == record.sha256
+    with pytest.raises(VersionExists):
+        registry.publish_export(tiny_model.ref, "onnx", onnx_file, record)
