@@ -4,9 +4,11 @@ The export is the model as the TensorFlow worker serves it in float32 (`core.inf
 normalisation folded, dropout gone), converted with tf2onnx (`tf2onnx.convert.from_keras`, a uint8 input `image` of
 any batch size, opset 17). Keras 3's own `model.export(format="onnx")` calls the same converter but refuses a
 functional model that was loaded and never called ("The model provided has never called"), which a published
-model.keras is. Before anything is published, ONNX Runtime's p(all) on the check cells must be within
-EXPORT_TOLERANCE of model.keras's own (the Keras model as loaded, called directly); the difference and the cells
-are recorded in the manifest (`exports.onnx`).
+model.keras is (keras-team/keras#20710 added that export on top of tf2onnx, which it notes broke with numpy >= 2,
+onnx/tensorflow-onnx#2373; tf2onnx 1.17.0 converts these models with numpy 2.4, TensorFlow 2.21 and protobuf 7, and
+tf2onnx's own CI covers TensorFlow only up to 2.15). Before anything is published, ONNX Runtime's p(all) on the
+check cells must be within EXPORT_TOLERANCE of model.keras's own (the Keras model as loaded, called directly); the
+difference and the cells are recorded in the manifest (`exports.onnx`).
 """
 
 from __future__ import annotations
