@@ -45,6 +45,26 @@ def _sqlite_file(url: URL) -> Path | None:
     return Path(database).expanduser()
 
 
+def _set_wal(cursor: Any) -> None:
+    """Put the file in WAL mode (once set, it stays). Switching needs an exclusive lock, and several processes
+    opening a new file at once (concurrent `db upgrade`s) can get "database is locked" from the switch at once,
+    busy_timeout or not: retry for up to the busy timeout."""
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+                return
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -55,7 +75,7 @@ def _configure_sqlite(engine: Engine) -> None:
         try:
             cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
             # WAL lets readers (status, report) run while a worker writes.
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _set_wal(cursor)
             cursor.execute("PRAGMA foreign_keys = ON")
         finally:
             cursor.close()
