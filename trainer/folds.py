@@ -106,8 +106,11 @@ def train_folds(data: Path, config: TrainConfig, k: int, console: Console | None
     groups, how = subject_groups(dataset, k, config.seed)
     console.print(f"data {data}: {len(dataset.cells)} cells from {len(dataset.subjects)} subjects; {k} folds: {how}")
 
-    models, folds = [], []
+    models: list[Any] = []
+    folds: list[dict[str, Any]] = []
     labels_all, p_all, subjects_all = [], [], []
+    held_images: list[np.ndarray] = []
+    histories: list[dict[str, list[float]]] = []
     with _progress(console) as progress:
         for index, held in enumerate(groups):
             fold_started = time.perf_counter()
@@ -121,6 +124,8 @@ def train_folds(data: Path, config: TrainConfig, k: int, console: Console | None
             model.name = f"fold_{index + 1}"  # names must be unique inside the ensemble's graph
             p = predict_proba(model, val.images, batch_size=settings.batch_size)
             models.append(model)
+            held_images.append(val.images)
+            histories.append(history.history)
             labels_all.append(val.labels)
             p_all.append(p)
             subjects_all.extend(val.subjects)
@@ -130,13 +135,9 @@ def train_folds(data: Path, config: TrainConfig, k: int, console: Console | None
                     "trained_on_subjects": sorted(train_ds.subjects),
                     "n_train_cells": len(train.labels),
                     "n_held_out_cells": len(val.labels),
-                    "_labels": val.labels,
-                    "_p": p,
                     "epochs_run": len(history.history.get("loss", [])),
                     "best_epoch": int(np.argmin(history.history["val_loss"])) + 1,
                     "seconds": round(time.perf_counter() - fold_started, 1),
-                    "_images": val.images,
-                    "_history": history.history,
                 }
             )
             console.print(f"fold {index + 1}/{k}: held out {', '.join(sorted(held))} ({folds[-1]['seconds']:.0f} s)")
@@ -149,9 +150,8 @@ def train_folds(data: Path, config: TrainConfig, k: int, console: Console | None
     p_oof = apply_temperature(raw_oof, temperature)
     threshold = choose_threshold(labels, p_oof)
     metrics = summarize(labels, p_oof, threshold, subjects_all)
-    for f in folds:  # each fold's own best threshold, on the same calibrated scale
-        f["threshold"] = choose_threshold(f["_labels"], apply_temperature(f.pop("_p"), temperature))
-        del f["_labels"]
+    for f, fold_labels, fold_p in zip(folds, labels_all, p_all, strict=True):  # each fold's own, same scale
+        f["threshold"] = choose_threshold(fold_labels, apply_temperature(fold_p, temperature))
     thresholds = [f["threshold"] for f in folds]
     calibration = {
         "temperature": round(temperature, 4),
@@ -165,14 +165,12 @@ def train_folds(data: Path, config: TrainConfig, k: int, console: Console | None
         p=p_oof,
         threshold=threshold,
         metrics=metrics,
-        history=folds[0]["_history"],
+        history=histories[0],
         subjects=subjects_all,
         best_epoch=folds[0]["best_epoch"],
     )
-    check_from = np.concatenate([f["_images"] for f in folds])
+    check_from = np.concatenate(held_images)
     check = evenly_spaced(len(check_from), CHECK_CELLS)
-    for f in folds:
-        del f["_images"], f["_history"]
     seconds = time.perf_counter() - started
     manifest = ModelManifest(
         name=config.name,
