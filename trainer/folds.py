@@ -41,6 +41,7 @@ from trainer.train import (
     _decode_with_progress,
     _progress,
     fit_one,
+    kept_epoch,
     provenance,
     training_record,
 )
@@ -136,7 +137,7 @@ def train_folds(data: Path, config: TrainConfig, k: int, console: Console | None
                     "n_train_cells": len(train.labels),
                     "n_held_out_cells": len(val.labels),
                     "epochs_run": len(history.history.get("loss", [])),
-                    "best_epoch": int(np.argmin(history.history["val_loss"])) + 1,
+                    "best_epoch": kept_epoch(history.history),
                     "seconds": round(time.perf_counter() - fold_started, 1),
                 }
             )

@@ -93,7 +93,7 @@ def learning_curves_png(history: Mapping[str, Sequence[float]], best_epoch: int 
     ax.set_xlabel("epoch")
     ax.set_ylabel("binary cross-entropy")
     if best_epoch:
-        ax.axvline(best_epoch, color="#777", ls=":", lw=1, label=f"best epoch ({best_epoch})")
+        ax.axvline(best_epoch, color="#777", ls=":", lw=1, label=f"kept epoch ({best_epoch}, best validation AUC)")
     lines, labels = ax.get_legend_handles_labels()
     if history.get("val_auc"):
         ax2 = ax.twinx()
