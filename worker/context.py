@@ -133,7 +133,7 @@ class WorkerContext:
             loaded = LoadedModel(model=model, manifest=manifest, path=path)
             self._models[key] = loaded
         seconds = time.perf_counter() - started
-        metrics.MODEL_LOADS.inc()
+        metrics.MODEL_LOADS.labels(model.runtime, model.precision).inc()
         metrics.MODEL_LOAD_SECONDS.observe(seconds)
         log.info(
             "model loaded: %s in pid %d (%.2fs) from store %s; runtime %s, %s (tensorflow %s in this process)",

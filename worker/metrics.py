@@ -44,7 +44,11 @@ READ_SECONDS = Histogram(
     "fetching and decoding one image (a cell, or a field with its segmentation), in an I/O thread",
     buckets=_LATENCY_BUCKETS,
 )
-MODEL_LOADS = Counter("allscore_model_loads", "model versions loaded (one per process and version)")
+MODEL_LOADS = Counter(
+    "allscore_model_loads",
+    "model versions loaded (one per process and version), by the runtime and precision that serve them",
+    ["runtime", "precision"],
+)
 MODEL_LOAD_SECONDS = Histogram(
     "allscore_model_load_seconds",
     "fetching, checking and preparing one model version",

@@ -55,8 +55,12 @@ def test_metrics_scraped_from_a_worker_count_what_it_scored(stack: Stack, tmp_pa
     assert m[("allscore_batch_seconds_count", ())] == 2
     assert m[("allscore_read_seconds_count", ())] == 21  # every image read, the broken one too
     assert m[("allscore_read_seconds_sum", ())] > 0
-    # Each of the two processes that took a sample loaded the model once; both may have taken one.
-    loads = m[("allscore_model_loads_total", ())]
+    # Each of the two processes that took a sample loaded the model once; both may have taken one. The stack runs
+    # the default runtime, TensorFlow in float32, and the loads say so.
+    loads = m[("allscore_model_loads_total", (("precision", "float32"), ("runtime", "tensorflow")))]
+    assert [k for k in m if k[0] == "allscore_model_loads_total"] == [
+        ("allscore_model_loads_total", (("precision", "float32"), ("runtime", "tensorflow")))
+    ]
     assert loads == sum(worker.model_loads().values()) and 1 <= loads <= 2
     assert m[("allscore_model_load_seconds_count", ())] == loads
     assert m[("allscore_sample_cells_per_second", ())] > 0
