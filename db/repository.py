@@ -12,15 +12,12 @@ from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from core import contract
 from db.coltypes import utcnow
 from db.errors import (
     DatabaseUrlError,
-    InvalidIdentifierError,
     JobExistsError,
     JobNotFoundError,
     ModelConflictError,
-    ResultMismatchError,
     SampleCancelled,
     SampleNotFoundError,
     StaleDelivery,
@@ -38,57 +35,11 @@ from db.models import (
     SampleStatus,
 )
 from db.records import FLAG_SEPARATOR, CellResult, FieldRecord, SampleSummary
+from db.rows import NO_SUMMARY, cell_row, check_identifier, check_result, field_row
 from db.views import cell_results, field_results, sample_results
 
 # ORM updates here never need to refresh loaded objects: the functions load none.
 _NO_SYNC = {"synchronize_session": False}
-
-# The summary columns, cleared whenever a result set stops being current.
-_NO_SUMMARY: dict[str, Any] = {
-    "n_cells": None,
-    "n_all": None,
-    "n_failed": None,
-    "all_fraction": None,
-    "ci_low": None,
-    "ci_high": None,
-    "corrected_fraction": None,
-    "mean_p_all": None,
-    "flags": None,
-    "n_fields": None,
-    "n_fields_failed": None,
-    "n_other": None,
-    "n_edge": None,
-    "um_per_px": None,
-    "scale_source": None,
-}
-
-# The field columns of a cell row that comes from a single-cell image (every row of one insert has all keys).
-_NO_FIELD: dict[str, Any] = dict.fromkeys(
-    (
-        "field_uri",
-        "cell_index",
-        "bbox_x0",
-        "bbox_y0",
-        "bbox_x1",
-        "bbox_y1",
-        "centroid_x",
-        "centroid_y",
-        "area_um2",
-        "cell_kind",
-        "edge",
-        "um_per_px",
-        "scale_source",
-        "outline",
-    )
-)
-
-
-def check_identifier(kind: str, value: str, max_length: int) -> str:
-    """Return `value` if it can serve as a `kind` id (the one rule of core.contract), else raise."""
-    try:
-        return contract.check_identifier(value, kind, max_length)
-    except contract.InvalidIdentifier as exc:
-        raise InvalidIdentifierError(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +162,7 @@ def enqueue_sample(
     if session.execute(select(Job.id).where(Job.id == job_id)).first() is None:
         raise JobNotFoundError(f"job {job_id!r} does not exist; create it (create_job) before its samples")
     fresh: dict[str, Any] = {
-        **_NO_SUMMARY,
+        **NO_SUMMARY,
         "job_id": job_id,
         "status": SampleStatus.QUEUED,
         "submitted_at": utcnow(),
@@ -325,26 +276,6 @@ def mark_running(*, session: Session, sample_id: str, model_version: str, delive
     return int(attempts)
 
 
-def _check_result(sample_id: str, model_version: str, cells: Sequence[CellResult], summary: SampleSummary) -> None:
-    where = f"sample {sample_id!r} (model {model_version!r})"
-    counted = [cell for cell in cells if cell.counted]
-    if summary.n_cells != len(counted):
-        raise ResultMismatchError(
-            f"{where}: summary.n_cells={summary.n_cells} but {len(counted)} cell results count; "
-            "every submitted image needs a cell result, failed ones with an error"
-        )
-    n_failed = sum(cell.error is not None for cell in counted)
-    if summary.n_failed != n_failed:
-        raise ResultMismatchError(
-            f"{where}: summary.n_failed={summary.n_failed} but {n_failed} cell results carry an error"
-        )
-    seen: set[str] = set()
-    for cell in cells:
-        if cell.image_uri in seen:
-            raise ResultMismatchError(f"{where}: image {cell.image_uri!r} appears twice; score each image once")
-        seen.add(cell.image_uri)
-
-
 def record_sample_result(
     *,
     session: Session,
@@ -360,7 +291,7 @@ def record_sample_result(
 
     With a `delivery`, nothing is written (StaleDelivery) unless it is the current, unfinished submission.
     """
-    _check_result(sample_id, model_version, cells, summary)
+    check_result(sample_id, model_version, cells, summary)
     sample = _lock_sample(session, sample_id, model_version, delivery)
     now = utcnow()
     _clear_results(session, sample.id)
@@ -370,10 +301,10 @@ def record_sample_result(
         with_field = any(cell.field is not None for cell in cells)
         session.execute(
             insert(Cell),
-            [_cell_row(sample.id, cell, now, with_field) for cell in cells],
+            [cell_row(sample.id, cell, now, with_field) for cell in cells],
         )
     if fields:
-        session.execute(insert(SampleFieldRow), [_field_row(sample.id, f) for f in fields])
+        session.execute(insert(SampleFieldRow), [field_row(sample.id, f) for f in fields])
     session.execute(
         update(Sample)
         .where(Sample.id == sample.id)
@@ -402,54 +333,6 @@ def record_sample_result(
     )
 
 
-def _field_row(sample_pk: int, record: FieldRecord) -> dict[str, Any]:
-    return {
-        "sample_pk": sample_pk,
-        "field_uri": record.field_uri,
-        "field_index": record.field_index,
-        "um_per_px": record.um_per_px,
-        "scale_source": record.scale_source,
-        "n_found": record.n_found,
-        "n_scored": record.n_scored,
-        "n_other": record.n_other,
-        "n_edge": record.n_edge,
-        "error": record.error,
-    }
-
-
-def _cell_row(sample_pk: int, cell: CellResult, now: Any, with_field: bool) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "sample_pk": sample_pk,
-        "image_uri": cell.image_uri,
-        "p_all": cell.p_all,
-        "is_all": cell.is_all,
-        "error": cell.error,
-        "scored_at": now,
-    }
-    if not with_field:
-        return row
-    row.update(_NO_FIELD)  # every row of one insert has the same keys
-    found = cell.field
-    if found is not None:
-        row.update(
-            field_uri=found.field_uri,
-            cell_index=found.cell_index,
-            bbox_x0=found.bbox[0],
-            bbox_y0=found.bbox[1],
-            bbox_x1=found.bbox[2],
-            bbox_y1=found.bbox[3],
-            centroid_x=found.centroid[0],
-            centroid_y=found.centroid[1],
-            area_um2=found.area_um2,
-            cell_kind=found.cell_kind,
-            edge=found.edge,
-            um_per_px=found.um_per_px,
-            scale_source=found.scale_source,
-            outline=found.outline,
-        )
-    return row
-
-
 def mark_failed(
     *,
     session: Session,
@@ -471,7 +354,7 @@ def mark_failed(
     session.execute(
         update(Sample)
         .where(Sample.id == sample.id)
-        .values(**_NO_SUMMARY, status=SampleStatus.FAILED, error=error, finished_at=utcnow())
+        .values(**NO_SUMMARY, status=SampleStatus.FAILED, error=error, finished_at=utcnow())
         .execution_options(**_NO_SYNC)
     )
 
@@ -514,7 +397,7 @@ def cancel_samples(
         session.execute(
             update(Sample)
             .where(Sample.id == row.id)
-            .values(**_NO_SUMMARY, status=SampleStatus.CANCELLED, error=reason, finished_at=now)
+            .values(**NO_SUMMARY, status=SampleStatus.CANCELLED, error=reason, finished_at=now)
             .execution_options(**_NO_SYNC)
         )
     return [Cancelled(r.sample_id, r.model_version, r.job_id, str(SampleStatus(r.status))) for r in rows]
