@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from core.artifact import ModelManifest
+from core.manifest import ModelManifest
 
 
 @dataclass(frozen=True)

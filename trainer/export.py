@@ -21,19 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from core.artifact import (
-    INT8_FILE,
-    ONNX_FILE,
-    ModelManifest,
-    Registry,
-    ServingExport,
-    load_keras,
-    parse_ref,
-    sha256_file,
-)
+from core.artifact import Registry, load_keras
 from core.errors import AllscoreError
 from core.imaging import model_input
 from core.inference import configure_tensorflow, predict_proba, prepare_for_serving
+from core.manifest import INT8_FILE, ONNX_FILE, ModelManifest, ServingExport, parse_ref, sha256_file
 from core.runtimes import OnnxServingModel
 from core.settings import Settings, get_settings
 from trainer.dataset import CellRecord, discover

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from core.artifact import ModelManifest, ValidationMetrics, new_version
 from core.inference import configure_tensorflow, predict_proba
+from core.manifest import ModelManifest, ValidationMetrics, new_version
 from core.settings import get_settings
 from trainer.calibration import apply_temperature, expected_calibration_error, fit_temperature
 from trainer.dataset import Dataset, DatasetError, discover

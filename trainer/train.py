@@ -14,8 +14,9 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from core.artifact import ModelManifest, Registry, ValidationMetrics, new_version, sha256_file
+from core.artifact import Registry
 from core.inference import configure_tensorflow, predict_proba
+from core.manifest import ModelManifest, ValidationMetrics, new_version, sha256_file
 from core.settings import Settings, get_settings
 from trainer.arch import DEFAULT_SIZES, build_model, check_architecture
 from trainer.dataset import Dataset, data_scale, discover, split_by_subject

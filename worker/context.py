@@ -15,9 +15,10 @@ from functools import lru_cache
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import cpus
-from core.artifact import LoadedModel, ModelError, ModelNotFound, Registry, parse_ref
+from core.artifact import LoadedModel, Registry
 from core.contract import DEFAULT_STORE
 from core.inference import configure_tensorflow
+from core.manifest import ModelError, ModelNotFound, parse_ref
 from core.runtimes import choose_runtime, load_runtime_model, tensorflow_imported
 from core.settings import Settings, get_settings
 from core.storage import Fetcher

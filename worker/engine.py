@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.artifact import LoadedModel, ModelError
+from core.artifact import LoadedModel
 from core.calibration import apply_temperature
 from core.contract import ScoreMessage
 from core.errors import AllscoreError
 from core.inference import predict_batch
+from core.manifest import ModelError
 from core.segment import CNMC_UM_PER_PX
 from core.tta import averaged
 from db import repository

@@ -462,7 +462,8 @@ async def record_signoff(request: Request) -> Response:
 
 
 def _find_manifest(settings: Settings, name: str, version: str) -> tuple[Any, Any] | None:
-    from core.artifact import ModelError, Registry
+    from core.artifact import Registry
+    from core.manifest import ModelError
 
     for root in settings.stores().values():
         try:

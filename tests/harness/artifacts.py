@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.artifact import ModelManifest, ValidationMetrics, sha256_file
+from core.manifest import ModelManifest, ValidationMetrics, sha256_file
 
 
 def save_tiny_model(folder: Path, seed: int = 0) -> tuple[Path, object]:

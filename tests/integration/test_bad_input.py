@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from core.artifact import ModelError
 from core.errors import AllscoreError
+from core.manifest import ModelError
 from core.settings import get_settings, reset_settings_cache
 from core.storage import BucketNotFound, store_for
 from tests.fixtures import PublishedModel
@@ -32,7 +32,8 @@ def _publish_variants(store: str, model: PublishedModel, tmp: Path) -> dict[str,
     `lambda` version whose model.keras (sha256 right) holds a Lambda layer; return name -> reference."""
     import keras
 
-    from core.artifact import Registry, sha256_file
+    from core.artifact import Registry
+    from core.manifest import sha256_file
     from trainer.arch import build_model
 
     source, manifest = Registry(model.store).fetch(model.ref)

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.artifact import ModelIntegrityError, Registry, VersionExists, load_model
+from core.artifact import Registry, load_model
 from core.inference import predict_proba
+from core.manifest import ModelIntegrityError, VersionExists
 from core.storage import store_for
 from tests.harness.artifacts import save_tiny_model, tiny_manifest
 

@@ -7,19 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.artifact import (
+from core.artifact import Registry, load_model
+from core.inference import predict_proba
+from core.manifest import (
     ModelError,
     ModelIntegrityError,
     ModelManifest,
     ModelNotFound,
-    Registry,
     ValidationMetrics,
     VersionExists,
-    load_model,
     parse_ref,
     sha256_file,
 )
-from core.inference import predict_proba
 from tests.harness.artifacts import save_tiny_model, tiny_manifest
 
 

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 from sqlalchemy import text
 
-from core.artifact import LoadedModel, ModelManifest
+from core.artifact import LoadedModel
 from core.contract import ScoreMessage
+from core.manifest import ModelManifest
 from core.storage import LocalStore
 from db import repository
 from db.engine import make_engine, session_factory, transaction

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.artifact import ModelError, ModelManifest, Registry, ValidationMetrics
+from core.artifact import Registry
+from core.manifest import ModelError, ModelManifest, ValidationMetrics
 from trainer.report_pictures import PICTURES, roc_points, training_report
 
 
@@ -61,7 +62,7 @@ def _manifest(pictures: list[str]) -> ModelManifest:
 
 
 def test_pictures_are_published_beside_the_model_only_when_listed(tmp_path: Path) -> None:
-    from core.artifact import sha256_file
+    from core.manifest import sha256_file
 
     model = tmp_path / "model.keras"
     model.write_bytes(b"not really a model")

@@ -18,18 +18,18 @@ from keras import layers
 from rich.console import Console
 from typer.testing import CliRunner
 
-from core.artifact import (
+from core.artifact import Registry
+from core.imaging import load_image
+from core.inference import ServingModel, predict_proba
+from core.manifest import (
     ExportMissing,
     ModelError,
     ModelManifest,
-    Registry,
     ServingExport,
     ValidationMetrics,
     VersionExists,
     sha256_file,
 )
-from core.imaging import load_image
-from core.inference import ServingModel, predict_proba
 from core.runtimes import OnnxServingModel, choose_runtime, load_runtime_model, onnxruntime_available
 from tests.fixtures import PublishedModel
 from tests.helpers import REPO_ROOT, cnmc_cells
