@@ -47,8 +47,9 @@ def segment_cmd(
 ) -> None:
     """Find the white cells of fields and cut each out C-NMC style (450x450 BMP, black outside the cell)."""
     # Imported here: scipy and scikit-image take a while, and every other command starts without them.
+    from core.cellkind import LYMPHOID
     from core.cut import cut_cell
-    from core.segment import CNMC_UM_PER_PX, LYMPHOID, segment_field
+    from core.segment import CNMC_UM_PER_PX, segment_field
     from trainer.dataset import write_data_scale
     from worker.client import expand_uris
     from worker.fields import sample_scale

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.segment import CNMC_UM_PER_PX, LYMPHOID, FoundCell, segment_field
+from core.cellkind import LYMPHOID
+from core.segment import CNMC_UM_PER_PX, FoundCell, segment_field
 
 # The typed cells' scale is unpublished: their neutrophils' whole-cell masks have a median equivalent diameter of
 # 76.5 px, and a neutrophil is 12-15 um across; 13.5 um / 76.5 px = 0.176 um per px.

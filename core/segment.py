@@ -22,7 +22,7 @@ magnification give the same result.
    against the field's background (its brightest pixels; white when it has none, e.g. a black-backed C-NMC crop);
    near-black pixels are "no specimen", never stain. The stain score is OD(green) - OD(blue): high in Romanowsky
    nuclei, near zero in red cells (eosin absorbs green and blue alike) and on background.
-3. Nuclei: stain score above ``_NUC_SCORE``; lobes closer than ``_LOBE_GAP_UM`` are one nucleus (neutrophil lobes)
+3. Nuclei: stain score above ``NUC_SCORE``; lobes closer than ``_LOBE_GAP_UM`` are one nucleus (neutrophil lobes)
    unless together they exceed ``_MAX_NUC_UM2`` (two cells side by side). Cytoplasm: within ``_CYTO_REACH_UM`` of a
    nucleus's convex hull, pixels with stain score above ``_CYTO_SCORE`` (pale blue/lilac) or denser than the field's
    red cells (pale, non-bluish cytoplasm). A watershed on that mask's distance map, seeded by the nuclei, splits
@@ -35,15 +35,7 @@ magnification give the same result.
 4. Rejected: nuclei under ``_MIN_NUC_UM2`` (platelets, debris), cells under ``_MIN_CELL_UM2``. A cell touching the
    field's border is kept and marked ``edge``.
 
-Kind rule, measured on each cell in the detection copy (about ``_WORK_UM`` um per pixel). The nucleus is the cell's
-pixels stained more than halfway between the cell's 10th and 90th percentiles, in both stain score and density
-(where the paler half's score is under ``_NUC_SPLIT`` of the other's: granular cytoplasm is stained too, and the
-gaps between lobes are paler); else the fixed nucleus score. ``lymphoid`` when the nucleus is one body (no second
-lobe of 2 um2 or more), solid (area over convex-hull area >= ``_LYMPH_SOLIDITY``) and at least ``_LYMPH_NC`` of the
-cell (nucleus-to-cell area); ``other`` otherwise: lobed or segmented nuclei (neutrophils, eosinophils), folded or
-kidney-shaped nuclei (monocytes, bands) and cells mostly cytoplasm. Lymphocytes and lymphoblasts are lymphoid. Known
-limits: monocytes with a round nucleus come out lymphoid (about 35 % of the typed test monocytes); granule colour is
-not used.
+The kind of each cell found, lymphoid or other, is core.cellkind's rule.
 
 C-NMC scale (``CNMC_UM_PER_PX``): C-NMC does not publish it. The 24 real cells of cnmc-sample have a whole-cell
 equivalent diameter (non-black mask) of median 199 px (hem, normal B-lymphoid; 162-239 px) and 232 px (all,
@@ -65,16 +57,15 @@ from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from core import morph
+from core.cellkind import cell_kind
 from core.errors import AllscoreError
+from core.stain import NEAR_BLACK, NUC_SCORE, shrink, stain
 
 RBC_DIAMETER_UM = 7.5
 CNMC_UM_PER_PX = 0.046
-LYMPHOID, OTHER = "lymphoid", "other"
 
 _WORK_UM = 0.3  # detection scale, um per pixel of the shrunk copy
-_NEAR_BLACK = 24  # a pixel whose brightest channel is at most this holds no specimen
-_NUC_SCORE = 0.33  # stain score (OD green - OD blue) of nuclei
-_CYTO_SCORE = 0.13  # ... of bluish cytoplasm
+_CYTO_SCORE = 0.13  # stain score of bluish cytoplasm (nuclei: core.stain.NUC_SCORE)
 _CYTO_DENS = 0.15  # mean OD of pale cytoplasm, at least; and above the field's red cells' 75th percentile + 0.05
 _RBC_DENS_PCT, _RBC_DENS_MARGIN = 75, 0.05
 _CYTO_REACH_UM = 5.0  # cytoplasm lies within this of its nucleus's convex hull
@@ -87,8 +78,6 @@ _PAIR_MIN_R_UM, _PAIR_NUC_UM2 = 2.5, 12.0  # ... each maximum this deep and each
 _PAIR_SOLIDITY = 0.87  # ... and each part's nucleus a solid body (area over its convex hull's), not a bent lobe
 _PAIR_NECK, _PAIR_CUT_UM = 0.95, 2.8  # ... where they meet along a neck (diameters) crossing this much nucleus, at most
 _SPUR_UM = 2.5  # a cell's region loses parts thinner than this (cytoplasm leaking into a red cell)
-_NUC_SPLIT = 0.55  # split nucleus from cytoplasm by the cell's own stain when the paler class is under this
-_LYMPH_SOLIDITY, _LYMPH_NC = 0.86, 0.25
 _EST_SIDE = 256  # the scale estimate looks at a copy about this many pixels on its longer side
 _RBC_MIN_COUNT = 3  # cells' worth of red pixels needed for an estimate
 _RBC_THICK = 1.6  # masses thicker than this times the typical clump are left out of the estimate
@@ -131,56 +120,6 @@ def check_rgb(rgb: object) -> NDArray[np.uint8]:
     return rgb
 
 
-def _shrink(rgb: NDArray[np.uint8], k: int) -> NDArray[np.float32]:
-    """Planar (3, h, w) float copy shrunk k times: the mean of four samples per k x k block (cheap anti-aliasing);
-    the partial blocks at the far edges are dropped."""
-    h, w = rgb.shape[0] // k, rgb.shape[1] // k
-    offs = (0, k // 2) if k > 1 else (0,)
-    acc = np.zeros((3, h, w), np.float32)
-    for a in offs:
-        for b in offs:
-            acc += rgb[a : a + h * k : k, b : b + w * k : k].transpose(2, 0, 1)
-    if k > 1:
-        acc *= 0.25
-    return acc
-
-
-def _stain(
-    img: NDArray[np.float32], bg: list[float] | None = None
-) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.bool_], list[float] | None]:
-    """Stain score OD(G) - OD(B), mean optical density, the specimen mask (not near-black), and the field's bright
-    background colour (None where it has none: densities are then taken against white)."""
-    r, g, b = img
-    specimen = np.maximum(r, g)
-    np.maximum(specimen, b, out=specimen)
-    specimen = specimen > _NEAR_BLACK
-    has_bg = bg is not None
-    bg = bg or [255.0, 255.0, 255.0]
-    if not has_bg and int(specimen.sum()) >= 16:
-        bright = r + g
-        bright += b
-        bright *= 1.0 / 3.0
-        hi = _percentile(bright[specimen], 97)
-        if hi > 120:
-            sel = specimen & (bright >= hi)
-            bg = [float(np.median(c[sel])) for c in img]
-            has_bg = True
-    # In place, with as few whole-field temporaries as possible (each costs its page faults):
-    # od_c = log(bg_c + 1) - log(c + 1); score = od_g - od_b; dens = mean of the three.
-    lg = img + np.float32(1.0)
-    np.log(lg, out=lg)
-    c = [math.log(v + 1.0) for v in bg]
-    score = lg[2] - lg[1]
-    score += np.float32(c[1] - c[2])
-    dens = lg[0] + lg[1]
-    dens += lg[2]
-    dens *= np.float32(-1.0 / 3.0)
-    dens += np.float32((c[0] + c[1] + c[2]) / 3.0)
-    score *= specimen
-    dens *= specimen
-    return score, dens, specimen, (bg if has_bg else None)
-
-
 def _label_max(values: NDArray[np.generic], lab: NDArray[np.int32], n: int) -> NDArray[np.float64]:
     """The maximum of ``values`` over each label 1..n (ndimage.maximum sorts the whole image; this does not)."""
     out = np.zeros(n, np.float64)
@@ -196,10 +135,10 @@ def estimate_um_per_px(rgb: np.ndarray) -> float | None:
     if min(rgb.shape[:2]) < 16:
         return None
     f = max(1, math.ceil(max(rgb.shape[:2]) / _EST_SIDE))
-    diam = _rbc_diameter(_shrink(rgb, f))
+    diam = _rbc_diameter(shrink(rgb, f))
     if diam is not None and diam < 16 and f > 1:  # red cells too small in the shrunk copy: look closer
         f = max(1, int(f * diam / 24))
-        diam = _rbc_diameter(_shrink(rgb, f))
+        diam = _rbc_diameter(shrink(rgb, f))
     return None if diam is None else RBC_DIAMETER_UM / (diam * f)
 
 
@@ -209,21 +148,21 @@ def _rbc_diameter(img: NDArray[np.float32]) -> float | None:
 
     if min(img.shape[1:]) < 8:
         return None
-    score, dens, specimen, bg = _stain(img)
+    score, dens, specimen, bg = stain(img)
     if bg is None:
         return None  # no bright background: no red cells to measure (e.g. a C-NMC crop)
     vals = dens[specimen]
     if vals.size < 64 or float(vals.max() - vals.min()) < 0.05:
         return None
-    found = _red_diameter(specimen & (dens > threshold_otsu(vals)) & (score < _NUC_SCORE))
+    found = _red_diameter(specimen & (dens > threshold_otsu(vals)) & (score < NUC_SCORE))
     if found is not None:
         return found
     # With several dark white cells in a field (a leukaemic smear), Otsu over every pixel splits nuclei from the
     # rest and leaves no red cell: then the threshold is taken over the pixels that are not nucleus.
-    rest = dens[specimen & (score < _NUC_SCORE)]
+    rest = dens[specimen & (score < NUC_SCORE)]
     if rest.size < 64 or float(rest.max() - rest.min()) < 0.05:
         return None
-    return _red_diameter(specimen & (dens > threshold_otsu(rest)) & (score < _NUC_SCORE))
+    return _red_diameter(specimen & (dens > threshold_otsu(rest)) & (score < NUC_SCORE))
 
 
 def _red_diameter(red: NDArray[np.bool_]) -> float | None:
@@ -255,7 +194,7 @@ def _p90_diameter(e: NDArray[np.floating[Any]], min_cells: int) -> float | None:
 
 
 def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSegmentation:
-    """Find the white cells of one field; see the module docstring for the method and the kind rule."""
+    """Find the white cells of one field; see the module docstring for the method, core.cellkind for the kind rule."""
     rgb = check_rgb(rgb)
     height, width = rgb.shape[:2]
     if um_per_px is not None:
@@ -271,14 +210,14 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
     k = max(1, round(_WORK_UM / scale))
     if height // k < 4 or width // k < 4:
         return FieldSegmentation((), scale, source, height, width)
-    img = _shrink(rgb, k)
+    img = shrink(rgb, k)
     wum = scale * k  # um per working pixel
     px_area = wum * wum
-    score, dens, specimen, _ = _stain(img)
+    score, dens, specimen, _ = stain(img)
     raw_score = score
     score = morph.mean3(score) if wum < 0.45 else score
 
-    nuc = (score > _NUC_SCORE) & specimen
+    nuc = (score > NUC_SCORE) & specimen
     nuc = morph.opening(nuc, morph.disk(0.6 / wum)) if 0.6 / wum >= 1 else nuc
     if not nuc.any():
         return FieldSegmentation((), scale, source, height, width)
@@ -308,14 +247,14 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
         fx1 = width if sl[1].stop == ww else min(width, sl[1].stop * k)
         full = _upsample(reg, k, fy1 - fy0, fx1 - fx0)
         sub = rgb[fy0:fy1, fx0:fx1]
-        if int(sub.min()) <= _NEAR_BLACK:  # some near-black pixel (a black-backed crop given as a field): not specimen
-            full &= sub.max(axis=2) > _NEAR_BLACK
+        if int(sub.min()) <= NEAR_BLACK:  # some near-black pixel (a black-backed crop given as a field): not specimen
+            full &= sub.max(axis=2) > NEAR_BLACK
         if not full.any():
             continue
         ys, xs = np.nonzero(full)
         y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
         mask = full[y0:y1, x0:x1].copy()
-        kind = _kind(raw_score[sl], dens[sl], reg, wum * wum)
+        kind = cell_kind(raw_score[sl], dens[sl], reg, wum * wum)
         cy, cx = float(ys.mean()) + fy0, float(xs.mean()) + fx0
         info = {
             "bbox": (x0 + fx0, y0 + fy0, x1 + fx0, y1 + fy0),
@@ -451,71 +390,3 @@ def _upsample(reg: NDArray[np.bool_], k: int, h: int, w: int) -> NDArray[np.bool
     arr = big[:h, :w] >= 128
     out[: arr.shape[0], : arr.shape[1]] = arr
     return out
-
-
-def _features(
-    score: NDArray[np.float32], dens: NDArray[np.float32], cell: NDArray[np.bool_], px: float
-) -> dict[str, float]:
-    """What the kind rule reads of one cell, from the detection copy's stain score (before smoothing) and density;
-    ``px`` is one pixel's area in um2: the nucleus's area, lobes and solidity, and the cell's area."""
-    nuc = cell & (score > _NUC_SCORE)
-    v = score[cell]
-    if v.size >= 16 and float(v.max() - v.min()) > 0.05:  # the nucleus is the more stained part, where distinct
-        t = _halfway(v)
-        sep = float(v[v <= t].mean()) / max(1e-3, float(v[v > t].mean()))
-        if sep < _NUC_SPLIT:  # stained more than halfway, by both the stain score and the density
-            nuc = cell & (score > max(t, _NUC_SCORE)) & (dens > _halfway(dens[cell]))
-    areas = morph.component_areas(nuc) * px
-    nuc_area = float(nuc.sum()) * px
-    cell_area = max(px, float(cell.sum()) * px)
-    return {
-        "nuc_um2": nuc_area,
-        "cell_um2": cell_area,
-        "nc": nuc_area / cell_area,
-        "lobes": float(int((areas >= 2.0).sum())),
-        "solidity": _solidity(nuc),
-    }
-
-
-def _solidity(mask: NDArray[np.bool_]) -> float:
-    """Pixels over the area of their convex hull (the hull of the pixels' corners, as scikit-image's convex_hull_image
-    takes it), from the hull's vertices alone: the hull is never rasterised."""
-    n = int(np.count_nonzero(mask))
-    if n == 0:
-        return 0.0
-    area = morph.corner_hull_area(mask)
-    return min(1.0, n / area) if area > 0 else 1.0
-
-
-def _halfway(v: NDArray[np.float32]) -> float:
-    """Halfway between the 10th and 90th percentiles: between a cell's cytoplasm and its nucleus."""
-    p10, p90 = _percentiles(v, (10, 90))
-    return (p10 + p90) / 2
-
-
-def _percentile(v: NDArray[np.float32], q: float) -> float:
-    """np.percentile(v, q) (linear interpolation) for a 1-D array, by one partial sort: a tenth of its overhead."""
-    return _percentiles(v, (q,))[0]
-
-
-def _percentiles(v: NDArray[np.float32], qs: tuple[float, ...]) -> list[float]:
-    """np.percentile(v, q) for each q (linear interpolation) of a 1-D array, from one partial sort."""
-    spots = []
-    for q in qs:
-        pos = q / 100 * (v.size - 1)
-        lo = int(pos)
-        spots.append((pos, lo, min(lo + 1, v.size - 1)))
-    part = np.partition(v, sorted({i for _, lo, hi in spots for i in (lo, hi)}))
-    out = []
-    for pos, lo, hi in spots:
-        a, b = float(part[lo]), float(part[hi])
-        out.append(a + (b - a) * (pos - lo))
-    return out
-
-
-def _kind(score: NDArray[np.float32], dens: NDArray[np.float32], cell: NDArray[np.bool_], px: float) -> str:
-    """``lymphoid`` for one round solid nucleus filling most of the cell; ``other`` otherwise (see module doc)."""
-    f = _features(score, dens, cell, px)
-    if f["lobes"] <= 1 and f["solidity"] >= _LYMPH_SOLIDITY and f["nc"] >= _LYMPH_NC:
-        return LYMPHOID
-    return OTHER

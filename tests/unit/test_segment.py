@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.cellkind import LYMPHOID, OTHER
 from core.cut import CROP_SIZE, cut_cell, cut_for_model
 from core.errors import AllscoreError
 from core.segment import (
     CNMC_UM_PER_PX,
-    LYMPHOID,
-    OTHER,
     FieldSegmentation,
     FoundCell,
     SegmentationError,
@@ -285,7 +284,9 @@ def test_a_bad_scale_raises_the_typed_error(um: float) -> None:
 
 @pytest.mark.parametrize("n", [1, 2, 3, 16, 17, 1000, 4097])
 def test_the_partial_sort_percentiles_are_numpys(n: int) -> None:
-    from core.segment import _halfway, _percentile, _percentiles
+    from core.cellkind import _halfway
+    from core.stain import percentile as _percentile
+    from core.stain import percentiles as _percentiles
 
     v = np.random.default_rng(n).random(n).astype(np.float32)
     qs = (0.0, 10.0, 50.0, 90.0, 97.0, 100.0)
