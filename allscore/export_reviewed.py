@@ -1,6 +1,6 @@
 """`allscore data export-reviewed OUT`: the reviewed cells as a data set `allscore train` reads.
 
-Layout (trainer.dataset reads it as a folder holding all/ and hem/; the subject is the slide, so a training split
+Layout (trainer.discovery reads it as a folder holding all/ and hem/; the subject is the slide, so a training split
 by subject never puts one slide on both sides):
 
     OUT/all/UID_<slide>_<field>_<cell>.png     cells the reviewer says are ALL (agreed ALL calls and corrections)

@@ -73,7 +73,7 @@ def run_seed(train: Path, held: Path, store: Path, *, seed: int, folds: int, epo
     from core.calibration import apply_temperature
     from core.inference import ServingModel, predict_proba
     from core.tta import averaged
-    from trainer.dataset import discover
+    from trainer.discovery import discover
     from trainer.folds import train_folds
     from trainer.loading import decode_cells
     from trainer.metrics import summarize

@@ -113,7 +113,7 @@ def measure_runtimes(
     from core.artifact import Registry, load_keras
     from core.inference import cpu_has_bf16
     from core.runtimes import onnxruntime_available
-    from trainer.dataset import discover
+    from trainer.discovery import discover
     from trainer.loading import decode_cells
     from trainer.metrics import weighted_f1
     from trainer.synth import synthesize

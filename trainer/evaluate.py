@@ -11,7 +11,7 @@ from core.errors import AllscoreError
 from core.inference import ServingModel, configure_tensorflow, predict_proba
 from core.settings import get_settings
 from core.tta import averaged
-from trainer.dataset import discover
+from trainer.discovery import discover
 from trainer.loading import decode_cells
 from trainer.metrics import summarize
 

@@ -28,7 +28,8 @@ from core.inference import configure_tensorflow, predict_proba, prepare_for_serv
 from core.manifest import INT8_FILE, ONNX_FILE, ModelManifest, ServingExport, parse_ref, sha256_file
 from core.runtimes import OnnxServingModel
 from core.settings import Settings, get_settings
-from trainer.dataset import CellRecord, discover
+from trainer.dataset import CellRecord
+from trainer.discovery import discover
 from trainer.loading import decode_cells
 from trainer.metrics import weighted_f1
 

@@ -31,7 +31,8 @@ from core.inference import configure_tensorflow, predict_proba
 from core.manifest import ModelManifest, ValidationMetrics, new_version
 from core.settings import get_settings
 from trainer.calibration import apply_temperature, expected_calibration_error, fit_temperature
-from trainer.dataset import Dataset, DatasetError, discover
+from trainer.dataset import Dataset, DatasetError
+from trainer.discovery import discover
 from trainer.export import CHECK_CELLS, evenly_spaced
 from trainer.metrics import choose_threshold, summarize
 from trainer.report_pictures import training_report

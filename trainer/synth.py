@@ -1,7 +1,7 @@
 """Synthetic C-NMC-like cells: a stand-in data set for demos, tests and tuning. THE DATA IS SYNTHETIC.
 
 Nothing made here is a real cell or carries any diagnostic meaning. It imitates the *format* of the C-NMC 2019
-release (the layouts trainer/dataset.py reads) and, loosely, the differences the literature describes between B-ALL
+release (the layouts trainer/discovery.py reads) and, loosely, the differences the literature describes between B-ALL
 lymphoblasts and normal B-lymphoid cells, so that the whole path (discover, split, train, evaluate, score) can
 be exercised without the real data:
 

@@ -19,7 +19,8 @@ from core.inference import configure_tensorflow, predict_proba
 from core.manifest import ModelManifest, ValidationMetrics, new_version, sha256_file
 from core.settings import Settings, get_settings
 from trainer.arch import DEFAULT_SIZES, build_model, check_architecture
-from trainer.dataset import Dataset, data_scale, discover, split_by_subject
+from trainer.dataset import Dataset, data_scale, split_by_subject
+from trainer.discovery import discover
 from trainer.export import CHECK_CELLS, converter_available, evenly_spaced, make_onnx_export, synthetic_check_cells
 from trainer.loading import CellArrays, decode_cells
 from trainer.metrics import choose_threshold, summarize

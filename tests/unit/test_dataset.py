@@ -13,15 +13,8 @@ import pytest
 from PIL import Image
 
 from tests.helpers import CNMC_SAMPLE
-from trainer.dataset import (
-    CellRecord,
-    Dataset,
-    DatasetError,
-    discover,
-    load_prelim,
-    parse_cnmc_name,
-    split_by_subject,
-)
+from trainer.dataset import CellRecord, Dataset, DatasetError, parse_cnmc_name, split_by_subject
+from trainer.discovery import discover, load_prelim
 
 SAMPLE = CNMC_SAMPLE  # the 24 real C-NMC cells kept in tests/data/cnmc
 

@@ -21,7 +21,7 @@ from db.migrate import upgrade
 from db.records import CellResult
 from tests.harness.cli import run_allscore
 from tests.harness.db import score, submit
-from trainer.dataset import discover
+from trainer.discovery import discover
 
 pytestmark = pytest.mark.slow
 

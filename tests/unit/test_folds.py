@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from core.artifact import load_model
 from core.calibration import apply_temperature
 from core.inference import ServingModel, predict_proba
-from trainer.dataset import DatasetError, discover
+from trainer.dataset import DatasetError
+from trainer.discovery import discover
 from trainer.folds import subject_groups, train_folds
 from trainer.loading import decode_cells
 from trainer.metrics import choose_threshold

@@ -362,7 +362,7 @@ def test_int8_cells_of_a_class_with_one_subject_alternate() -> None:
 
 
 def test_an_int8_model_that_fails_the_gate_is_refused(tiny_model: PublishedModel, tmp_path: Path) -> None:
-    from trainer.dataset import discover
+    from trainer.discovery import discover
     from trainer.export import ExportMismatch, make_int8_export
     from trainer.loading import decode_cells
 

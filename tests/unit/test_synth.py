@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.dataset import DatasetError, discover, split_by_subject
+from trainer.dataset import DatasetError, split_by_subject
+from trainer.discovery import discover
 from trainer.synth import SynthSummary, render_cell, subject_tint, synthesize, write_sample
 
 # Pixels brighter than this in any channel belong to the cell; the background is black.

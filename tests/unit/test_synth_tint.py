@@ -54,7 +54,7 @@ def test_a_tint_out_of_range_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_set_from_subject_101_holds_other_subjects(tmp_path: Path) -> None:
-    from trainer.dataset import discover
+    from trainer.discovery import discover
 
     synthesize(tmp_path / "train", subjects=6, cells=3, size=32)
     synthesize(tmp_path / "held", subjects=6, cells=3, size=32, first_subject=101)
