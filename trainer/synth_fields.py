@@ -11,6 +11,9 @@ layer, where the C-NMC crops show it as dark as the nucleus). About ``touching``
 (outlines meeting, not overlapping), some red cells overlap white cells' edges (over or under them) and a few white
 cells are cut by the field's edge on purpose. Nothing made here is a real cell.
 
+The white cells are drawn by trainer.white_cells and the smear around them by trainer.smear; this module places
+the white cells, composes the fields and writes them with their truth.
+
 Layout under OUT:
 
 - ``fields/field_NNN.png``: the fields, RGB PNG.
@@ -40,36 +43,28 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.cut import cut_cell
-from core.segment import FoundCell
 from trainer.dataset import CLASS_NAMES, DatasetError
-from trainer.synth import SYNTH_UM_PER_PX, render_cell_layers, subject_tint
+from trainer.smear import (
+    BACKGROUND_RGB,
+    NOISE_SIGMA,
+    PLATELET_OD,
+    PLATELETS_PER_RBC,
+    RBC_OD,
+    add_platelets,
+    add_red_cells,
+    smooth_noise,
+    vignette,
+)
+from trainer.synth import subject_tint
+from trainer.white_cells import CYTOPLASM_OPACITY, TRIES, WhiteCell, as_imaged, composite, visible_centroid, white_cell
 
 log = logging.getLogger(__name__)
 
-CROP_SIZE = 450
 TRUTH_COLUMNS = ("field", "index", "x", "y", "radius_px", "diameter_um", "label", "edge", "um_per_px", "crop")
-
-# --- Smear appearance ---------------------------------------------------------------------------------
-BACKGROUND_RGB = np.array([240.0, 230.0, 222.0])  # light pinkish cream, as a brightfield smear's plasma
-RBC_RIM_RGB = np.array([208.0, 132.0, 138.0])  # a red cell's thick rim on that background
-PLATELET_RGB = np.array([140.0, 95.0, 165.0])  # a platelet's granules
-# Optical densities (Beer-Lambert): overlapping red cells look darker, a red cell over a white cell tints it.
-RBC_OD = np.log(BACKGROUND_RGB / RBC_RIM_RGB)
-PLATELET_OD = np.log(BACKGROUND_RGB / PLATELET_RGB)
-RBC_DIAMETER_UM = (6.5, 8.5)  # mean 7.5
-RBC_COVERAGE = (0.30, 0.50)  # fraction of the field under red cells
-PLATELET_DIAMETER_UM = (2.0, 3.0)
-PLATELETS_PER_RBC = 1 / 15
-NOISE_SIGMA = 2.0  # sensor noise, grey levels
-VIGNETTE = (0.06, 0.16)  # brightness lost in the corners
 
 # --- White cells ------------------------------------------------------------------------------------
 EDGE_PROBABILITY = 0.06  # a white cell is placed cut by the field's edge
 WHITE_GAP_UM = 2.0  # least gap between white cells that are not placed touching
-CYTOPLASM_OPACITY = 0.45  # the cytoplasm's colour over the background's: lilac on a smear, not the crops' purple
-OVER_RBC_REACH = 0.22  # how far (in red-cell diameters) a red cell drawn over a white cell reaches into it
-_TRIES = 96
 
 
 @dataclass(frozen=True)
@@ -93,31 +88,6 @@ class FieldsSummary:
             f"{self.n_fields} synthetic fields with {self.n_cells} white cells ({self.n_all} all, {self.n_hem} hem) "
             f"in {self.root} ({self.seconds:.1f} s)"
         )
-
-
-@dataclass
-class _WhiteCell:
-    """One white cell at its field's scale: premultiplied colour and coverage cropped to the cell."""
-
-    malignant: bool
-    colour: np.ndarray  # (3, h, w) float32, premultiplied by opacity
-    alpha: np.ndarray  # (h, w) float32: where the cell is (its outline, for the truth and for placing it)
-    opacity: np.ndarray  # (h, w) float32: how much of the background it hides (less in the cytoplasm)
-    cx: float  # centroid within colour/alpha
-    cy: float
-    radius: float  # equivalent-circle radius, pixels
-    reach: float  # farthest covered pixel from the centroid, pixels
-    x0: int = 0  # top-left in the field
-    y0: int = 0
-    edge: bool = False
-
-    @property
-    def mask(self) -> np.ndarray:
-        return self.alpha > 0.5
-
-    @property
-    def centre(self) -> tuple[float, float]:
-        return self.x0 + self.cx, self.y0 + self.cy
 
 
 def synthesize_fields(
@@ -181,10 +151,10 @@ def synthesize_fields(
         for index, cell in enumerate(cells, start=1):
             label = CLASS_NAMES[int(cell.malignant)]
             crop_name = ""
-            x, y = _visible_centroid(cell, width, height)
+            x, y = visible_centroid(cell, width, height)
             if crops:
                 crop_name = f"crops/{label}/cell_{len(rows) + 1:04d}.bmp"
-                Image.fromarray(_as_imaged(image, cell, (x, y), scale)).save(out / crop_name, "BMP")
+                Image.fromarray(as_imaged(image, cell, (x, y), scale)).save(out / crop_name, "BMP")
             rows.append(
                 {
                     "field": field_name,
@@ -221,79 +191,45 @@ def make_field(
     all_fraction: float = 0.3,
     touching: float = 0.2,
     cytoplasm_opacity: float = CYTOPLASM_OPACITY,
-) -> tuple[np.ndarray, list[_WhiteCell]]:
+) -> tuple[np.ndarray, list[WhiteCell]]:
     """One field as (height, width, 3) uint8 RGB and the white cells placed in it (fewer when they do not fit)."""
     whites = [
-        _white_cell(rng, bool(rng.random() < all_fraction), tint, um_per_px, cytoplasm_opacity) for _ in range(cells)
+        white_cell(rng, bool(rng.random() < all_fraction), tint, um_per_px, cytoplasm_opacity) for _ in range(cells)
     ]
     placed = _place_white_cells(rng, whites, width, height, um_per_px, touching)
 
     under = np.zeros((height, width), np.float32)  # red-cell thickness below the white cells
     over = np.zeros((height, width), np.float32)  # ... and above them
-    _add_red_cells(rng, under, over, placed, um_per_px)
+    add_red_cells(rng, under, over, placed, um_per_px)
     platelets = np.zeros((height, width), np.float32)
     n_platelets = int(rng.poisson(max(1.0, float(over.size) * um_per_px**2 / 44.0 * 0.4 * PLATELETS_PER_RBC)))
-    _add_platelets(rng, platelets, placed, um_per_px, n_platelets)
+    add_platelets(rng, platelets, placed, um_per_px, n_platelets)
 
     # Channel-first (3, height, width) float32 from here: whole-field arithmetic on contiguous planes.
     paper = (BACKGROUND_RGB * (1.0 + 0.015 * rng.standard_normal(3))).astype(np.float32)
-    smear = 1.0 + 0.025 * _smooth_noise(rng, (height, width), 6)  # uneven smear thickness
+    smear = 1.0 + 0.025 * smooth_noise(rng, (height, width), 6)  # uneven smear thickness
     field = np.empty((3, height, width), np.float32)
     for c in range(3):
         od = under * np.float32(RBC_OD[c]) + platelets * np.float32(PLATELET_OD[c])
         field[c] = paper[c] * smear * np.exp(-od)
     for cell in placed:
-        _composite(field, cell)
+        composite(field, cell)
     covered = over > 0
     if covered.any():
         field[:, covered] *= np.exp(-over[covered][None, :] * RBC_OD.astype(np.float32)[:, None])
-    field *= _vignette(rng, height, width)[None]
+    field *= vignette(rng, height, width)[None]
     noise = np.frombuffer(rng.bytes(2 * field.size), np.uint8).reshape(2, *field.shape)
     field += (noise[0].astype(np.float32) + noise[1] - 254.5) * np.float32(NOISE_SIGMA / 104.0)  # triangular
     return np.clip(field + 0.5, 0, 255).astype(np.uint8).transpose(1, 2, 0).copy(), placed
 
 
-def _white_cell(
-    rng: np.random.Generator,
-    malignant: bool,
-    tint: np.ndarray | None,
-    um_per_px: float,
-    cytoplasm_opacity: float = CYTOPLASM_OPACITY,
-) -> _WhiteCell:
-    """A render_cell cell rescaled from SYNTH_UM_PER_PX to the field's um_per_px."""
-    crop, alpha, nucleus = render_cell_layers(rng, malignant, tint, CROP_SIZE)
-    side = max(8, round(CROP_SIZE * SYNTH_UM_PER_PX / um_per_px))
-    # The crop is already premultiplied by its coverage: resample colour and coverage together, linearly
-    # ("RGBa" is Pillow's premultiplied mode, which it resamples as it is).
-    rgba = np.dstack([crop, np.round(alpha * 255.0).astype(np.uint8)])
-    small = np.asarray(Image.fromarray(rgba, "RGBa").resize((side, side), Image.Resampling.BILINEAR), np.float32)
-    nuc = Image.fromarray(np.round(nucleus * 255.0).astype(np.uint8)).resize((side, side), Image.Resampling.BILINEAR)
-    cover = small[..., 3] / 255.0
-    rows, cols = np.nonzero(cover > 0.002)
-    y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    cover = np.ascontiguousarray(cover[y0:y1, x0:x1])
-    colour = np.minimum(small[y0:y1, x0:x1, :3], cover[..., None] * 255.0).transpose(2, 0, 1)
-    # On a smear the cytoplasm is a thin, paler layer over the background; the nucleus hides it.
-    nuc_cover = np.minimum(np.asarray(nuc, np.float32)[y0:y1, x0:x1] / 255.0, cover)
-    inside = np.divide(nuc_cover, cover, out=np.zeros_like(cover), where=cover > 0)
-    keep = inside + (1.0 - inside) * cytoplasm_opacity
-    colour = (colour * keep[None]).copy()
-    opacity = cover * keep
-    yy, xx = np.mgrid[0 : cover.shape[0], 0 : cover.shape[1]]
-    total = float(cover.sum())
-    cx, cy = float((cover * xx).sum() / total), float((cover * yy).sum() / total)
-    inside = cover > 0.002
-    reach = float(np.hypot(xx[inside] - cx, yy[inside] - cy).max()) + 1.0
-    return _WhiteCell(malignant, colour, cover, opacity, cx, cy, math.sqrt(total / math.pi), reach)
-
-
 def _place_white_cells(
-    rng: np.random.Generator, cells: list[_WhiteCell], width: int, height: int, um_per_px: float, touching: float
-) -> list[_WhiteCell]:
+    rng: np.random.Generator, cells: list[WhiteCell], width: int, height: int, um_per_px: float, touching: float
+) -> list[WhiteCell]:
     """Place cells: some in touching pairs, a few cut by the edge, the rest apart; drops those that do not fit."""
     gap = WHITE_GAP_UM / um_per_px
     n_pairs = int(rng.binomial(len(cells) // 2, touching))
-    placed: list[_WhiteCell] = []
+    placed: list[WhiteCell] = []
     for i, cell in enumerate(cells):
         partner_of = placed[-1] if i % 2 == 1 and i < 2 * n_pairs and placed and not placed[-1].edge else None
         ok = False
@@ -310,7 +246,7 @@ def _place_white_cells(
     return placed
 
 
-def _clear_of(cell: _WhiteCell, x: np.ndarray, y: np.ndarray, others: list[_WhiteCell], gap: float) -> np.ndarray:
+def _clear_of(cell: WhiteCell, x: np.ndarray, y: np.ndarray, others: list[WhiteCell], gap: float) -> np.ndarray:
     """Which candidate centroids (x, y) keep cell at least gap away from every other white cell."""
     ok = np.ones(x.shape, bool)
     for other in others:
@@ -319,20 +255,20 @@ def _clear_of(cell: _WhiteCell, x: np.ndarray, y: np.ndarray, others: list[_Whit
     return ok
 
 
-def _set_centre(cell: _WhiteCell, x: float, y: float) -> None:
+def _set_centre(cell: WhiteCell, x: float, y: float) -> None:
     cell.x0, cell.y0 = round(x - cell.cx), round(y - cell.cy)
 
 
-def _fits(cell: _WhiteCell, x: np.ndarray, y: np.ndarray, width: int, height: int, margin: int = 4) -> np.ndarray:
+def _fits(cell: WhiteCell, x: np.ndarray, y: np.ndarray, width: int, height: int, margin: int = 4) -> np.ndarray:
     h, w = cell.alpha.shape
     left, top = np.round(x - cell.cx), np.round(y - cell.cy)
     return (left >= margin) & (top >= margin) & (left + w <= width - margin) & (top + h <= height - margin)
 
 
 def _place_apart(
-    rng: np.random.Generator, cell: _WhiteCell, placed: list[_WhiteCell], width: int, height: int, gap: float
+    rng: np.random.Generator, cell: WhiteCell, placed: list[WhiteCell], width: int, height: int, gap: float
 ) -> bool:
-    x, y = rng.uniform(0, width, _TRIES), rng.uniform(0, height, _TRIES)
+    x, y = rng.uniform(0, width, TRIES), rng.uniform(0, height, TRIES)
     ok = np.flatnonzero(_fits(cell, x, y, width, height) & _clear_of(cell, x, y, placed, gap))
     if not len(ok):
         return False
@@ -341,12 +277,12 @@ def _place_apart(
 
 
 def _place_at_edge(
-    rng: np.random.Generator, cell: _WhiteCell, placed: list[_WhiteCell], width: int, height: int, gap: float
+    rng: np.random.Generator, cell: WhiteCell, placed: list[WhiteCell], width: int, height: int, gap: float
 ) -> bool:
     """Centroid up to 0.6 radius inside one side: the edge cuts off about a quarter to a half of the cell."""
-    side = rng.integers(4, size=_TRIES)
-    depth = rng.uniform(0.0, 0.6, _TRIES) * cell.radius
-    along_x, along_y = rng.uniform(cell.reach, width - cell.reach, _TRIES), rng.uniform(0, height, _TRIES)
+    side = rng.integers(4, size=TRIES)
+    depth = rng.uniform(0.0, 0.6, TRIES) * cell.radius
+    along_x, along_y = rng.uniform(cell.reach, width - cell.reach, TRIES), rng.uniform(0, height, TRIES)
     along_y = np.clip(along_y, cell.reach, height - cell.reach)
     x = np.select([side == 0, side == 1], [depth, width - depth], along_x)
     y = np.select([side == 2, side == 3], [depth, height - depth], along_y)
@@ -358,7 +294,7 @@ def _place_at_edge(
     return True
 
 
-def _overlap(a: _WhiteCell, b: _WhiteCell) -> int:
+def _overlap(a: WhiteCell, b: WhiteCell) -> int:
     """Pixels that both cells' masks cover at their current positions."""
     ha, wa = a.alpha.shape
     hb, wb = b.alpha.shape
@@ -373,9 +309,9 @@ def _overlap(a: _WhiteCell, b: _WhiteCell) -> int:
 
 def _place_touching(
     rng: np.random.Generator,
-    cell: _WhiteCell,
-    anchor: _WhiteCell,
-    placed: list[_WhiteCell],
+    cell: WhiteCell,
+    anchor: WhiteCell,
+    placed: list[WhiteCell],
     width: int,
     height: int,
     gap: float,
@@ -398,171 +334,3 @@ def _place_touching(
             _set_centre(cell, float(x[0]), float(y[0]))
             return True
     return False
-
-
-def _visible_centroid(cell: _WhiteCell, width: int, height: int) -> tuple[float, float]:
-    """The coverage-weighted centroid of the part of the cell inside the field, in field pixels."""
-    h, w = cell.alpha.shape
-    xs0, ys0 = max(0, -cell.x0), max(0, -cell.y0)
-    xs1, ys1 = min(w, width - cell.x0), min(h, height - cell.y0)
-    part = cell.alpha[ys0:ys1, xs0:xs1]
-    yy, xx = np.mgrid[ys0:ys1, xs0:xs1]
-    total = float(part.sum())
-    return cell.x0 + float((part * xx).sum() / total), cell.y0 + float((part * yy).sum() / total)
-
-
-def _as_imaged(image: np.ndarray, cell: _WhiteCell, centroid: tuple[float, float], um_per_px: float) -> np.ndarray:
-    """The cell as the field shows it, cut by its true outline: a perfect segmentation's C-NMC-style crop.
-
-    The field's own pixels inside the cell's mask (its pale cytoplasm, red cells lying over it, noise), black
-    outside, at SYNTH_UM_PER_PX, centred on the visible part's centroid: what the worker's cut of this cell would
-    be if its segmentation were exact, so fields against crops measures segmentation, scale and cutting alone.
-    """
-    height, width = image.shape[:2]
-    h, w = cell.alpha.shape
-    xs0, ys0 = max(0, -cell.x0), max(0, -cell.y0)
-    xs1, ys1 = min(w, width - cell.x0), min(h, height - cell.y0)
-    mask = cell.mask[ys0:ys1, xs0:xs1]
-    rows, cols = np.nonzero(mask)
-    y0, y1, x0, x1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
-    fx0, fy0 = cell.x0 + xs0 + x0, cell.y0 + ys0 + y0
-    found = FoundCell(
-        index=0,
-        bbox=(fx0, fy0, fx0 + x1 - x0, fy0 + y1 - y0),
-        centroid=centroid,
-        area_um2=float(mask.sum()) * um_per_px**2,
-        kind="lymphoid",
-        edge=cell.edge,
-        mask=mask[y0:y1, x0:x1],
-    )
-    return cut_cell(image, found, field_um_per_px=um_per_px, target_um_per_px=SYNTH_UM_PER_PX, size=CROP_SIZE)
-
-
-def _composite(field: np.ndarray, cell: _WhiteCell) -> None:
-    """Lay the cell over field, channel-first (premultiplied 'over'), clipped to the field."""
-    height, width = field.shape[1:]
-    h, w = cell.alpha.shape
-    xs0, ys0 = max(0, -cell.x0), max(0, -cell.y0)
-    xs1, ys1 = min(w, width - cell.x0), min(h, height - cell.y0)
-    if xs1 <= xs0 or ys1 <= ys0:
-        return
-    region = field[:, cell.y0 + ys0 : cell.y0 + ys1, cell.x0 + xs0 : cell.x0 + xs1]
-    opacity = cell.opacity[ys0:ys1, xs0:xs1]
-    region[...] = cell.colour[:, ys0:ys1, xs0:xs1] + (1.0 - opacity)[None] * region
-
-
-def _add_red_cells(
-    rng: np.random.Generator, under: np.ndarray, over: np.ndarray, whites: list[_WhiteCell], um_per_px: float
-) -> None:
-    """Red cells until about the drawn coverage: mostly apart or just touching, some overlapping one another.
-
-    Near a white cell a red cell either lies under it or, reaching at most OVER_RBC_REACH of its diameter into
-    the white cell's outline, over it.
-    """
-    height, width = under.shape
-    coverage = rng.uniform(*RBC_COVERAGE)
-    mean_area = math.pi * (float(np.mean(RBC_DIAMETER_UM)) / 2 / um_per_px) ** 2
-    white_area = sum(float(c.alpha.sum()) for c in whites)
-    target = coverage * (width * height) + 0.5 * white_area
-    centres = np.zeros((0, 2))
-    radii = np.zeros(0)
-    wx = np.array([c.centre[0] for c in whites])
-    wy = np.array([c.centre[1] for c in whites])
-    wr = np.array([c.radius for c in whites])
-    area = 0.0
-    misses = 0
-    while area < target and misses < 20:
-        diameter = float(np.clip(rng.normal(7.5, 0.5), *RBC_DIAMETER_UM)) / um_per_px
-        r = diameter / 2
-        x = rng.uniform(-r * 0.6, width + r * 0.6, _TRIES)
-        y = rng.uniform(-r * 0.6, height + r * 0.6, _TRIES)
-        # Red cells mostly lie side by side (about a tenth overlapping a neighbour by up to half).
-        squeeze = 0.55 if rng.random() < 0.12 else 0.92
-        ok = np.ones(_TRIES, bool)
-        if len(radii):
-            d = np.hypot(x[:, None] - centres[None, :, 0], y[:, None] - centres[None, :, 1])
-            ok &= (d > squeeze * (r + radii[None, :])).all(axis=1)
-        layer = under
-        if len(wr):
-            dw = np.hypot(x[:, None] - wx[None, :], y[:, None] - wy[None, :]) - wr[None, :]
-            nearest = dw.min(axis=1)
-            ok &= nearest > -0.1 * wr[dw.argmin(axis=1)]  # at most about half under a white cell
-        hits = np.flatnonzero(ok)
-        if not len(hits):
-            misses += 1
-            continue
-        k = hits[0]
-        if len(wr) and nearest[k] < r and rng.random() < 0.5 and nearest[k] > (1 - 2 * OVER_RBC_REACH) * r:
-            layer = over  # overlaps a white cell's edge, drawn over it
-        _draw_red_cell(rng, layer, float(x[k]), float(y[k]), r)
-        centres = np.vstack([centres, [x[k], y[k]]])
-        radii = np.append(radii, r)
-        area += math.pi * r * r
-    log.debug("%d red cells, %.0f%% of the mean area", len(radii), 100 * area / max(mean_area, 1.0))
-
-
-def _draw_red_cell(rng: np.random.Generator, layer: np.ndarray, x: float, y: float, r: float) -> None:
-    """Add one red cell's thickness (1 at the rim) to layer: a slightly oval disc with a paler centre."""
-    height, width = layer.shape
-    half = math.ceil(r * 1.1 + 2)
-    ix, iy = round(x), round(y)
-    x0, x1, y0, y1 = max(0, ix - half), min(width, ix + half + 1), max(0, iy - half), min(height, iy + half + 1)
-    if x1 <= x0 or y1 <= y0:
-        return
-    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-    dx, dy = xx + 0.5 - x, yy + 0.5 - y
-    angle = rng.uniform(0, math.pi)
-    ovality = 1.0 + abs(rng.normal(0.0, 0.05))
-    c, s = math.cos(angle), math.sin(angle)
-    u, v = (dx * c + dy * s) / ovality, (-dx * s + dy * c) * ovality
-    rho = np.hypot(u, v)
-    t = rho / r
-    pallor = rng.uniform(0.35, 0.6)  # thickness at the centre relative to the rim
-    rim = np.where(t < 0.72, pallor + (1 - pallor) * (t / 0.72) ** 2, 1.0 - 0.35 * ((t - 0.72) / 0.28) ** 2)
-    edge = np.clip(r - rho + 0.5, 0.0, 1.0)
-    layer[y0:y1, x0:x1] += (rim * edge * rng.uniform(0.85, 1.1)).astype(np.float32)
-
-
-def _add_platelets(
-    rng: np.random.Generator, layer: np.ndarray, whites: list[_WhiteCell], um_per_px: float, count: int
-) -> None:
-    """Platelets: small purple dots of a few granules in a faint halo, away from the white cells."""
-    height, width = layer.shape
-    for _ in range(count):
-        r = rng.uniform(*PLATELET_DIAMETER_UM) / 2 / um_per_px
-        x, y = rng.uniform(r, width - r, 16), rng.uniform(r, height - r, 16)
-        ok = np.ones(16, bool)
-        for cell in whites:
-            cx, cy = cell.centre
-            ok &= np.hypot(x - cx, y - cy) > cell.reach + 2 * r
-        hits = np.flatnonzero(ok)
-        if not len(hits):
-            continue
-        px, py = float(x[hits[0]]), float(y[hits[0]])
-        half = math.ceil(r + 3)
-        ix, iy = round(px), round(py)
-        x0, x1, y0, y1 = max(0, ix - half), min(width, ix + half + 1), max(0, iy - half), min(height, iy + half + 1)
-        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-        dx, dy = xx + 0.5 - px, yy + 0.5 - py
-        patch = 0.35 * np.clip(r - np.hypot(dx, dy) + 0.5, 0.0, 1.0)
-        for _ in range(int(rng.integers(4, 10))):
-            a, d = rng.uniform(0, 2 * math.pi), r * 0.7 * math.sqrt(rng.uniform())
-            g = max(0.8, r * rng.uniform(0.18, 0.3))
-            patch += 0.8 * np.exp(-((dx - d * math.cos(a)) ** 2 + (dy - d * math.sin(a)) ** 2) / (2 * g * g))
-        layer[y0:y1, x0:x1] += np.minimum(patch, 1.3)
-
-
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], grain: int) -> np.ndarray:
-    """Zero-mean, unit-ish noise with about `grain` blobs across, upscaled smoothly to shape."""
-    coarse = rng.standard_normal((grain, grain)).astype(np.float32)
-    return np.asarray(Image.fromarray(coarse).resize((shape[1], shape[0]), Image.Resampling.BICUBIC))
-
-
-def _vignette(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Illumination falling off gently from a point near the centre."""
-    strength = rng.uniform(*VIGNETTE)
-    cx, cy = width * rng.uniform(0.4, 0.6), height * rng.uniform(0.4, 0.6)
-    norm = (width / 2) ** 2 + (height / 2) ** 2
-    x = ((np.arange(width, dtype=np.float32) - cx) ** 2)[None, :]
-    y = ((np.arange(height, dtype=np.float32) - cy) ** 2)[:, None]
-    return 1.0 - strength * np.minimum((x + y) / norm, 1.5)
