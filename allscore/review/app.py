@@ -2,19 +2,16 @@
 
 Every route but /login needs a logged-in user (a signed session cookie); every POST carries the session's CSRF
 token; read-only users see everything and can change nothing. Results are read through the analyst views; only the
-review tables are written (db.reviews).
+review tables are written (db.reviews). Here: the routes and the app; what guards the routes is
+allscore.review.guard's, the images they serve are made by allscore.review.pictures.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import secrets
-import tempfile
-import threading
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,16 +21,23 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import FormData
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from allscore.review import auth, queries
+from allscore.review.guard import LoginRequired, Refused, checked_form, refusals, safe_next, writer
+from allscore.review.pictures import (
+    find_manifest,
+    histogram_svg,
+    overlay_png,
+    picture_bytes,
+    picture_title,
+    thumbnail_png,
+)
 from core.settings import Settings, get_settings
 from db import reviews
 from db.engine import make_engine, session_factory, transaction
@@ -46,10 +50,7 @@ SESSION_COOKIE = "allscore_review"
 SESSION_MAX_AGE = 12 * 3600
 SECRET_VARIABLE = "ALLSCORE_REVIEW_SECRET_KEY"
 GALLERY_PAGE = 120
-THUMB = 96
-HIST_BINS = 20
 CLASS_LABELS = {"all": "ALL (blast)", "hem": "normal (hem)", "other": "other kind", "not_a_cell": "not a cell"}
-PUBLIC_PATHS = ("/login", "/favicon.ico")
 
 
 @dataclass
@@ -68,52 +69,6 @@ class ReviewState:
             return fn(session)
 
 
-class LoginRequired:
-    """Nothing is served without a logged-in user: pages redirect to /login, everything else gets 401."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
-            await self.app(scope, receive, send)
-            return
-        session = scope.get("session") or {}
-        if isinstance(session.get(auth.USER_SESSION_KEY), dict):
-            await self.app(scope, receive, send)
-            return
-        response: Response
-        path = scope["path"]
-        page = path in ("/", "/sample") or (path.startswith("/models/") and "/pictures/" not in path)
-        if scope["method"] == "GET" and page:
-            target = path + ("?" + scope["query_string"].decode() if scope["query_string"] else "")
-            response = RedirectResponse("/login?" + urlencode({"next": target}), status_code=303)
-        else:
-            response = PlainTextResponse("login required", status_code=401)
-        await response(scope, receive, send)
-
-
-def _user(request: Request) -> dict[str, Any]:
-    user = request.session.get(auth.USER_SESSION_KEY)
-    assert isinstance(user, dict)  # LoginRequired let the request through
-    return user
-
-
-async def _checked_form(request: Request) -> FormData:
-    """The form, if it carries the session's CSRF token; else a 403 is raised."""
-    form = await request.form()
-    if not auth.csrf_ok(request.session, form.get(auth.CSRF_FIELD)):
-        raise _Refused(403, "the form's CSRF token is missing or wrong; reload the page and try again")
-    return form
-
-
-class _Refused(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 def _state(request: Request) -> ReviewState:
     state: ReviewState = request.app.state.review
     return state
@@ -130,37 +85,30 @@ def _render(request: Request, name: str, context: dict[str, Any], status_code: i
     )
 
 
-def _safe_next(target: str | None) -> str:
-    # Only a path of this site: never //host or a scheme (an open redirect).
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
-        return target
-    return "/"
-
-
 # --- login ---------------------------------------------------------------------------------------------------
 
 
 async def login_page(request: Request) -> Response:
     if request.method == "GET":
-        return _render(request, "login.html", {"next": _safe_next(request.query_params.get("next")), "error": ""})
-    form = await _checked_form(request)
+        return _render(request, "login.html", {"next": safe_next(request.query_params.get("next")), "error": ""})
+    form = await checked_form(request)
     name, password = str(form.get("name", "")), str(form.get("password", ""))
     found = await run_in_threadpool(_state(request).read, lambda s: reviews.get_user(session=s, name=name))
     stored = found[1] if found else auth.DUMMY_HASH
     ok = await run_in_threadpool(auth.verify_password, password, stored)
     if not (found and ok):
         log.warning("review: failed login for %r", name)
-        context = {"next": _safe_next(str(form.get("next", ""))), "error": "Wrong user name or password."}
+        context = {"next": safe_next(str(form.get("next", ""))), "error": "Wrong user name or password."}
         return _render(request, "login.html", context, status_code=401)
     reviewer = found[0]
     request.session.clear()  # a new session (and CSRF token) on login: no fixation
     request.session[auth.USER_SESSION_KEY] = {"name": reviewer.name, "can_write": reviewer.can_write}
     auth.csrf_token(request.session)
-    return RedirectResponse(_safe_next(str(form.get("next", ""))), status_code=303)
+    return RedirectResponse(safe_next(str(form.get("next", ""))), status_code=303)
 
 
 async def logout(request: Request) -> Response:
-    await _checked_form(request)
+    await checked_form(request)
     request.session.clear()
     return RedirectResponse("/login", status_code=303)
 
@@ -191,37 +139,6 @@ async def samples_page(request: Request) -> Response:
             "link": lambda **kw: "/?" + urlencode(f.query(**kw)),
         },
     )
-
-
-def histogram_svg(probabilities: list[float], threshold: float | None) -> dict[str, Any]:
-    """Bars of a p(ALL) histogram (20 bins on [0, 1]) and the threshold's position, for an inline SVG."""
-    counts = [0] * HIST_BINS
-    for p in probabilities:
-        counts[min(HIST_BINS - 1, int(p * HIST_BINS))] += 1
-    width, height, left, bottom = 520, 180, 36, 24
-    plot_w, plot_h = width - left - 10, height - bottom - 10
-    top = max(counts) if any(counts) else 1
-    bars = []
-    for i, n in enumerate(counts):
-        h = plot_h * n / top
-        x = left + plot_w * i / HIST_BINS
-        over = threshold is not None and (i + 0.5) / HIST_BINS >= threshold
-        bars.append({"x": x, "y": 10 + plot_h - h, "w": plot_w / HIST_BINS - 1, "h": h, "n": n, "all": over})
-    line = None if threshold is None else left + plot_w * threshold
-    ticks = [{"x": left + plot_w * t / 5, "label": f"{t / 5:.1f}"} for t in range(6)]
-    return {
-        "width": width,
-        "height": height,
-        "left": left,
-        "plot_h": plot_h,
-        "bottom_y": 10 + plot_h,
-        "bars": bars,
-        "line": line,
-        "threshold": threshold,
-        "top": top,
-        "ticks": ticks,
-        "n": len(probabilities),
-    }
 
 
 def _counted(cell: dict[str, Any]) -> bool:
@@ -308,49 +225,6 @@ def _field_uris(fields: list[dict[str, Any]], cells: list[dict[str, Any]]) -> li
     return sorted(counts.items())
 
 
-# A field sample's gallery asks for many cells of the same few fields: the last fields decoded are kept.
-_FIELDS_KEPT = 8
-_fields: OrderedDict[str, Any] = OrderedDict()
-_fields_lock = threading.Lock()
-
-
-def _field_rgb(settings: Settings, uri: str) -> Any:
-    from core.imaging import decode_field
-    from core.storage import Fetcher
-
-    with _fields_lock:
-        if uri in _fields:
-            _fields.move_to_end(uri)
-            return _fields[uri]
-    rgb = decode_field(Fetcher(settings)(uri), source=uri)
-    with _fields_lock:
-        _fields[uri] = rgb
-        while len(_fields) > _FIELDS_KEPT:
-            _fields.popitem(last=False)
-    return rgb
-
-
-def _thumbnail_png(settings: Settings, cell: dict[str, Any]) -> bytes:
-    from PIL import Image
-
-    from core.imaging import decode_image
-    from core.storage import Fetcher
-
-    fetch = Fetcher(settings)
-    if cell.get("field_uri"):
-        rgb = _field_rgb(settings, cell["field_uri"])
-        x0, y0, x1, y1 = cell["bbox_x0"], cell["bbox_y0"], cell["bbox_x1"], cell["bbox_y1"]
-        side = max(x1 - x0, y1 - y0)
-        cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
-        box = (cx - side // 2, cy - side // 2, cx - side // 2 + side, cy - side // 2 + side)
-        image = Image.fromarray(rgb).crop(box).resize((THUMB, THUMB), Image.Resampling.BILINEAR)
-    else:
-        image = Image.fromarray(decode_image(fetch(cell["image_uri"]), THUMB, source=cell["image_uri"]))
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
-
-
 async def thumbnail(request: Request) -> Response:
     """A cell's thumbnail, read from the store; only URIs that are cells of the sample named are served."""
     q = request.query_params
@@ -361,21 +235,11 @@ async def thumbnail(request: Request) -> Response:
     if cell is None:
         return PlainTextResponse("no such cell", status_code=404)
     try:
-        png = await run_in_threadpool(_thumbnail_png, state.settings, cell)
+        png = await run_in_threadpool(thumbnail_png, state.settings, cell)
     except Exception as exc:  # noqa: BLE001 - a missing or unreadable image is a grey tile, not a failed page
         log.warning("review: thumbnail of %s: %s", cell["image_uri"], exc)
         return PlainTextResponse("image unavailable", status_code=404)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
-
-
-def _overlay_png(
-    settings: Settings, sample: dict[str, Any], cells: list[dict[str, Any]], fields: list[dict[str, Any]]
-) -> bytes | None:
-    from worker.report import render_overlays
-
-    with tempfile.TemporaryDirectory(prefix="allscore-review-") as tmp:
-        paths = render_overlays(sample, cells, Path(tmp), settings, fields=fields)
-        return paths[0].read_bytes() if paths else None
 
 
 async def overlay(request: Request) -> Response:
@@ -393,28 +257,21 @@ async def overlay(request: Request) -> Response:
     sample, found, rows = await run_in_threadpool(state.read, read)
     if sample is None or not (found or rows):  # only fields of the sample named are served
         return PlainTextResponse("no such field", status_code=404)
-    png = await run_in_threadpool(_overlay_png, state.settings, sample, found, rows)
+    png = await run_in_threadpool(overlay_png, state.settings, sample, found, rows)
     if png is None:
         return PlainTextResponse("field unavailable", status_code=404)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
-def _writer(request: Request) -> dict[str, Any]:
-    user = _user(request)
-    if not user.get("can_write"):
-        raise _Refused(403, f"user {user['name']!r} is read-only")
-    return user
-
-
 async def record_verdict(request: Request) -> Response:
-    form = await _checked_form(request)
-    user = _writer(request)
+    form = await checked_form(request)
+    user = writer(request)
     sample_id, model_version = str(form.get("id", "")), str(form.get("model", ""))
     image_uri = str(form.get("uri", ""))
     # The form holds an "agree" button and a "disagree..." menu under one name: the chosen one is not empty.
     choice = next((str(v) for v in form.getlist("verdict") if v), "")
     if choice != "agree" and choice != "clear" and choice not in CORRECTED_CLASSES:
-        raise _Refused(400, "choose agree, or the class the cell really is")
+        raise Refused(400, "choose agree, or the class the cell really is")
 
     def write(session: Session) -> None:
         if choice == "clear":
@@ -436,14 +293,14 @@ async def record_verdict(request: Request) -> Response:
     try:
         await run_in_threadpool(_state(request).write, write)
     except reviews.ReviewError as exc:
-        raise _Refused(400, str(exc)) from exc
-    back = _safe_next(str(form.get("back", "")) or "/sample?" + urlencode({"id": sample_id, "model": model_version}))
+        raise Refused(400, str(exc)) from exc
+    back = safe_next(str(form.get("back", "")) or "/sample?" + urlencode({"id": sample_id, "model": model_version}))
     return RedirectResponse(f"{back}#cell-{form.get('n', '')}", status_code=303)
 
 
 async def record_signoff(request: Request) -> Response:
-    form = await _checked_form(request)
-    user = _writer(request)
+    form = await checked_form(request)
+    user = writer(request)
     sample_id, model_version = str(form.get("id", "")), str(form.get("model", ""))
     comment = str(form.get("comment", "")).strip()
     try:
@@ -454,31 +311,18 @@ async def record_signoff(request: Request) -> Response:
             ),
         )
     except reviews.ReviewError as exc:
-        raise _Refused(400, str(exc)) from exc
+        raise Refused(400, str(exc)) from exc
     return RedirectResponse("/sample?" + urlencode({"id": sample_id, "model": model_version}), status_code=303)
 
 
 # --- models --------------------------------------------------------------------------------------------------
 
 
-def _find_manifest(settings: Settings, name: str, version: str) -> tuple[Any, Any] | None:
-    from core.artifact import Registry
-    from core.manifest import ModelError
-
-    for root in settings.stores().values():
-        try:
-            registry = Registry(root, settings)
-            return registry, registry.resolve(f"{name}:{version}")
-        except ModelError:
-            continue
-    return None
-
-
 async def model_page(request: Request) -> Response:
     name, version = request.path_params["name"], request.path_params["version"]
     state = _state(request)
     try:
-        found = await run_in_threadpool(_find_manifest, state.settings, name, version)
+        found = await run_in_threadpool(find_manifest, state.settings, name, version)
     except Exception as exc:  # noqa: BLE001 - a store that cannot be read is said on the page
         log.warning("review: model %s:%s: %s", name, version, exc)
         found = None
@@ -486,7 +330,7 @@ async def model_page(request: Request) -> Response:
         return _render(request, "missing.html", {"what": f"model {name}:{version} in the model stores"}, 404)
     manifest = found[1]
     pictures = [
-        {"file": p, "url": f"/models/{name}/{version}/pictures/{p}", "title": _picture_title(p)}
+        {"file": p, "url": f"/models/{name}/{version}/pictures/{p}", "title": picture_title(p)}
         for p in manifest.report_pictures
     ]
     return _render(
@@ -501,47 +345,15 @@ async def model_page(request: Request) -> Response:
     )
 
 
-def _picture_title(file: str) -> str:
-    return {
-        "roc.png": "ROC curve (validation subjects) with the chosen threshold",
-        "confusion.png": "Confusion matrix at the threshold",
-        "learning_curves.png": "Learning curves",
-        "per_subject.png": "Accuracy per validation subject",
-    }.get(file, file)
-
-
-def _picture_bytes(settings: Settings, name: str, version: str, file: str) -> bytes | None:
-    from core.storage import join_uri
-
-    found = _find_manifest(settings, name, version)
-    if found is None or file not in found[1].report_pictures:
-        return None
-    registry = found[0]
-    data: bytes = registry.store.read_bytes(join_uri(registry.version_uri(name, version), file))
-    return data
-
-
 async def model_picture(request: Request) -> Response:
     p = request.path_params
-    png = await run_in_threadpool(_picture_bytes, _state(request).settings, p["name"], p["version"], p["file"])
+    png = await run_in_threadpool(picture_bytes, _state(request).settings, p["name"], p["version"], p["file"])
     if png is None:
         return PlainTextResponse("no such picture", status_code=404)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
 
 
 # --- the app -------------------------------------------------------------------------------------------------
-
-
-def _refusals(
-    handler: Callable[[Request], Awaitable[Response]],
-) -> Callable[[Request], Awaitable[Response]]:
-    async def wrapped(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except _Refused as exc:
-            return PlainTextResponse(exc.message, status_code=exc.status)
-
-    return wrapped
 
 
 def secret_key(explicit: str | None = None) -> str:
@@ -569,16 +381,16 @@ def create_app(
     settings = settings or get_settings()
     engine = engine or make_engine(database_url, settings)
     routes = [
-        Route("/login", _refusals(login_page), methods=["GET", "POST"]),
-        Route("/logout", _refusals(logout), methods=["POST"]),
-        Route("/", _refusals(samples_page), methods=["GET"]),
-        Route("/sample", _refusals(sample_page), methods=["GET"]),
-        Route("/thumb", _refusals(thumbnail), methods=["GET"]),
-        Route("/overlay", _refusals(overlay), methods=["GET"]),
-        Route("/verdict", _refusals(record_verdict), methods=["POST"]),
-        Route("/signoff", _refusals(record_signoff), methods=["POST"]),
-        Route("/models/{name}/{version}", _refusals(model_page), methods=["GET"]),
-        Route("/models/{name}/{version}/pictures/{file}", _refusals(model_picture), methods=["GET"]),
+        Route("/login", refusals(login_page), methods=["GET", "POST"]),
+        Route("/logout", refusals(logout), methods=["POST"]),
+        Route("/", refusals(samples_page), methods=["GET"]),
+        Route("/sample", refusals(sample_page), methods=["GET"]),
+        Route("/thumb", refusals(thumbnail), methods=["GET"]),
+        Route("/overlay", refusals(overlay), methods=["GET"]),
+        Route("/verdict", refusals(record_verdict), methods=["POST"]),
+        Route("/signoff", refusals(record_signoff), methods=["POST"]),
+        Route("/models/{name}/{version}", refusals(model_page), methods=["GET"]),
+        Route("/models/{name}/{version}/pictures/{file}", refusals(model_picture), methods=["GET"]),
     ]
     middleware = [
         Middleware(
