@@ -51,6 +51,21 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 CMD ["py
 ENTRYPOINT ["allscore"]
 CMD ["worker"]
 
+# The worker without TensorFlow (about a fifth of the worker image's size, and a process of about 230 MiB instead
+# of about 950 at 64x64): ONNX Runtime serves each version's published model.onnx. `allscore models export REF`,
+# run where TensorFlow is (the trainer image), adds the export to a version published before exports existed.
+FROM base AS worker-onnx
+COPY --from=wheel /wheels /wheels
+RUN pip install --constraint /wheels/constraints.txt "$(ls /wheels/allscore-*.whl)[serve]" && rm -rf /wheels
+USER allscore
+ENV ALLSCORE_HOME=/home/allscore/.allscore \
+    ALLSCORE_METRICS_PORT=9540 \
+    ALLSCORE_RUNTIME=onnxruntime
+EXPOSE 9540
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 CMD ["python", "-m", "worker.health"]
+ENTRYPOINT ["allscore"]
+CMD ["worker"]
+
 FROM base AS review
 COPY --from=wheel /wheels /wheels
 RUN pip install --constraint /wheels/constraints.txt "$(ls /wheels/allscore-*.whl)[review]" && rm -rf /wheels

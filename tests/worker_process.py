@@ -16,11 +16,22 @@ from tests.helpers import stop_process_group
 class WorkerProcess:
     """A real worker subprocess with its own log file; stop() sends SIGTERM (warm shutdown)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 2, pool: str = "prefork") -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        concurrency: int = 2,
+        pool: str = "prefork",
+        *,
+        python: str = sys.executable,
+        cwd: Path | None = None,
+    ) -> None:
+        """`python`: the interpreter of the install under test (another venv's), run in `cwd` when given."""
         self.log_path = log_path
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+        self.cwd = cwd
         self.cmd = [
-            sys.executable,
+            python,
             "-m",
             "allscore",
             "worker",
@@ -33,7 +44,7 @@ class WorkerProcess:
         """Start the worker and wait until Celery says it is ready."""
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            self.cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            self.cmd, env=self.env, cwd=self.cwd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -6,10 +6,11 @@ operator checks (the views, the broker's keys, the workers' logs). The `stack` f
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from sqlalchemy import Engine, text
@@ -69,10 +70,18 @@ class Stack:
         env.update(overrides)
         return env
 
-    def start_worker(self, concurrency: int = 1, **overrides: str) -> WorkerProcess:
-        """Start a real `allscore worker` (prefork) and wait until it consumes."""
+    def start_worker(
+        self, concurrency: int = 1, *, python: str | None = None, cwd: Path | None = None, **overrides: str
+    ) -> WorkerProcess:
+        """Start a real `allscore worker` (prefork) and wait until it consumes; `python`: another install's."""
         env = self.worker_env(**overrides)
-        worker = WorkerProcess(env, self.tmp / f"worker-{len(self.workers)}.log", concurrency=concurrency)
+        worker = WorkerProcess(
+            env,
+            self.tmp / f"worker-{len(self.workers)}.log",
+            concurrency=concurrency,
+            python=python or sys.executable,
+            cwd=cwd,
+        )
         self.workers.append(worker)
         return worker.start(timeout=90)
 
@@ -99,9 +108,17 @@ class Stack:
             store.upload(path, prefix + path.name)
         return prefix
 
-    def submit(self, samples: Mapping[str, Sequence[str]], model_ref: str | None = None) -> str:
-        """Submit as a lab pipeline does (worker.client), with the test's settings; return the job id."""
-        return submit_samples(samples, model_ref=model_ref or self.model.ref, settings=get_settings())
+    def submit(
+        self,
+        samples: Mapping[str, Sequence[str]],
+        model_ref: str | None = None,
+        kind: Mapping[str, Literal["cells", "fields"]] | None = None,
+    ) -> str:
+        """Submit as a lab pipeline does (worker.client), with the test's settings; return the job id. `kind`:
+        sample id -> "fields" for the samples given as microscope fields."""
+        return submit_samples(
+            samples, model_ref=model_ref or self.model.ref, settings=get_settings(), kind=kind or "cells"
+        )
 
     # -- what an operator checks ----------------------------------------------------------------------------
     def query(self, sql: str, **params: Any) -> list[dict[str, Any]]:

@@ -8,51 +8,20 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from db.engine import parse_url
-from tests.helpers import REPO_ROOT
+from tests.harness.install import venv_with
 from tests.integration.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-# What the Dockerfile copies to build the wheel: the package's own files, nothing built here.
-SOURCES = ("pyproject.toml", "README.md", "allscore", "core", "trainer", "worker", "db")
-
-
-def _source_copy(dest: Path) -> Path:
-    for name in SOURCES:
-        src = REPO_ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyc"))
-        else:
-            shutil.copy(src, dest / name)
-    return dest
-
 
 @pytest.mark.timeout(900)
 def test_the_client_extra_installs_without_tensorflow_or_a_compiler_and_submits(stack: Stack, tmp_path: Path) -> None:
-    (tmp_path / "src").mkdir()
-    source = _source_copy(tmp_path / "src")
-    venv = tmp_path / "client-venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    bin_dir = venv / "bin"
-    no_compiler = {**os.environ, "CC": "false", "LDSHARED": "false", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    for name in ("VIRTUAL_ENV", "PYTHONPATH"):
-        no_compiler.pop(name, None)
-    install = subprocess.run(
-        [str(bin_dir / "pip"), "install", "--quiet", f"{source}[client]"],
-        env=no_compiler,
-        capture_output=True,
-        text=True,
-        timeout=800,
-    )
-    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
-    installed = subprocess.run([str(bin_dir / "pip"), "list", "--format=json"], capture_output=True, text=True)
-    names = {p["name"].lower() for p in json.loads(installed.stdout)}
+    bin_dir, names = venv_with("client", tmp_path, compiler=False)
     assert {"allscore", "celery", "sqlalchemy", "psycopg", "boto3"} <= names
     assert not names & {"tensorflow", "tensorflow-cpu", "keras", "scipy", "scikit-image", "opencv-python-headless"}
     probe = subprocess.run(

@@ -352,6 +352,24 @@ def _prometheus_files(service: dict[str, Any], folder: Path, targets: list[str] 
     return config
 
 
+def test_the_onnx_profile_runs_the_tensorflow_free_worker_like_the_worker() -> None:
+    result = compose_config(REPO_ROOT / ".env.example", "onnx")
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    worker, onnx = services["worker"], services["worker-onnx"]
+    assert onnx["profiles"] == ["onnx"] and "profiles" not in worker  # started only with --profile onnx
+    assert onnx["build"]["target"] == "worker-onnx" and onnx["image"].startswith("allscore-worker-onnx:")
+    assert onnx["environment"]["ALLSCORE_RUNTIME"] == "onnxruntime"
+    assert onnx["environment"]["ALLSCORE_PRECISION"] == "float32"
+    # Everything else as the worker: the database role, the broker, the health check, the scaling rules.
+    same = {k: v for k, v in worker["environment"].items() if k not in ("ALLSCORE_RUNTIME", "ALLSCORE_PRECISION")}
+    assert {k: onnx["environment"][k] for k in same} == same
+    assert onnx["healthcheck"] == worker["healthcheck"] and onnx["depends_on"] == worker["depends_on"]
+    assert "container_name" not in onnx and "ports" not in onnx
+    stage = next(ln for ln in (REPO_ROOT / "Dockerfile").read_text().splitlines() if "[serve]" in ln)
+    assert "pip install --constraint" in stage
+
+
 def test_monitoring_profile_runs_prometheus_that_scrapes_the_workers(tmp_path: Path, stack: Any) -> None:
     result = compose_config(REPO_ROOT / ".env.example", "monitoring")
     assert result.returncode == 0, result.stderr

@@ -10,7 +10,7 @@ from packaging.utils import canonicalize_name
 
 from tests.helpers import REPO_ROOT
 
-IMAGE_EXTRAS = ("client", "trainer", "worker", "review", "monitor")
+IMAGE_EXTRAS = ("client", "images", "onnx", "serve", "trainer", "worker", "review", "monitor")
 
 
 def _pins() -> dict[str, str]:
@@ -47,12 +47,28 @@ def test_the_client_extra_brings_no_model_libraries() -> None:
     assert not names & {"tensorflow", "tensorflow-cpu", "keras", "scipy", "scikit-image", "opencv-python-headless"}
     trainer = {canonicalize_name(r.name) for r in _requirements(project, "trainer")}
     assert {"tensorflow", "keras"} <= trainer
-    assert any(r.name == "allscore" and {"client", "trainer"} <= r.extras for r in _requirements(project, "worker"))
+    assert any(r.name == "allscore" and {"serve", "trainer"} <= r.extras for r in _requirements(project, "worker"))
+
+
+def test_the_serve_extra_brings_onnx_runtime_and_no_tensorflow() -> None:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(extra: str) -> set[str]:
+        found = {canonicalize_name(r.name) for r in _requirements(project, extra) if r.name != "allscore"}
+        for r in _requirements(project, extra):
+            if r.name == "allscore":
+                for inner in r.extras:
+                    found |= names(inner)
+        return found
+
+    serve = names("serve") | {canonicalize_name(r.name) for r in _requirements(project, None)}
+    assert {"onnxruntime", "celery", "scikit-image", "opencv-python-headless", "prometheus-client"} <= serve
+    assert not serve & {"tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx", "matplotlib"}
 
 
 def test_every_image_installs_with_the_constraints() -> None:
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
     installs = [line for line in dockerfile.splitlines() if "pip install" in line]
-    assert len(installs) == 4
+    assert len(installs) == 5
     assert all("--constraint /wheels/constraints.txt" in line for line in installs), installs
     assert "constraints.txt" in next(line for line in dockerfile.splitlines() if line.startswith("COPY pyproject"))

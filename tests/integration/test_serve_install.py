@@ -1,0 +1,75 @@
+"""The TensorFlow-free worker (the `worker-onnx` image): `pip install allscore[serve]` into a fresh venv installs no
+TensorFlow, Keras or training tools, and a worker started from that venv, on ONNX Runtime, scores a slide of cells
+and a slide of the 12 real BCCD fields over Redis, PostgreSQL and S3.
+
+The tiny model was trained on synthetic cells: its calls on the BCCD cells mean nothing and are not read. What is
+checked is what an operator of that image checks: nothing of TensorFlow installed, both samples done, every field
+read with its white cells found and counted, and the process that scored holding ONNX Runtime from the venv.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from core.storage import store_for
+from tests.harness.install import venv_with
+from tests.integration.stack import Stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BCCD = Path(__file__).resolve().parents[1] / "data" / "bccd" / "JPEGImages"
+TRAINING_ONLY = {"tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx", "matplotlib", "tensorboard"}
+
+
+@pytest.mark.timeout(900)
+def test_the_serve_extra_has_no_tensorflow_and_its_worker_scores_cells_and_fields(stack: Stack, tmp_path: Path) -> None:
+    bin_dir, names = venv_with("serve", tmp_path)
+    assert {"allscore", "celery", "onnxruntime", "opencv-python-headless", "scikit-image", "alembic"} <= names
+    assert not names & TRAINING_ONLY, sorted(names & TRAINING_ONLY)
+    probe = subprocess.run(
+        [str(bin_dir / "python"), "-c", "import importlib.util as u; print(u.find_spec('tensorflow'))"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert probe.stdout.strip() == "None", probe.stderr
+
+    cells = stack.upload_sample("serve-cells", 12, fraction=0.5, seed=5)
+    bucket = store_for(stack.bucket)
+    prefix = f"{stack.bucket}/slides/serve-fields/"
+    fields = sorted(BCCD.glob("*.jpg"))
+    for path in fields:
+        bucket.upload(path, prefix + path.name)
+    # Run from tmp_path, so that the venv's installed package is what runs, not this checkout's sources.
+    worker = stack.start_worker(
+        concurrency=1, python=str(bin_dir / "python"), cwd=tmp_path, ALLSCORE_RUNTIME="onnxruntime"
+    )
+
+    job = stack.submit({"serve-cells": [cells], "serve-fields": [prefix]}, kind={"serve-fields": "fields"})
+    rows = stack.wait_final(job, 2, 300)
+    assert {s: (r["status"], r["n_failed"]) for s, r in rows.items()} == {
+        "serve-cells": ("done", 0),
+        "serve-fields": ("done", 0),
+    }, rows
+    assert rows["serve-cells"]["n_cells"] == 12
+    # Each BCCD field holds one or two white cells (mostly neutrophils: `other`, counted, not scored by the model).
+    by_field = stack.query("SELECT * FROM field_results WHERE sample_id = 'serve-fields' ORDER BY field_index")
+    assert [f["field_uri"].rsplit("/", 1)[1] for f in by_field] == [p.name for p in fields]
+    assert all(f["error"] is None and f["n_found"] >= 1 for f in by_field), by_field
+    assert all(f["n_scored"] + f["n_other"] + f["n_edge"] == f["n_found"] for f in by_field), by_field
+    # A row per white cell found, with its kind; the model's p(all) on the lymphoid ones it scored.
+    cells_found = stack.query("SELECT cell_kind, p_all FROM cell_results WHERE sample_id = 'serve-fields'")
+    assert len(cells_found) == sum(f["n_found"] for f in by_field)
+    scored = [c for c in cells_found if c["p_all"] is not None]
+    assert rows["serve-fields"]["n_cells"] == len(scored) == sum(f["n_scored"] for f in by_field)
+    assert all(c["cell_kind"] == "lymphoid" for c in scored), cells_found
+    (line,) = [ln for ln in worker.log().splitlines() if f"model loaded: {stack.model.ref}" in ln]
+    assert "runtime onnxruntime, float32 (tensorflow not imported in this process)" in line, line
+    # The process that scored is the venv's: its ONNX Runtime library is mapped from the venv, no TensorFlow is.
+    pid = int(re.search(r"in pid (\d+)", line).group(1))  # type: ignore[union-attr]
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert f"{bin_dir.parent}/lib/" in maps and "onnxruntime" in maps and "tensorflow" not in maps
