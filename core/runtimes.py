@@ -8,7 +8,7 @@ A runtime model is called like a Keras model, `model(batch, training=False)`, on
   CPU has it).
 - `onnxruntime`: `OnnxServingModel` on the version's model.onnx (exported at publish by trainer/export.py and checked
   against model.keras there). This module never imports TensorFlow for it: a worker on ONNX Runtime does not
-  carry TensorFlow in its processes, and refuses a version without the export (`core.artifact.ExportMissing`).
+  carry TensorFlow in its processes, and refuses a version without the export (`core.manifest.ExportMissing`).
 
 `ALLSCORE_RUNTIME` picks one (`choose_runtime`): `tensorflow`, `onnxruntime`, or `auto` (ONNX Runtime where it is
 installed and the version has the export, unless bfloat16 is asked for on a CPU that computes it natively, where
