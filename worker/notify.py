@@ -2,7 +2,7 @@
 at submit (`allscore submit --notify URL`), signed, retried, and only to hosts the operator allows.
 
 - Who sends: the worker that ends a job's last sample, or the sweeper for jobs ended by `allscore cancel` or by
-  itself. A conditional UPDATE claims the notification (db.repository.claim_notification), so a job is notified
+  itself. A conditional UPDATE claims the notification (db.notifications.claim_notification), so a job is notified
   at most once however many workers finish at the same moment; what came of it is kept in jobs.notify_status.
 - Where: only to a host in ALLSCORE_NOTIFY_HOSTS on the worker (host, or host:port), over http or https, and
   redirects are not followed: a submitter cannot make a worker POST anywhere else.
@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import AllscoreError
 from core.settings import Settings
-from db import repository
+from db import notifications
 from db.engine import transaction
 
 log = logging.getLogger(__name__)
@@ -134,10 +134,10 @@ def post(url: str, body: bytes, settings: Settings, sleep: Callable[[float], Non
 def notify_job(job_id: str, sessions: sessionmaker[Session], settings: Settings) -> str | None:
     """Send the job's callback if it is due and this caller wins the claim; returns what came of it (None: not due)."""
     with transaction(sessions) as session:
-        url = repository.claim_notification(session=session, job_id=job_id)
+        url = notifications.claim_notification(session=session, job_id=job_id)
         if url is None:
             return None
-        samples = repository.job_summary(session=session, job_id=job_id)
+        samples = notifications.job_summary(session=session, job_id=job_id)
     try:
         check_url(url, settings.notify_hosts)
         if not settings.notify_secret:
@@ -149,7 +149,7 @@ def notify_job(job_id: str, sessions: sessionmaker[Session], settings: Settings)
         status = post(url, body, settings)
     (log.info if status.startswith("delivered") else log.error)("job %s callback to %s: %s", job_id, url, status)
     with transaction(sessions) as session:
-        repository.record_notification(session=session, job_id=job_id, status=status)
+        notifications.record_notification(session=session, job_id=job_id, status=status)
     return status
 
 

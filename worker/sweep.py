@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import select
 
 from core.settings import Settings
-from db import repository
+from db import notifications, repository
 from db.engine import make_engine, session_factory, transaction
 from db.errors import StaleDelivery
 from db.models import Sample, SampleStatus
@@ -156,7 +156,7 @@ def sweep(settings: Settings, *, now: datetime | None = None, dry_run: bool = Fa
             from worker.notify import notify_job
 
             with sessions() as session:
-                due = repository.jobs_to_notify(session=session)
+                due = notifications.jobs_to_notify(session=session)
             for job_id in due:
                 if notify_job(job_id, sessions, settings) is not None:
                     report.notified.append(job_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import text
 
+from db import notifications
 from db import repository as repo
 from db.engine import make_engine, session_factory, transaction
 from db.migrate import upgrade
@@ -86,29 +87,29 @@ def test_worker_role_claims_and_records_callbacks_and_reads_nothing_else_of_jobs
             repo.enqueue_sample(session=s, job_id="job-n", sample_id="N1", model_version="cnn:1")
         sessions = session_factory(worker)
         with transaction(sessions) as s:
-            assert repo.claim_notification(session=s, job_id="job-n") is None  # N1 has not ended
+            assert notifications.claim_notification(session=s, job_id="job-n") is None  # N1 has not ended
         score(session_factory(owner), "N1", "cnn:1", make_cells("s3://lab/N1", [0.9]))
         with sessions() as s:
-            assert repo.jobs_to_notify(session=s) == ["job-n"]
-            assert [x["status"] for x in repo.job_summary(session=s, job_id="job-n")] == ["done"]
+            assert notifications.jobs_to_notify(session=s) == ["job-n"]
+            assert [x["status"] for x in notifications.job_summary(session=s, job_id="job-n")] == ["done"]
         with transaction(sessions) as s:
-            assert repo.claim_notification(session=s, job_id="job-n") == "http://127.0.0.1:9/x"
-            repo.record_notification(session=s, job_id="job-n", status="delivered: HTTP 204 after 1 tries")
+            assert notifications.claim_notification(session=s, job_id="job-n") == "http://127.0.0.1:9/x"
+            notifications.record_notification(session=s, job_id="job-n", status="delivered: HTTP 204 after 1 tries")
         with transaction(sessions) as s:
-            assert repo.claim_notification(session=s, job_id="job-n") is None  # once
+            assert notifications.claim_notification(session=s, job_id="job-n") is None  # once
         # A claim left `sending` by a process that died is taken again once it is stale, and only then.
         with transaction(session_factory(owner)) as s:
             repo.create_job(session=s, job_id="job-d", n_samples=0, notify_url="http://127.0.0.1:9/d")
         with transaction(sessions) as s:
-            assert repo.claim_notification(session=s, job_id="job-d") == "http://127.0.0.1:9/d"
+            assert notifications.claim_notification(session=s, job_id="job-d") == "http://127.0.0.1:9/d"
         with transaction(sessions) as s:
-            assert repo.claim_notification(session=s, job_id="job-d") is None
+            assert notifications.claim_notification(session=s, job_id="job-d") is None
         with owner.begin() as conn:
             conn.execute(text("UPDATE jobs SET notified_at = notified_at - interval '20 minutes' WHERE id = 'job-d'"))
         with sessions() as s:
-            assert repo.jobs_to_notify(session=s) == ["job-d"]
+            assert notifications.jobs_to_notify(session=s) == ["job-d"]
         with transaction(sessions) as s:
-            assert repo.claim_notification(session=s, job_id="job-d") == "http://127.0.0.1:9/d"
+            assert notifications.claim_notification(session=s, job_id="job-d") == "http://127.0.0.1:9/d"
         assert_denied(worker, ["SELECT * FROM jobs", "UPDATE jobs SET notify_url = 'http://evil/'", "DELETE FROM jobs"])
     finally:
         worker.dispose()
