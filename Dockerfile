@@ -32,7 +32,7 @@ RUN pip wheel --no-deps --wheel-dir /wheels . && cp constraints.txt /wheels/
 
 FROM base AS trainer
 COPY --from=wheel /wheels /wheels
-RUN pip install --constraint /wheels/constraints.txt "$(ls /wheels/allscore-*.whl)[trainer]" && rm -rf /wheels
+RUN pip install --constraint /wheels/constraints.txt "$(ls /wheels/allscore-*.whl)[trainer-cpu]" && rm -rf /wheels
 USER allscore
 ENV ALLSCORE_HOME=/home/allscore/.allscore
 ENTRYPOINT ["allscore"]
@@ -40,7 +40,7 @@ CMD ["--help"]
 
 FROM base AS worker
 COPY --from=wheel /wheels /wheels
-RUN pip install --constraint /wheels/constraints.txt "$(ls /wheels/allscore-*.whl)[worker]" && rm -rf /wheels
+RUN pip install --constraint /wheels/constraints.txt "$(ls /wheels/allscore-*.whl)[worker-cpu]" && rm -rf /wheels
 USER allscore
 ENV ALLSCORE_HOME=/home/allscore/.allscore \
     ALLSCORE_METRICS_PORT=9540
@@ -77,7 +77,7 @@ CMD ["review", "--host", "0.0.0.0", "--port", "8080"]
 
 FROM base AS flower
 COPY --from=wheel /wheels /wheels
-RUN pip install --constraint /wheels/constraints.txt "$(ls /wheels/allscore-*.whl)[worker,monitor]" && rm -rf /wheels
+RUN pip install --constraint /wheels/constraints.txt "$(ls /wheels/allscore-*.whl)[serve,monitor]" && rm -rf /wheels
 USER allscore
 ENTRYPOINT ["celery", "--app", "worker.celery_app"]
 CMD ["flower", "--port=5555"]

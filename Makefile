@@ -40,7 +40,9 @@ bench: venv
 constraints: venv
 	@{ echo "# The exact versions the Docker images install (pip's --constraint): a rebuild gets the same ones."; \
 	   echo "# Made from a venv with allscore[dev] installed: make constraints (Python 3.11, Linux x86_64)."; \
-	   $(PY) -m pip freeze --exclude-editable | grep -v '^-e\|@ file'; } > constraints.txt
+	   $(PY) -m pip freeze --exclude-editable | grep -v '^-e\|@ file'; \
+	   echo "# tensorflow-cpu (the images' build, extra trainer-cpu): the venv's tensorflow version"; \
+	   $(PY) -m pip freeze | sed -n 's/^tensorflow==/tensorflow-cpu==/p'; } > constraints.txt
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

@@ -41,6 +41,9 @@ class ReviewServer:
     command: list[str] | None = None
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    # The interpreter of the install under test (another venv's), run in `cwd` when given.
+    python: str = sys.executable
+    cwd: Path | None = None
 
     @property
     def url(self) -> str:
@@ -52,8 +55,9 @@ class ReviewServer:
         args[args.index("--host") + 1] = "127.0.0.1"
         args[args.index("--port") + 1] = str(self.port)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "allscore", *args],
+            [self.python, "-m", "allscore", *args],
             env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"},
+            cwd=self.cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

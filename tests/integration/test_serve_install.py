@@ -1,6 +1,7 @@
-"""The TensorFlow-free worker (the `worker-onnx` image): `pip install allscore[serve]` into a fresh venv installs no
-TensorFlow, Keras or training tools, and a worker started from that venv, on ONNX Runtime, scores a slide of cells
-and a slide of the 12 real BCCD fields over Redis, PostgreSQL and S3.
+"""The TensorFlow-free images: `pip install 'allscore[serve,review]'` into a fresh venv installs no TensorFlow, Keras
+or training tools; a worker started from that venv (the `worker-onnx` image), on ONNX Runtime, scores a slide of
+cells and a slide of the 12 real BCCD fields over Redis, PostgreSQL and S3, and `allscore review` from it (the
+review image) shows the field sample and draws its overlays.
 
 The tiny model was trained on synthetic cells: its calls on the BCCD cells mean nothing and are not read. What is
 checked is what an operator of that image checks: nothing of TensorFlow installed, both samples done, every field
@@ -9,25 +10,32 @@ read with its white cells found and counted, and the process that scored holding
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from core.storage import store_for
 from tests.harness.install import venv_with
+from tests.harness.review_site import ReviewServer, login
 from tests.integration.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BCCD = Path(__file__).resolve().parents[1] / "data" / "bccd" / "JPEGImages"
+PASSWORD = "alice-password-1"
 TRAINING_ONLY = {"tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx", "matplotlib", "tensorboard"}
 
 
 @pytest.mark.timeout(900)
-def test_the_serve_extra_has_no_tensorflow_and_its_worker_scores_cells_and_fields(stack: Stack, tmp_path: Path) -> None:
-    bin_dir, names = venv_with("serve", tmp_path)
+def test_the_serve_and_review_extras_have_no_tensorflow_and_score_and_show_cells_and_fields(
+    stack: Stack, tmp_path: Path
+) -> None:
+    bin_dir, names = venv_with("serve,review", tmp_path)
     assert {"allscore", "celery", "onnxruntime", "opencv-python-headless", "scikit-image", "alembic"} <= names
     assert not names & TRAINING_ONLY, sorted(names & TRAINING_ONLY)
     probe = subprocess.run(
@@ -73,3 +81,34 @@ def test_the_serve_extra_has_no_tensorflow_and_its_worker_scores_cells_and_field
     pid = int(re.search(r"in pid (\d+)", line).group(1))  # type: ignore[union-attr]
     maps = Path(f"/proc/{pid}/maps").read_text()
     assert f"{bin_dir.parent}/lib/" in maps and "onnxruntime" in maps and "tensorflow" not in maps
+
+    # The review app from the same venv: log in, open the field sample, and get each field's overlay picture.
+    env = {
+        **stack.worker_env(),
+        "ALLSCORE_HOME": str(tmp_path / "review-home"),
+        "ALLSCORE_REVIEW_SECRET_KEY": "k" * 16 + uuid.uuid4().hex,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    }
+    added = subprocess.run(
+        [str(bin_dir / "allscore"), "users", "add", "alice", "--password-stdin"],
+        input=PASSWORD + "\n",
+        env={**os.environ, **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert added.returncode == 0, added.stderr
+    server = ReviewServer(env, tmp_path / "review.log", python=str(bin_dir / "python"), cwd=tmp_path).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            assert login(client, "alice", PASSWORD).status_code in (200, 303)
+            page = client.get("/sample", params={"id": "serve-fields", "model": stack.model.ref})
+            assert page.status_code == 200 and "serve-fields" in page.text
+            for f in by_field:
+                params = {"id": "serve-fields", "model": stack.model.ref, "field": f["field_uri"]}
+                picture = client.get("/overlay", params=params)
+                assert picture.status_code == 200 and picture.content.startswith(b"\x89PNG"), f["field_uri"]
+    finally:
+        server.stop()
+    assert "tensorflow" not in server.log().lower()
