@@ -10,9 +10,9 @@ A runtime model is called like a Keras model, `model(batch, training=False)`, on
   against model.keras there). This module never imports TensorFlow for it: a worker on ONNX Runtime does not
   carry TensorFlow in its processes, and refuses a version without the export (`core.manifest.ExportMissing`).
 
-`ALLSCORE_RUNTIME` picks one (`choose_runtime`): `tensorflow`, `onnxruntime`, or `auto` (ONNX Runtime where it is
-installed and the version has the export, unless bfloat16 is asked for on a CPU that computes it natively, where
-TensorFlow's bfloat16 path is the one that uses those instructions).
+`ALLSCORE_RUNTIME` and `ALLSCORE_PRECISION` pick one (`choose_serving`); both default to `auto`: the fastest
+combination measured that holds accuracy, given the CPU, what is installed and the version's exports (int8 export,
+else bfloat16 on a CPU that has it, else the ONNX export in float32, else TensorFlow float32).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import sys
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,8 +54,9 @@ def tensorflow_imported() -> bool:
 
 
 def choose_runtime(setting: str, has_export: bool, precision: str = "float32") -> str:
-    """The runtime that serves a version: the one named, or for `auto` ONNX Runtime when it is installed and the
-    version has an ONNX export (and bfloat16 was not asked for on a CPU that computes it), else TensorFlow."""
+    """The runtime that serves a version at an explicit precision: the one named, or for `auto` ONNX Runtime when
+    it is installed and the version has an ONNX export (and bfloat16 was not asked for on a CPU that computes it),
+    else TensorFlow."""
     if setting in RUNTIMES:
         return setting
     if setting != "auto":
@@ -63,6 +66,76 @@ def choose_runtime(setting: str, has_export: bool, precision: str = "float32") -
     if precision == "bfloat16" and cpu_has_bf16():
         return "tensorflow"
     return "onnxruntime" if has_export and onnxruntime_available() else "tensorflow"
+
+
+@dataclass(frozen=True)
+class Serving:
+    """How a version is served: the runtime, the precision, the file (`export`: a key of the manifest's exports, or
+    None for model.keras) and why that one."""
+
+    runtime: str
+    precision: str
+    export: str | None
+    why: str
+
+
+def tensorflow_available() -> bool:
+    """Whether TensorFlow is installed (not in the worker-onnx image)."""
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def choose_serving(
+    runtime: str,
+    precision: str,
+    exports: Collection[str],
+    *,
+    bf16: bool | None = None,
+    have_tensorflow: bool | None = None,
+    have_onnxruntime: bool | None = None,
+) -> Serving:
+    """The runtime and precision that serve a version with these exports, from ALLSCORE_RUNTIME and
+    ALLSCORE_PRECISION. An explicit precision is served as asked (choose_runtime). `auto`, the default, takes the
+    fastest combination measured that holds accuracy (bench/README.md, "Runtimes"), falling back where the CPU, the
+    install or the version lacks what it needs:
+
+    1. ONNX Runtime int8, where the version has an int8 export: it exists only if it passed its accuracy gate at
+       export (weighted F1 within 0.01 of float32 on held-out subjects). 1.5x TensorFlow's bfloat16 and 2.9x its
+       float32 at 64x64 on AMD Zen 4 (VNNI); 1.8x ONNX Runtime float32 in CPU per cell on Zen 3 (AVX2 only).
+    2. TensorFlow bfloat16, where the CPU computes it (AVX512_BF16 or AMX) and TensorFlow is installed: 1.9x its
+       float32 on Zen 4, about 5x on AMX; weighted F1 within 0.004 of float32.
+    3. ONNX Runtime float32, where the version has the export: 1.4-2.9x TensorFlow float32 on Zen 3, equal on Zen 4,
+       in a quarter of the memory at 64x64.
+    4. TensorFlow float32.
+    """
+    bf16 = cpu_has_bf16() if bf16 is None else bf16
+    have_tf = tensorflow_available() if have_tensorflow is None else have_tensorflow
+    have_ort = onnxruntime_available() if have_onnxruntime is None else have_onnxruntime
+    if precision != "auto":
+        chosen = choose_runtime(runtime, "onnx" in exports, precision)
+        export = "onnx-int8" if precision == "int8" else ("onnx" if chosen == "onnxruntime" else None)
+        return Serving(chosen, precision, export, f"ALLSCORE_PRECISION={precision}")
+    if runtime not in (*RUNTIMES, "auto"):
+        raise ValueError(f"unknown runtime {runtime!r}; choose tensorflow, onnxruntime or auto")
+    ort_ok = runtime in ("auto", "onnxruntime") and have_ort
+    tf_ok = runtime in ("auto", "tensorflow") and (have_tf or runtime == "tensorflow")
+    if ort_ok and "onnx-int8" in exports:
+        return Serving("onnxruntime", "int8", "onnx-int8", "the version's gated int8 export")
+    if tf_ok and bf16 and have_tf:
+        return Serving("tensorflow", "bfloat16", None, "this CPU computes bfloat16 (AVX512_BF16/AMX)")
+    if ort_ok and "onnx" in exports:
+        return Serving("onnxruntime", "float32", "onnx", "the version's ONNX export")
+    if runtime == "onnxruntime" or (runtime == "auto" and not have_tf):
+        # No TensorFlow to fall back on: fetching "onnx" refuses the version with the command that makes it.
+        return Serving("onnxruntime", "float32", "onnx", "no TensorFlow here")
+    return Serving("tensorflow", "float32", None, "no export, no bfloat16 on this CPU")
+
+
+def tensorflow_precision(precision: str) -> str:
+    """What TensorFlow computes in for ALLSCORE_PRECISION (`allscore evaluate`): `auto` is bfloat16 where the CPU
+    computes it, float32 elsewhere; int8 is ONNX Runtime's, so float32 here."""
+    if precision == "auto":
+        return "bfloat16" if cpu_has_bf16() else "float32"
+    return "float32" if precision == "int8" else precision
 
 
 class OnnxServingModel:

@@ -38,13 +38,16 @@ class Settings(BaseSettings):
     model: str = Field(default="allscore@production", description="model reference `submit` uses by default")
     queue: str = "allscore"
     batch_size: int = Field(default=64, ge=1, le=4096)
-    # int8: the version's static int8 quantization (model-int8.onnx), served by ONNX Runtime only.
-    precision: Literal["float32", "bfloat16", "int8"] = "float32"
+    # int8: the version's static int8 quantization (model-int8.onnx), served by ONNX Runtime only. auto: the
+    # fastest measured that holds accuracy for this CPU and version (core.runtimes.choose_serving).
+    precision: Literal["auto", "float32", "bfloat16", "int8"] = Field(
+        default="auto", description="auto | float32 | bfloat16 | int8"
+    )
     # Which runtime runs the model's forward pass (core/runtimes.py): TensorFlow on model.keras, or ONNX Runtime on
     # the version's model.onnx (a worker on it never imports TensorFlow, and refuses a version without the export);
-    # auto: ONNX Runtime where it is installed and the version has the export, else TensorFlow.
+    # auto: chosen with the precision (core.runtimes.choose_serving).
     runtime: Literal["tensorflow", "onnxruntime", "auto"] = Field(
-        default="tensorflow", description="tensorflow | onnxruntime | auto"
+        default="auto", description="tensorflow | onnxruntime | auto"
     )
     # Test-time augmentation (core/tta.py): 8 averages each cell's p(all) over its flips and rotations, at 8 times
     # the model's cost; 1 scores each cell once.

@@ -50,6 +50,11 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     """Point ALLSCORE_HOME at a fresh folder so that no test reads or writes ~/.allscore."""
     home = tmp_path / "allscore-home"
     monkeypatch.setenv("ALLSCORE_HOME", str(home))
+    # TensorFlow in float32 unless a test asks otherwise (subprocesses inherit it), so that a result the test
+    # computes in float32 is the worker's on every CPU. The default, auto, picks by CPU and version: its own tests
+    # (test_runtimes, test_operations) unset or override these.
+    monkeypatch.setenv("ALLSCORE_PRECISION", "float32")
+    monkeypatch.setenv("ALLSCORE_RUNTIME", "tensorflow")
     reset_settings_cache()
     yield home
     reset_settings_cache()

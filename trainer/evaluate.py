@@ -9,6 +9,7 @@ from core.artifact import load_model
 from core.calibration import apply_temperature
 from core.errors import AllscoreError
 from core.inference import ServingModel, configure_tensorflow, predict_proba
+from core.runtimes import tensorflow_precision
 from core.settings import get_settings
 from core.tta import averaged
 from trainer.discovery import discover
@@ -34,7 +35,8 @@ def evaluate(ref: str, data: Path, *, store: str | None = None) -> dict[str, Any
             "the preliminary test set's CSV"
         )
     arrays = decode_cells(labelled, manifest.input_size)
-    model = ServingModel(loaded.model, settings.precision)  # exactly what the workers run
+    # What TensorFlow workers run (an int8 export is ONNX Runtime's: evaluate it with `allscore models export`'s gate).
+    model = ServingModel(loaded.model, tensorflow_precision(settings.precision))
     raw = averaged(lambda x: predict_proba(model, x, batch_size=settings.batch_size), arrays.images, settings.tta)
     p = apply_temperature(raw, manifest.temperature)
     metrics = summarize(arrays.labels, p, manifest.threshold, arrays.subjects)

@@ -19,7 +19,7 @@ from core.artifact import LoadedModel, Registry
 from core.contract import DEFAULT_STORE
 from core.inference import configure_tensorflow
 from core.manifest import ModelError, ModelNotFound, parse_ref
-from core.runtimes import choose_runtime, load_runtime_model, tensorflow_imported
+from core.runtimes import choose_serving, load_runtime_model, tensorflow_imported
 from core.settings import Settings, get_settings
 from core.storage import Fetcher
 from db.engine import make_engine, session_factory
@@ -121,23 +121,23 @@ class WorkerContext:
             manifest = registry.resolve(parsed)
             if manifest.ref != key[1]:
                 raise ModelError(f"store {store!r} answered {version} with model {manifest.ref}; republish it")
-            export = "onnx-int8" if self.settings.precision == "int8" else "onnx"
-            runtime = choose_runtime(self.settings.runtime, export in manifest.exports, self.settings.precision)
-            if runtime == "onnxruntime":
+            serving = choose_serving(self.settings.runtime, self.settings.precision, manifest.exports)
+            if serving.export is not None:
                 # ExportMissing, with the command that makes the export, for a version without one.
-                path, manifest = registry.fetch_export(parsed, export)
+                path, manifest = registry.fetch_export(parsed, serving.export)
             else:
                 path, manifest = registry.fetch(parsed)
                 self._configure_tensorflow()
             with soft_limit_waits():
-                model = load_runtime_model(runtime, path, self.settings.precision, tf_threads_for(self.settings))
+                model = load_runtime_model(serving.runtime, path, serving.precision, tf_threads_for(self.settings))
             loaded = LoadedModel(model=model, manifest=manifest, path=path)
             self._models[key] = loaded
         seconds = time.perf_counter() - started
         metrics.MODEL_LOADS.labels(model.runtime, model.precision).inc()
         metrics.MODEL_LOAD_SECONDS.observe(seconds)
         log.info(
-            "model loaded: %s in pid %d (%.2fs) from store %s; runtime %s, %s (tensorflow %s in this process)",
+            "model loaded: %s in pid %d (%.2fs) from store %s; runtime %s, %s (tensorflow %s in this process); "
+            "chosen for %s",
             key[1],
             os.getpid(),
             seconds,
@@ -145,6 +145,7 @@ class WorkerContext:
             model.runtime,
             model.precision,
             "imported" if tensorflow_imported() else "not imported",
+            serving.why,
         )
         return loaded
 

@@ -33,7 +33,14 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def test_metrics_scraped_from_a_worker_count_what_it_scored(stack: Stack, tmp_path: Path) -> None:
     port = free_port()
-    worker = stack.start_worker(concurrency=2, ALLSCORE_METRICS_PORT=str(port), ALLSCORE_LOG_FORMAT="json")
+    # The defaults for runtime and precision (auto): what this CPU and the version's exports call for.
+    worker = stack.start_worker(
+        concurrency=2,
+        ALLSCORE_METRICS_PORT=str(port),
+        ALLSCORE_LOG_FORMAT="json",
+        ALLSCORE_PRECISION="auto",
+        ALLSCORE_RUNTIME="auto",
+    )
     a = stack.upload_sample("metrics-a", 12, seed=1)
     b = stack.upload_sample("metrics-b", 8, seed=2)
     bad = tmp_path / "broken.bmp"
@@ -55,12 +62,16 @@ def test_metrics_scraped_from_a_worker_count_what_it_scored(stack: Stack, tmp_pa
     assert m[("allscore_batch_seconds_count", ())] == 2
     assert m[("allscore_read_seconds_count", ())] == 21  # every image read, the broken one too
     assert m[("allscore_read_seconds_sum", ())] > 0
-    # Each of the two processes that took a sample loaded the model once; both may have taken one. The stack runs
-    # the default runtime, TensorFlow in float32, and the loads say so.
-    loads = m[("allscore_model_loads_total", (("precision", "float32"), ("runtime", "tensorflow")))]
-    assert [k for k in m if k[0] == "allscore_model_loads_total"] == [
-        ("allscore_model_loads_total", (("precision", "float32"), ("runtime", "tensorflow")))
-    ]
+    # Each of the two processes that took a sample loaded the model once; both may have taken one. The version has
+    # an ONNX export and no int8 one: auto serves bfloat16 with TensorFlow on a CPU that computes it, else the
+    # export in float32 with ONNX Runtime. The loads say which.
+    flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
+    precision, runtime = (
+        ("bfloat16", "tensorflow") if {"avx512_bf16", "amx_bf16"} & set(flags) else ("float32", "onnxruntime")
+    )
+    labels = (("precision", precision), ("runtime", runtime))
+    assert [k for k in m if k[0] == "allscore_model_loads_total"] == [("allscore_model_loads_total", labels)]
+    loads = m[("allscore_model_loads_total", labels)]
     assert loads == sum(worker.model_loads().values()) and 1 <= loads <= 2
     assert m[("allscore_model_load_seconds_count", ())] == loads
     assert m[("allscore_sample_cells_per_second", ())] > 0

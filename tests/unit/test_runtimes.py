@@ -182,6 +182,39 @@ def test_a_record_names_only_model_onnx_files() -> None:
         ServingExport(file="../../etc/passwd", sha256="0", max_abs_diff=0, tolerance=1)
 
 
+def test_auto_serves_the_fastest_combination_the_cpu_install_and_version_allow() -> None:
+    from core.runtimes import Serving, choose_serving
+
+    def auto(exports: set[str], bf16: bool, tf: bool = True, ort: bool = True, runtime: str = "auto") -> tuple:
+        s = choose_serving(runtime, "auto", exports, bf16=bf16, have_tensorflow=tf, have_onnxruntime=ort)
+        assert isinstance(s, Serving) and s.why
+        return s.runtime, s.precision, s.export
+
+    both = {"onnx", "onnx-int8"}
+    # A gated int8 export first, on any CPU; then TensorFlow's bfloat16 where the CPU has it; then model.onnx.
+    assert auto(both, bf16=True) == auto(both, bf16=False) == ("onnxruntime", "int8", "onnx-int8")
+    assert auto({"onnx"}, bf16=True) == ("tensorflow", "bfloat16", None)
+    assert auto({"onnx"}, bf16=False) == ("onnxruntime", "float32", "onnx")
+    assert auto(set(), bf16=False) == ("tensorflow", "float32", None)
+    assert auto(set(), bf16=True) == ("tensorflow", "bfloat16", None)
+    # Without ONNX Runtime installed, TensorFlow; without TensorFlow (worker-onnx), ONNX Runtime, even for a version
+    # without an export (refused when fetched, with the command that makes one).
+    assert auto(both, bf16=False, ort=False) == ("tensorflow", "float32", None)
+    assert auto({"onnx"}, bf16=True, tf=False) == ("onnxruntime", "float32", "onnx")
+    assert auto(set(), bf16=True, tf=False) == ("onnxruntime", "float32", "onnx")
+    # A runtime named: auto picks the precision within it.
+    assert auto(both, bf16=True, runtime="tensorflow") == ("tensorflow", "bfloat16", None)
+    assert auto(both, bf16=False, runtime="tensorflow") == ("tensorflow", "float32", None)
+    assert auto({"onnx"}, bf16=True, runtime="onnxruntime") == ("onnxruntime", "float32", "onnx")
+    # A precision named is served as asked.
+    explicit = choose_serving("auto", "float32", both, bf16=True, have_tensorflow=True, have_onnxruntime=True)
+    assert (explicit.runtime, explicit.precision, explicit.export) == (
+        ("onnxruntime", "float32", "onnx") if onnxruntime_available() else ("tensorflow", "float32", None)
+    )
+    explicit = choose_serving("tensorflow", "bfloat16", both)
+    assert (explicit.runtime, explicit.precision, explicit.export) == ("tensorflow", "bfloat16", None)
+
+
 def test_choose_runtime() -> None:
     assert choose_runtime("tensorflow", True) == "tensorflow"
     assert choose_runtime("onnxruntime", False) == "onnxruntime"  # refused later, with the advice
@@ -313,13 +346,13 @@ def test_int8_export_is_calibrated_and_gated_on_other_cells_of_both_classes(
     model = load_runtime_model("onnxruntime", path, "int8")
     assert model.precision == "int8"
     assert np.asarray(model(synthetic_check_cells(SIZE, n=4))).shape == (4, 1)
-    # A worker process with ALLSCORE_PRECISION=int8 serves it, without TensorFlow.
+    # A worker process on the defaults (auto) serves it, without TensorFlow: the gated int8 export comes first.
     env = {
         **os.environ,
         "ALLSCORE_HOME": str(tmp_path / "home"),
         "ALLSCORE_MODEL_STORE": store,
         "ALLSCORE_RUNTIME": "auto",
-        "ALLSCORE_PRECISION": "int8",
+        "ALLSCORE_PRECISION": "auto",
         "ALLSCORE_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
     }
     done = subprocess.run(
