@@ -44,6 +44,7 @@ from trainer.train import (
     fit_one,
     kept_epoch,
     provenance,
+    seed_everything,
     training_record,
 )
 
@@ -97,13 +98,12 @@ def ensemble(models: list[Any], name: str = "allscore_ensemble") -> Any:
 
 def train_folds(data: Path, config: TrainConfig, k: int, console: Console | None = None) -> TrainOutcome:
     """Train K fold models on every subject of `data` and return their ensemble with out-of-fold figures."""
-    import keras
 
     console = console or Console(stderr=True)
     started = time.perf_counter()
     settings = get_settings()
     configure_tensorflow(settings.tf_threads)
-    keras.utils.set_random_seed(config.seed)
+    seed_everything(config.seed)
     dataset = discover(data)
     groups, how = subject_groups(dataset, k, config.seed)
     console.print(f"data {data}: {len(dataset.cells)} cells from {len(dataset.subjects)} subjects; {k} folds: {how}")
