@@ -95,16 +95,12 @@ def choose_serving(
 ) -> Serving:
     """The runtime and precision that serve a version with these exports, from ALLSCORE_RUNTIME and
     ALLSCORE_PRECISION. An explicit precision is served as asked (choose_runtime). `auto`, the default, takes the
-    fastest combination measured that holds accuracy (bench/README.md, "Runtimes"), falling back where the CPU, the
-    install or the version lacks what it needs:
+    first of these that the CPU, the install and the version allow; the order is that of the speeds measured on
+    every machine kind (bench/README.md, "Runtimes"), each holding weighted F1 within 0.01 of float32:
 
-    1. ONNX Runtime int8, where the version has an int8 export: it exists only if it passed its accuracy gate at
-       export (weighted F1 within 0.01 of float32 on held-out subjects). 1.5x TensorFlow's bfloat16 and 2.9x its
-       float32 at 64x64 on AMD Zen 4 (VNNI); 1.8x ONNX Runtime float32 in CPU per cell on Zen 3 (AVX2 only).
-    2. TensorFlow bfloat16, where the CPU computes it (AVX512_BF16 or AMX) and TensorFlow is installed: 1.9x its
-       float32 on Zen 4, about 5x on AMX; weighted F1 within 0.004 of float32.
-    3. ONNX Runtime float32, where the version has the export: 1.4-2.9x TensorFlow float32 on Zen 3, equal on Zen 4,
-       in a quarter of the memory at 64x64.
+    1. ONNX Runtime int8, where the version has an int8 export (it exists only if it passed its accuracy gate);
+    2. TensorFlow bfloat16, where the CPU computes it (AVX512_BF16 or AMX) and TensorFlow is installed;
+    3. ONNX Runtime float32, where the version has the export (also a fraction of TensorFlow's memory);
     4. TensorFlow float32.
     """
     bf16 = cpu_has_bf16() if bf16 is None else bf16

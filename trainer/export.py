@@ -253,8 +253,8 @@ def split_validation(
 ) -> tuple[list[CellRecord], list[CellRecord], list[str], list[str], list[str]]:
     """The validation cells split in two: (calibration cells, held-out cells, their subjects, the subjects both
     hold). Each class's subjects alternate in sorted order, so that both halves hold ALL and hem cells: activation
-    ranges calibrated on one class only saturate on the other (a 32x32 model calibrated on its one ALL subject moved
-    p(all) by up to 0.43 on hem cells). The gate never sees a calibration subject, except where a class has one
+    ranges calibrated on one class only saturate on the other (README, "Serving runtimes"). The gate never sees a
+    calibration subject, except where a class has one
     validation subject only (a small fold): that subject's cells alternate instead, and the gate never sees a
     calibration cell."""
     by_subject: dict[str, list[CellRecord]] = {}

@@ -153,8 +153,7 @@ def fit_one(
     )
     # The epoch kept is the one that ranks the validation cells best (the threshold is chosen on them afterwards,
     # the temperature fitted). Not the lowest validation loss: a model whose batch-norm statistics have not settled
-    # gives near-constant p(all), a lower loss than a well-ranking but over-confident one; kept by loss, the demo's
-    # 6-epoch model had validation AUC 0.35 (epoch 3) against 0.98 at epoch 6, in two runs of three.
+    # gives near-constant p(all), a lower loss than a well-ranking but over-confident one (README, "Training").
     stop = keras.callbacks.EarlyStopping(
         monitor="val_auc", mode="max", patience=config.patience, restore_best_weights=True
     )
@@ -178,9 +177,8 @@ def fit_one(
 
 def seed_everything(seed: int) -> None:
     """Python's, NumPy's and TensorFlow's generators seeded, and TensorFlow's ops made deterministic: two trainings
-    with one seed on one machine give bit-identical weights (the 64x64 seed network, 3 epochs: identical twice with
-    it, different twice without, at the same CPU time within noise). Across CPUs (AVX2, AVX-512, AMX) oneDNN's
-    kernels differ and so do the last bits."""
+    with one seed on one machine give bit-identical weights, at no measurable cost (README, "Training"). Across CPUs
+    (AVX2, AVX-512, AMX) oneDNN's kernels differ and so do the last bits."""
     import keras
     import tensorflow as tf
 
