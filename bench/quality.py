@@ -81,9 +81,9 @@ def run_seed(train: Path, held: Path, store: Path, *, seed: int, folds: int, epo
 
     config = TrainConfig(name="quality", seed=seed, epochs=epochs, version=f"s{seed}-k{folds}")
     console = Console(stderr=True)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     outcome = train_folds(train, config, folds, console) if folds > 1 else train_model(train, config, console)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     manifest = publish(outcome, str(store))
     loaded = load_model(manifest.ref, store=str(store))
     cells = [c for c in discover(held).cells if c.label is not None]
@@ -104,6 +104,8 @@ def run_seed(train: Path, held: Path, store: Path, *, seed: int, folds: int, epo
         "seed": seed,
         "ref": manifest.ref,
         "train_minutes": round(seconds / 60, 2),
+        # CPU time of this process (every thread): on a shared machine, minutes / cores is the quiet wall time.
+        "train_cpu_minutes": round(cpu_seconds / 60, 2),
         "fold_minutes": [round(f["seconds"] / 60, 2) for f in manifest.training.get("per_fold", [])],
         "threshold": round(manifest.threshold, 4),
         "fold_thresholds": manifest.training.get("fold_thresholds"),
@@ -128,19 +130,38 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--work", type=Path, help="keep the data sets here (default: a temporary folder)")
     args = parser.parse_args()
-    from bench.run import machine
-
     work = args.work or Path(tempfile.mkdtemp(prefix="allscore-quality-"))
     work.mkdir(parents=True, exist_ok=True)
     train, held = make_sets(work / f"tint{args.tint:g}", args.tint)
-    runs = [run_seed(train, held, work / "store", seed=s, folds=args.folds, epochs=args.epochs) for s in args.seeds]
+    runs: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        runs.append(run_seed(train, held, work / "store", seed=seed, folds=args.folds, epochs=args.epochs))
+        out = write_summary(runs, args.tint, args.folds)  # after every seed: a long run cut short keeps its seeds
+    for r in runs:
+        h = r["held_out"]
+        print(
+            f"seed {r['seed']}: held-out weighted F1 {h['weighted_f1']:.4f} AUC {h['auc']:.4f} "
+            f"sens {h['sensitivity']:.3f} spec {h['specificity']:.3f}; threshold {r['threshold']:.3f}; "
+            f"{r['train_minutes']:.1f} min"
+        )
+    summary = json.loads(out.read_text())
+    print(
+        f"spread {summary['held_out_weighted_f1_spread']}, mixed samples max |corrected - truth| "
+        f"{summary['mixed_max_abs_error_corrected']}; written to {out}"
+    )
+
+
+def write_summary(runs: list[dict[str, Any]], tint: float, folds: int) -> Path:
+    """bench/results/quality_tint<T>_k<K>.json from the runs so far."""
+    from bench.run import machine
+
     f1 = [r["held_out"]["weighted_f1"] for r in runs]
     errors = [r["mixed_samples"][f"{t:.2f}"]["max_abs_error_corrected"] for r in runs for t in FRACTIONS]
     result = {
         "machine": machine(),
-        "data": f"allscore data synth (12 subjects, 120 cells, seed 0, tint {args.tint}); held out: 6 other "
+        "data": f"allscore data synth (12 subjects, 120 cells, seed 0, tint {tint}); held out: 6 other "
         "subjects (101-103, H101-H103), 400 cells each",
-        "folds": args.folds,
+        "folds": folds,
         "runs": runs,
         "held_out_weighted_f1": f1,
         "held_out_weighted_f1_min": min(f1),
@@ -150,19 +171,9 @@ def main() -> None:
         "train_minutes": [r["train_minutes"] for r in runs],
     }
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"quality_tint{args.tint:g}_k{args.folds}.json"
+    out = RESULTS / f"quality_tint{tint:g}_k{folds}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    for r in runs:
-        h = r["held_out"]
-        print(
-            f"seed {r['seed']}: held-out weighted F1 {h['weighted_f1']:.4f} AUC {h['auc']:.4f} "
-            f"sens {h['sensitivity']:.3f} spec {h['specificity']:.3f}; threshold {r['threshold']:.3f}; "
-            f"{r['train_minutes']:.1f} min"
-        )
-    print(
-        f"spread {result['held_out_weighted_f1_spread']}, mixed samples max |corrected - truth| "
-        f"{result['mixed_max_abs_error_corrected']}; written to {out}"
-    )
+    return out
 
 
 if __name__ == "__main__":
