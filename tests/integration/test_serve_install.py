@@ -45,6 +45,14 @@ def test_the_serve_and_review_extras_have_no_tensorflow_and_score_and_show_cells
         cwd=tmp_path,
     )
     assert probe.stdout.strip() == "None", probe.stderr
+    # The image's other jobs need no model either: migrating a database, and the sweeper's one pass.
+    jobs_env = {**os.environ, "ALLSCORE_HOME": str(tmp_path / "jobs-home")}
+    jobs_env["ALLSCORE_DATABASE_URL"] = f"sqlite:///{tmp_path / 'jobs.db'}"
+    for args in (["db", "upgrade"], ["sweep"]):
+        job = subprocess.run(
+            [str(bin_dir / "allscore"), *args], env=jobs_env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+        assert job.returncode == 0, (args, job.stderr[-2000:])
 
     cells = stack.upload_sample("serve-cells", 12, fraction=0.5, seed=5)
     bucket = store_for(stack.bucket)
