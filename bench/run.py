@@ -458,7 +458,10 @@ def main() -> None:
         args.cells, args.soak, args.epochs = 256, 512, 1
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     work = Path(tempfile.mkdtemp(prefix="allscore-bench-"))
-    set_env(ALLSCORE_HOME=str(work / "home"))
+    # The engine and worker steps measure TensorFlow float32 (bfloat16 where a step names it), as every run before
+    # ALLSCORE_PRECISION and ALLSCORE_RUNTIME defaulted to auto: their figures stay comparable between machines and
+    # runs. What auto serves on this machine is step 1b's `best_runtime`.
+    set_env(ALLSCORE_HOME=str(work / "home"), ALLSCORE_PRECISION="float32", ALLSCORE_RUNTIME="tensorflow")
     from core.inference import configure_tensorflow
 
     configure_tensorflow(available_cores())
