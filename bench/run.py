@@ -14,7 +14,6 @@ import platform
 import re
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from tests.harness.services import moto_server_process
 from worker.context import available_cores
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
-PG_ADMIN = os.environ.get("ALLSCORE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS = os.environ.get("ALLSCORE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 
 # What worker.engine reads objects with (worker.engine.Fetch).
@@ -99,55 +98,15 @@ def rss_mb(pid: int | None = None) -> tuple[float, float]:
     return rss, hwm
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def s3_server() -> Iterator[str]:
-    """A moto S3 server in its own process (so it does not share this process's GIL)."""
-    port = free_port()
-    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
-    proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
 @contextmanager
 def pg_database() -> Iterator[str]:
-    """A throwaway PostgreSQL database, migrated."""
-    from sqlalchemy import create_engine
-
-    from db.engine import parse_url
+    """A throwaway PostgreSQL database (tests.harness.services), migrated."""
     from db.migrate import upgrade
+    from tests.harness.services import pg_admin_url_from_env, throwaway_database
 
-    name = f"allscore_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(parse_url(PG_ADMIN), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = parse_url(PG_ADMIN).set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    try:
+    with throwaway_database(pg_admin_url_from_env()) as url:
+        upgrade(url)
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 def set_env(**values: str) -> None:
@@ -553,7 +512,7 @@ def main() -> None:
             model_ms = cpu_ms[f"model_{dtype}"]
             results[f"e2e_ceiling_{dtype}"] = round(model_ms / (model_ms + cpu_ms["fetch_decode_local"]), 3)
     e2e["local_sqlite"] = bench_engine(loaded, uris, fetch, f"sqlite:///{work / 'e2e.db'}", args.batch)
-    with pg_database() as pg_url, s3_server() as endpoint:
+    with pg_database() as pg_url, moto_server_process() as endpoint:
         os.environ.update(
             {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
         )

@@ -3,9 +3,16 @@ migrating one with the roles' passwords in the environment."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine
@@ -15,6 +22,14 @@ from db.migrate import upgrade
 from tests.helpers import require_service
 
 LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
+# The PostgreSQL server the tests and the bench make throwaway databases on (its user may create databases).
+ADMIN_URL_VARIABLE = "ALLSCORE_TEST_POSTGRES_URL"
+DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def pg_admin_url_from_env() -> str:
+    """ALLSCORE_TEST_POSTGRES_URL, else the machine's test server."""
+    return os.environ.get(ADMIN_URL_VARIABLE, DEFAULT_ADMIN_URL)
 
 
 def local_redis_url() -> str:
@@ -54,3 +69,27 @@ def upgrade_with_new_passwords(url: str, monkeypatch: pytest.MonkeyPatch, *varia
         monkeypatch.setenv(variable, password)
     upgrade(url)
     return passwords
+
+
+@contextmanager
+def moto_server_process() -> Iterator[str]:
+    """A moto S3 server in a process of its own (the bench's: it must not share the measuring process's GIL, as
+    the tests' threaded server does); yields its endpoint URL."""
+    from tests.harness.faults import free_port
+
+    port = free_port()
+    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)

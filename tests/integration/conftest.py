@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,18 +20,15 @@ from core.settings import Settings, reset_settings_cache
 from db.engine import parse_url
 from db.migrate import upgrade
 from tests.fixtures import PublishedModel
-from tests.harness.services import local_redis_url, throwaway_database
+from tests.harness.services import ADMIN_URL_VARIABLE, local_redis_url, pg_admin_url_from_env, throwaway_database
 from tests.helpers import require_service
 from tests.integration.stack import Stack
-
-ADMIN_URL_VARIABLE = "ALLSCORE_TEST_POSTGRES_URL"
-DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture(scope="session")
 def pg_admin_url() -> str:
     """URL of a PostgreSQL database whose user may create databases; skips (fails under CI) if down."""
-    url = os.environ.get(ADMIN_URL_VARIABLE, DEFAULT_ADMIN_URL)
+    url = pg_admin_url_from_env()
     shown = parse_url(url).render_as_string(hide_password=True)
     engine = create_engine(parse_url(url), connect_args={"connect_timeout": 3})
     reason = ""
