@@ -33,8 +33,8 @@ from db.models import (
     SampleFieldRow,
     SampleStatus,
 )
-from db.records import FLAG_SEPARATOR, CellResult, FieldRecord, SampleSummary
-from db.rows import NO_SUMMARY, cell_row, check_identifier, check_result, field_row
+from db.records import CellResult, FieldRecord, SampleSummary
+from db.rows import NO_SUMMARY, cell_row, check_identifier, check_result, field_row, summary_columns
 from db.views import cell_results, field_results, sample_results
 
 # ORM updates here never need to refresh loaded objects: the functions load none.
@@ -309,21 +309,7 @@ def record_sample_result(
         .where(Sample.id == sample.id)
         .values(
             status=SampleStatus.DONE,
-            n_cells=summary.n_cells,
-            n_all=summary.n_all,
-            n_failed=summary.n_failed,
-            all_fraction=summary.all_fraction,
-            ci_low=summary.ci_low,
-            ci_high=summary.ci_high,
-            corrected_fraction=summary.corrected_fraction,
-            mean_p_all=summary.mean_p_all,
-            flags=FLAG_SEPARATOR.join(summary.flags),
-            n_fields=summary.n_fields,
-            n_fields_failed=summary.n_fields_failed,
-            n_other=summary.n_other,
-            n_edge=summary.n_edge,
-            um_per_px=summary.um_per_px,
-            scale_source=summary.scale_source,
+            **summary_columns(summary),
             started_at=sample.started_at or now,
             finished_at=now,
             error=None,

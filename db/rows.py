@@ -5,11 +5,12 @@ the records the worker hands in (db.records). Nothing here touches a session."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any
 
 from core import contract
 from db.errors import InvalidIdentifierError, ResultMismatchError
-from db.records import CellResult, FieldRecord, SampleSummary
+from db.records import FLAG_SEPARATOR, CellResult, FieldRecord, SampleSummary
 
 
 def check_identifier(kind: str, value: str, max_length: int) -> str:
@@ -20,24 +21,18 @@ def check_identifier(kind: str, value: str, max_length: int) -> str:
         raise InvalidIdentifierError(str(exc)) from None
 
 
+def summary_columns(summary: SampleSummary | None) -> dict[str, Any]:
+    """The sample row's summary columns, one per field of SampleSummary under the same name (flags joined by
+    FLAG_SEPARATOR): the record is the one list of them. All None for None."""
+    if summary is None:
+        return dict.fromkeys((f.name for f in fields(SampleSummary)), None)
+    columns = {f.name: getattr(summary, f.name) for f in fields(SampleSummary)}
+    columns["flags"] = FLAG_SEPARATOR.join(summary.flags)
+    return columns
+
+
 # The summary columns, cleared whenever a result set stops being current.
-NO_SUMMARY: dict[str, Any] = {
-    "n_cells": None,
-    "n_all": None,
-    "n_failed": None,
-    "all_fraction": None,
-    "ci_low": None,
-    "ci_high": None,
-    "corrected_fraction": None,
-    "mean_p_all": None,
-    "flags": None,
-    "n_fields": None,
-    "n_fields_failed": None,
-    "n_other": None,
-    "n_edge": None,
-    "um_per_px": None,
-    "scale_source": None,
-}
+NO_SUMMARY: dict[str, Any] = summary_columns(None)
 
 
 # The field columns of a cell row that comes from a single-cell image (every row of one insert has all keys).

@@ -163,3 +163,18 @@ def test_timestamps_are_utc_and_naive_ones_are_refused(factory: Factory) -> None
 def test_records_refuse_impossible_values(make: Callable[[], object], told: str) -> None:
     with pytest.raises(ValueError, match=told):
         make()
+
+
+def test_every_summary_field_is_a_column_of_the_sample_row_and_the_view() -> None:
+    """SampleSummary is the one list of the summary columns: the table and the analysts' view hold each of them."""
+    from dataclasses import fields
+
+    from db.models import Sample
+    from db.records import SampleSummary
+    from db.rows import NO_SUMMARY
+    from db.views import sample_results
+
+    names = {f.name for f in fields(SampleSummary)}
+    assert set(NO_SUMMARY) == names
+    assert names <= set(Sample.__table__.columns.keys())
+    assert names <= set(sample_results.columns.keys())
