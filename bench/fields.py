@@ -67,8 +67,8 @@ def field_ms(uris: list[str], *, size: int, train_um: float) -> list[float]:
 def engine_cells_per_s(
     loaded: Any, uris: list[str], kind: str, db_url: str, batch: int, um_per_px: float | None = None
 ) -> dict[str, Any]:
-    """One sample through the worker's engine (bench.run.bench_engine, local files); cells/s of cells scored."""
-    from bench.run import bench_engine
+    """One sample through the worker's engine (bench.measure.bench_engine, local files); cells/s of cells scored."""
+    from bench.measure import bench_engine
 
     return bench_engine(loaded, uris, LocalStore().read_bytes, db_url, batch, kind=kind, um_per_px=um_per_px)
 
@@ -207,7 +207,7 @@ def main() -> None:
     parser.add_argument("--fields", type=int, default=25, help="fields of 12 white cells (25: a 300-cell slide)")
     parser.add_argument("--model-store", help="a store holding bench:v1 from an earlier run (skips training)")
     args = parser.parse_args()
-    from bench.run import machine, set_env, train_bench_model
+    from bench.common import machine, set_env, train_bench_model
     from core.artifact import load_model
     from core.inference import ServingModel
 

@@ -153,7 +153,7 @@ def main() -> None:
 
 def write_summary(runs: list[dict[str, Any]], tint: float, folds: int) -> Path:
     """bench/results/quality_tint<T>_k<K>.json from the runs so far."""
-    from bench.run import machine
+    from bench.common import machine
 
     f1 = [r["held_out"]["weighted_f1"] for r in runs]
     errors = [r["mixed_samples"][f"{t:.2f}"]["max_abs_error_corrected"] for r in runs for t in FRACTIONS]

@@ -3,6 +3,9 @@
 Writes bench/results/latest.json and bench/results/latest.md. Never part of the test suite. Needs the local
 PostgreSQL and Redis (as the tests do); starts its own S3 server (moto, as a subprocess).
 Run: python -m bench.run [--cells 2000] [--soak 10000] [--quick]
+
+The run is a list of steps (`STEPS`), each a small function of the shared `Bench` that adds its keys to the results;
+the measurements themselves are in bench/measure.py, what they share in bench/common.py.
 """
 
 from __future__ import annotations
@@ -10,401 +13,278 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
-import resource
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from bench.common import REDIS, RESULTS, log, machine, model_gflop, pg_database, set_env, train_bench_model
+from bench.measure import (
+    bench_engine,
+    bench_loads,
+    bench_naive,
+    bench_pg_rows,
+    bench_raw,
+    paired_ratios,
+    run_workers,
+    soak_memory,
+)
 from tests.harness.services import moto_server_process
 from worker.context import available_cores
 
-RESULTS = Path(__file__).resolve().parent / "results"
-REPO = Path(__file__).resolve().parents[1]
-REDIS = os.environ.get("ALLSCORE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 
-# What worker.engine reads objects with (worker.engine.Fetch).
-Fetch = Callable[[str], bytes]
+@dataclass
+class Bench:
+    """What the steps share: the arguments, the work folder, the model (Keras, served, loaded), the cells, the
+    reader, the services (a throwaway PostgreSQL database and an S3 server, started by the first step that needs
+    them) and the results so far."""
+
+    args: argparse.Namespace
+    work: Path
+    services: ExitStack
+    results: dict[str, Any] = field(default_factory=dict)
+    cpu_ms: dict[str, float] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)
+    store: str = ""
+    keras_model: Any = None
+    model: Any = None
+    loaded: Any = None
+    bf16_loaded: Any = None
+    gflop: float = 0.0
+    paths: list[Path] = field(default_factory=list)
+    uris: list[str] = field(default_factory=list)
+    fetch: Any = None
+    raw32: float = 0.0
+    naive: float = 0.0
+    _pg_url: str | None = None
+    _endpoint: str | None = None
+
+    @property
+    def pg_url(self) -> str:
+        """A migrated throwaway database, made on first use and dropped when the run ends."""
+        if self._pg_url is None:
+            self._pg_url = self.services.enter_context(pg_database())
+        return self._pg_url
+
+    @property
+    def s3_endpoint(self) -> str:
+        """A moto S3 server in its own process, started on first use; settings and the reader point at it."""
+        if self._endpoint is None:
+            from core.settings import get_settings
+            from core.storage import Fetcher
+
+            self._endpoint = self.services.enter_context(moto_server_process())
+            os.environ.update(
+                {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+            )
+            set_env(ALLSCORE_S3_ENDPOINT_URL=self._endpoint)
+            self.fetch = Fetcher(get_settings())  # the worker's own reader, now with the S3 endpoint
+        return self._endpoint
 
 
-def log(msg: str) -> None:
-    """Progress on stderr."""
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+def step_model(b: Bench) -> None:
+    from core.artifact import load_model
+    from core.inference import ServingModel
+    from trainer.synth import write_sample
 
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = "unknown"
-    flags: list[str] = []
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        cpu = re.search(r"model name\s*:\s*(.+)", text).group(1)  # type: ignore[union-attr]
-        # VMs often hide the model name ("AMD EPYC"); family and model still tell the generations apart
-        # (family 25 is Zen 3/4, 26 is Zen 5), and the speed of the same code differs by 2x between them.
-        family = re.search(r"cpu family\s*:\s*(\d+)", text)
-        model = re.search(r"^model\s*:\s*(\d+)", text, re.MULTILINE)
-        if family and model:
-            cpu = f"{cpu} (family {family.group(1)}, model {model.group(1)})"
-        flags = sorted({f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in text.split()})
-    except (OSError, AttributeError):
-        pass
-    import keras
-    import tensorflow as tf
-
-    return {
-        "cpu": cpu,
-        "cores": available_cores(),
-        "flags": flags,
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    b.store = train_bench_model(b.work, b.args.size, b.args.epochs)
+    b.loaded = load_model("bench:v1", store=b.store)
+    b.keras_model = b.loaded.model
+    # The model as the worker runs it: batch norm folded, one traced graph (core.inference.ServingModel).
+    b.model = ServingModel(b.keras_model, "float32")
+    b.loaded.model = b.model
+    b.gflop = model_gflop(b.keras_model)
+    b.results["model"] = {
+        "architecture": "seed",
+        "input_size": b.args.size,
+        "gflop_per_cell": round(b.gflop, 3),
+        "parameters": int(b.keras_model.count_params()),
     }
+    log(f"writing {b.args.cells} synthetic 450x450 BMP cells")
+    b.paths = write_sample(b.work / "cells", b.args.cells, 0.3, seed=11)
+    b.uris = [str(p) for p in b.paths]
+    b.results["cpu_ms_per_cell"] = b.cpu_ms
 
 
-def model_gflop(model: Any) -> float:
-    """Forward-pass GFLOP per cell (2 x multiply-adds of Conv2D and Dense layers)."""
-    from keras import layers
-
-    flops = 0
-    for layer in model.layers:
-        if isinstance(layer, layers.Conv2D):
-            _, h, w, c_out = layer.output.shape
-            kh, kw = layer.kernel_size
-            c_in = layer.input.shape[-1]
-            flops += 2 * h * w * c_out * kh * kw * c_in
-        elif isinstance(layer, layers.Dense):
-            flops += 2 * layer.input.shape[-1] * layer.units
-    return flops / 1e9
-
-
-def rss_mb(pid: int | None = None) -> tuple[float, float]:
-    """(current RSS, peak RSS) of a process in MiB, from /proc."""
-    status = Path(f"/proc/{pid or 'self'}/status").read_text()
-    rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
-    hwm = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
-    return rss, hwm
-
-
-@contextmanager
-def pg_database() -> Iterator[str]:
-    """A throwaway PostgreSQL database (tests.harness.services), migrated."""
-    from db.migrate import upgrade
-    from tests.harness.services import pg_admin_url_from_env, throwaway_database
-
-    with throwaway_database(pg_admin_url_from_env()) as url:
-        upgrade(url)
-        yield url
-
-
-def set_env(**values: str) -> None:
-    """Point settings at new values (environment + cache reset)."""
-    from core.settings import reset_settings_cache
-
-    os.environ.update(values)
-    reset_settings_cache()
-
-
-# --- the model --------------------------------------------------------------------------------------------
-
-
-def train_bench_model(work: Path, size: int, epochs: int) -> str:
-    """A `seed` model at `size` trained briefly on synthetic cells (for the bf16 accuracy check)."""
-    from rich.console import Console
-
+def step_raw(b: Bench) -> None:
+    from core.inference import ServingModel, cpu_has_bf16
     from trainer.synth import synthesize
-    from trainer.train import TrainConfig, publish, train_model
 
-    data = work / "train-data"
-    synthesize(data, subjects=12, cells=120, seed=7)
-    store = str(work / "models")
-    config = TrainConfig(name="bench", arch="seed", image_size=size, epochs=epochs, patience=epochs, version="v1")
-    outcome = train_model(data, config, Console(stderr=True))
-    publish(outcome, store)
-    return store
+    raw32, cpu32 = bench_raw(b.model, b.args.size, b.args.batch, 10)
+    b.raw32 = raw32
+    b.results["raw_fp32_cells_per_s"] = round(raw32, 1)
+    b.cpu_ms["model_fp32"] = round(cpu32, 2)
+    b.results["gflops_achieved_fp32"] = round(raw32 * b.gflop, 1)
+    if not cpu_has_bf16():
+        b.results["bf16_over_fp32"] = None
+        log("no AVX512_BF16/AMX on this CPU: bfloat16 not measured")
+        return
+    raw16, cpu16 = bench_raw(ServingModel(b.keras_model, "bfloat16"), b.args.size, b.args.batch, 10)
+    b.cpu_ms["model_bf16"] = round(cpu16, 2)
+    b.results["raw_bf16_cells_per_s"] = round(raw16, 1)
+    b.results["bf16_over_fp32"] = round(raw16 / raw32, 2)
+    b.results["gflops_achieved_bf16"] = round(raw16 * b.gflop, 1)
+    from trainer.evaluate import evaluate
 
-
-# --- the measurements -------------------------------------------------------------------------------------
-
-
-def cpu_seconds() -> float:
-    """CPU time (user + system) of this process, all threads."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def bench_raw(model: Any, size: int, batch: int, seconds: float) -> tuple[float, float]:
-    """Batched model(x, training=False) on pre-decoded uint8 batches: cells/s and CPU ms per cell."""
-    from core.inference import predict_batch
-
-    x = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-    predict_batch(model, x)
-    done, start, cpu = 0, time.perf_counter(), cpu_seconds()
-    while time.perf_counter() - start < seconds:
-        done += len(predict_batch(model, x))
-    return done / (time.perf_counter() - start), (cpu_seconds() - cpu) / done * 1e3
+    set_env(ALLSCORE_PRECISION="float32")
+    held_out = b.work / "held-out"
+    synthesize(held_out, subjects=6, cells=60, seed=99)  # subjects the model never saw
+    wf32 = evaluate("bench:v1", held_out, store=b.store)["weighted_f1"]
+    set_env(ALLSCORE_PRECISION="bfloat16")
+    wf16 = evaluate("bench:v1", held_out, store=b.store)["weighted_f1"]
+    set_env(ALLSCORE_PRECISION="float32")
+    b.results["bf16_wf1_delta"] = round(wf16 - wf32, 4)
+    b.results["wf1_fp32_held_out_synthetic"] = round(wf32, 4)
 
 
-def bench_loads(uris: list[str], fetch: Fetch, size: int) -> float:
-    """CPU ms per cell to fetch and decode, on the engine's I/O pool, with no model running."""
-    from worker.fields import read_cell
+def step_runtimes(b: Bench) -> None:
+    from bench.runtimes import DEFAULT_SIZE, measure_runtimes, train_models
 
-    with ThreadPoolExecutor(_io_threads()) as pool:
-        list(pool.map(lambda uri: read_cell(uri, fetch, size=size, max_pixels=40_000_000), uris[:100]))
-        cpu = cpu_seconds()
-        for _ in pool.map(lambda uri: read_cell(uri, fetch, size=size, max_pixels=40_000_000), uris):
-            pass
-        return (cpu_seconds() - cpu) / len(uris) * 1e3
+    models = {b.args.size: (b.store, "bench:v1")}
+    if b.args.size != DEFAULT_SIZE:
+        models.update(train_models(b.work, (DEFAULT_SIZE,), b.args.epochs))
+    b.results.update(measure_runtimes(b.work, models, batch=b.args.batch, seconds=3.0 if b.args.quick else 10.0))
 
 
-def bench_naive(model: Any, images: list[Path], size: int, n: int) -> float:
-    """model.predict on one image at a time, decoding each: what a notebook loop does."""
-    from core.imaging import load_image
-
-    start = time.perf_counter()
-    for path in images[:n]:
-        model.predict(load_image(path, size)[None], verbose=0)
-    return n / (time.perf_counter() - start)
+def step_naive(b: Bench) -> None:
+    b.naive = bench_naive(b.keras_model, b.paths, b.args.size, min(120, len(b.paths)))
+    b.results["naive_cells_per_s"] = round(b.naive, 1)
 
 
-def bench_engine(
-    loaded: Any,
-    uris: list[str],
-    fetch: Fetch,
-    db_url: str,
-    batch: int,
-    kind: str = "cells",
-    um_per_px: float | None = None,
-) -> dict[str, Any]:
-    """The worker's engine end to end (fetch + decode [+ segment] + infer + database write), in this process.
-
-    cells_per_s counts the cells scored: every image for single cells, the whole lymphoid cells found for fields.
-    """
-    from core.contract import ScoreMessage
-    from db import repository
-    from db.engine import make_engine, session_factory, transaction
-    from db.migrate import upgrade
-    from worker.engine import score_sample
-
-    upgrade(db_url)
-    sessions = session_factory(make_engine(db_url))
-    sample = f"bench-{uuid.uuid4().hex[:8]}"
-    with transaction(sessions) as session:
-        repository.ensure_model(
-            session=session,
-            name=loaded.manifest.name,
-            version=loaded.manifest.version,
-            uri="bench",
-            sha256=loaded.manifest.sha256,
-            sensitivity=loaded.manifest.validation.sensitivity,
-            specificity=loaded.manifest.validation.specificity,
-            threshold=loaded.manifest.threshold,
-        )
-        repository.create_job(session=session, job_id=sample, n_samples=1)
-        queued = repository.enqueue_sample(
-            session=session, job_id=sample, sample_id=sample, model_version=loaded.manifest.ref, kind=kind
-        )
-    message = ScoreMessage(
-        job_id=sample,
-        sample_id=sample,
-        image_uris=tuple(uris),
-        model_version=loaded.manifest.ref,
-        submission=queued.submission,
-        kind=kind,  # type: ignore[arg-type]
-        um_per_px=um_per_px,
-    )
-    with ThreadPoolExecutor(_io_threads()) as pool:
-        start = time.perf_counter()
-        summary = score_sample(message, loaded=loaded, fetch=fetch, sessions=sessions, pool=pool, batch_size=batch)
-        seconds = time.perf_counter() - start
-    scored = summary.n_cells - summary.n_failed
-    return {
-        "images": len(uris),
-        "cells": scored,
-        "seconds": round(seconds, 2),
-        "cells_per_s": round(scored / seconds, 1),
-        "all_fraction": summary.all_fraction,
-    }
-
-
-def _io_threads() -> int:
-    """The fetch/decode threads a worker process would use (ALLSCORE_IO_THREADS or its default)."""
+def step_loads(b: Bench) -> None:
     from core.settings import get_settings
-    from worker.context import io_threads_for
+    from core.storage import Fetcher
 
-    return io_threads_for(get_settings())
-
-
-def paired_ratios(
-    raw_model: Any, loaded: Any, uris: list[str], fetch: Fetch, db_url: str, args: argparse.Namespace, pairs: int = 3
-) -> list[float]:
-    """End to end (local store, PostgreSQL) over raw, each from a raw run just before its engine run."""
-    ratios = []
-    for _ in range(pairs):
-        raw, _cpu = bench_raw(raw_model, args.size, args.batch, 5)
-        ratios.append(round(bench_engine(loaded, uris, fetch, db_url, args.batch)["cells_per_s"] / raw, 3))
-    return ratios
-
-
-def bench_pg_rows(db_url: str, n: int = 20000) -> float:
-    """Cell rows per second into PostgreSQL (one sample, one transaction, bulk insert)."""
-    from db import repository
-    from db.engine import make_engine, session_factory, transaction
-    from db.records import CellResult, SampleSummary
-
-    sessions = session_factory(make_engine(db_url))
-    with transaction(sessions) as session:
-        repository.create_job(session=session, job_id="rows", n_samples=1)
-        repository.enqueue_sample(session=session, job_id="rows", sample_id="rows", model_version="bench:rows")
-        repository.mark_running(session=session, sample_id="rows", model_version="bench:rows")
-    cells = [CellResult(f"s3://b/cells/{i:06d}.bmp", 0.3, False, None) for i in range(n)]
-    summary = SampleSummary(n, 0, 0, 0.0, 0.0, 0.01, 0.0, 0.3, ())
-    start = time.perf_counter()
-    with transaction(sessions) as session:
-        repository.record_sample_result(
-            session=session, sample_id="rows", model_version="bench:rows", cells=cells, summary=summary
-        )
-    return n / (time.perf_counter() - start)
+    b.fetch = Fetcher(get_settings())  # the worker's own reader: one store (and S3 client) per bucket
+    # Three passes over the cells, the median: a single pass just after writing them has read 0.46 and 1.1 where
+    # focused runs read 0.25 and 0.77 (runs 9 and 7).
+    passes = [round(bench_loads(b.uris, b.fetch, b.args.size), 3) for _ in range(3)]
+    b.results["fetch_decode_passes_ms"] = passes
+    b.cpu_ms["fetch_decode_local"] = statistics.median(passes)
+    # Fetch and decode share the cores with the model: with nothing else per cell, end to end can reach at most
+    # model / (model + fetch_decode) of the raw model's cells/s.
+    for dtype in ("fp32", "bf16"):
+        if f"model_{dtype}" in b.cpu_ms:
+            model_ms = b.cpu_ms[f"model_{dtype}"]
+            b.results[f"e2e_ceiling_{dtype}"] = round(model_ms / (model_ms + b.cpu_ms["fetch_decode_local"]), 3)
 
 
-def soak_memory(loaded: Any, uris: list[str], fetch: Fetch, batch: int, total: int) -> dict[str, Any]:
-    """Score `total` cells through the engine's batching path; RSS sampled every 1,000 cells."""
-    from worker.engine import score_cells
+def step_engine(b: Bench) -> None:
+    from core.artifact import LoadedModel
+    from core.inference import ServingModel, cpu_has_bf16
+    from core.storage import S3Store
 
-    samples: list[tuple[int, float]] = []
-    done = 0
-    with ThreadPoolExecutor(_io_threads()) as pool:
-        while done < total:
-            chunk = uris[: min(1000, total - done)]
-            score_cells(
-                chunk,
-                model=loaded.model,
-                size=loaded.manifest.input_size,
-                threshold=loaded.manifest.threshold,
-                fetch=fetch,
-                pool=pool,
-                batch_size=batch,
-            )
-            done += len(chunk)
-            samples.append((done, rss_mb()[0]))
-    first = samples[min(1, len(samples) - 1)][1]  # after the first 1,000: caches and graphs are warm
-    return {
-        "cells": done,
-        "rss_mb": [round(r, 1) for _, r in samples],
-        "growth_mb_after_warmup": round(samples[-1][1] - first, 1),
-        "peak_mb": round(rss_mb()[1], 1),
+    e2e, args = b.engine, b.args
+    e2e["local_sqlite"] = bench_engine(b.loaded, b.uris, b.fetch, f"sqlite:///{b.work / 'e2e.db'}", args.batch)
+    pg_url, _ = b.pg_url, b.s3_endpoint
+    s3 = S3Store()
+    s3.ensure_bucket("s3://bench")
+
+    def put(path: Path) -> str:
+        uri = f"s3://bench/cells/{path.name}"
+        s3.upload(path, uri)
+        return uri
+
+    with ThreadPoolExecutor(8) as pool:
+        s3_uris = list(pool.map(put, b.paths))
+    e2e["local_postgres"] = bench_engine(b.loaded, b.uris, b.fetch, pg_url, args.batch)
+    e2e["s3_sqlite"] = bench_engine(b.loaded, s3_uris, b.fetch, f"sqlite:///{b.work / 'e2e-s3.db'}", args.batch)
+    e2e["s3_postgres"] = bench_engine(b.loaded, s3_uris, b.fetch, pg_url, args.batch)
+    if cpu_has_bf16():
+        bf16 = ServingModel(b.keras_model, "bfloat16")
+        b.bf16_loaded = LoadedModel(model=bf16, manifest=b.loaded.manifest, path=b.loaded.path)
+        e2e["local_postgres_bf16"] = bench_engine(b.bf16_loaded, b.uris, b.fetch, pg_url, args.batch)
+    b.results["engine"] = e2e
+    best_e2e = max(v["cells_per_s"] for k, v in e2e.items() if not k.endswith("bf16"))
+    b.results["e2e_cells_per_s"] = e2e["local_postgres"]["cells_per_s"]
+    b.results["e2e_over_raw_best"] = round(best_e2e / b.raw32, 3)
+    b.results["e2e_over_naive"] = round(e2e["local_postgres"]["cells_per_s"] / b.naive, 1)
+
+
+def step_pairs(b: Bench) -> None:
+    pairs = {"fp32": (b.model, b.loaded)}
+    if b.bf16_loaded is not None:
+        pairs["bf16"] = (b.bf16_loaded.model, b.bf16_loaded)
+        b.results["e2e_bf16_over_naive"] = round(b.engine["local_postgres_bf16"]["cells_per_s"] / b.naive, 1)
+    for dtype, (raw_model, engine_model) in pairs.items():
+        ratios = paired_ratios(raw_model, engine_model, b.uris, b.fetch, b.pg_url, b.args)
+        b.results[f"e2e_over_raw_pairs_{dtype}"] = ratios
+        key = "e2e_over_raw" if dtype == "fp32" else "e2e_bf16_over_raw_bf16"
+        b.results[key] = round(statistics.median(ratios), 3)
+
+
+def step_pg_rows(b: Bench) -> None:
+    b.results["pg_rows_per_s"] = round(bench_pg_rows(b.pg_url), 0)
+
+
+def step_scaling(b: Bench) -> None:
+    from core.artifact import Registry
+
+    Registry(b.store).fetch("bench:v1")
+    env = {
+        "ALLSCORE_HOME": str(b.work / "home"),
+        "ALLSCORE_DATABASE_URL": b.pg_url,
+        "ALLSCORE_BROKER_URL": REDIS,
+        "ALLSCORE_MODEL_STORE": b.store,
+        "ALLSCORE_BATCH_SIZE": str(b.args.batch),
+        "ALLSCORE_S3_ENDPOINT_URL": b.s3_endpoint,
     }
+    uris, work, n = b.uris, b.work, 8
+    scaling = {
+        "one_process_one_core": run_workers([("0", 1, 1)], env, uris, "bench:v1", work, n),
+        "two_processes_two_cores": run_workers([("0", 1, 1), ("1", 1, 1)], env, uris, "bench:v1", work, n),
+        "one_process_both_cores": run_workers([(None, 1, 2)], env, uris, "bench:v1", work, n),
+        "prefork_two_children_one_thread_each": run_workers([(None, 2, 1)], env, uris, "bench:v1", work, n),
+    }
+    r = b.results
+    r["scaling"] = scaling
+    r["scale_2_over_1"] = round(
+        scaling["two_processes_two_cores"]["cells_per_s"] / scaling["one_process_one_core"]["cells_per_s"], 2
+    )
+    r["split_over_single"] = round(
+        scaling["prefork_two_children_one_thread_each"]["cells_per_s"]
+        / scaling["one_process_both_cores"]["cells_per_s"],
+        2,
+    )
+    r["loads_per_process"] = max(s["model_loads"] / s["processes"] for s in scaling.values())
+    r["model_load_seconds"] = sorted(t for s in scaling.values() for t in s["load_seconds"])
+    r["peak_rss_mb_per_worker_process"] = max(x for s in scaling.values() for x in s["peak_rss_mb_per_process"])
 
 
-def run_workers(
-    specs: list[tuple[str | None, int, int]], env: dict[str, str], uris: list[str], ref: str, work: Path, n_samples: int
-) -> dict[str, Any]:
-    """Start workers (cpu list or None, concurrency, tf threads), warm them, score n_samples through Redis."""
-    from sqlalchemy import text
-
-    from db.engine import make_engine
-
-    queue = f"bench-{uuid.uuid4().hex[:8]}"
-    procs = []
-    logs = []
-    for i, (cpus, concurrency, threads) in enumerate(specs):
-        log_path = work / f"worker-{queue}-{i}.log"
-        logs.append(log_path)
-        cmd = [sys.executable, "-m", "allscore", "worker", f"--concurrency={concurrency}"]
-        if cpus is not None:
-            cmd = ["taskset", "-c", cpus, *cmd]
-        worker_env = {
-            **os.environ,
-            **env,
-            "ALLSCORE_QUEUE": queue,
-            "ALLSCORE_TF_THREADS": str(threads),
-            "PYTHONUNBUFFERED": "1",
-        }
-        procs.append(
-            subprocess.Popen(
-                cmd, env=worker_env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
-            )
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while not all("ready." in p.read_text(errors="replace") for p in logs if p.exists()) or len(
-            [p for p in logs if p.exists()]
-        ) < len(logs):
-            if time.monotonic() > deadline:
-                raise RuntimeError("workers did not start")
-            time.sleep(0.5)
-        set_env(**env, ALLSCORE_QUEUE=queue)
-        from worker.cli import wait_for_job
-        from worker.client import submit_samples
-
-        # Warm-up: one sample per worker process so every process has loaded the model.
-        n_processes = sum(c for _, c, _ in specs)
-        warm = submit_samples({f"warm-{queue}-{i}": uris[:64] for i in range(n_processes * 2)}, model_ref=ref)
-        wait_for_job(warm, n_processes * 2, 300)
-        per = len(uris) // n_samples
-        job = submit_samples({f"s-{queue}-{i}": uris[i * per : (i + 1) * per] for i in range(n_samples)}, model_ref=ref)
-        rows = wait_for_job(job, n_samples, 900)
-        engine = make_engine(env["ALLSCORE_DATABASE_URL"])
-        with engine.connect() as conn:
-            first, last = conn.execute(
-                text("SELECT min(started_at), max(finished_at) FROM sample_results WHERE job_id = :j"), {"j": job}
-            ).one()
-        engine.dispose()
-        cells = sum(r["n_cells"] or 0 for r in rows)
-        seconds = (last - first).total_seconds()
-        child_rss = []
-        for p in procs:
-            for child in _children(p.pid):
-                child_rss.append(round(rss_mb(child)[1], 1))
-        loads = [len(re.findall(r"model loaded:", p.read_text(errors="replace"))) for p in logs]
-        load_times = [float(t) for p in logs for t in re.findall(r"model loaded: .* \(([\d.]+)s\)", p.read_text())]
-        return {
-            "cells": cells,
-            "seconds": round(seconds, 2),
-            "cells_per_s": round(cells / seconds, 1),
-            "processes": n_processes,
-            "model_loads": sum(loads),
-            "load_seconds": load_times,
-            "peak_rss_mb_per_process": child_rss,
-        }
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, 9)
+def step_soak(b: Bench) -> None:
+    b.results["soak"] = soak_memory(b.loaded, b.uris, b.fetch, b.args.batch, b.args.soak)
 
 
-def _children(pid: int) -> list[int]:
-    """The pids of a process's children, and theirs (a prefork worker's pool processes)."""
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children = (task / "children").read_text().split()
-        for c in children:
-            out.append(int(c))
-            out.extend(_children(int(c)))
-    return out
+def step_fields(b: Bench) -> None:
+    from bench.fields import measure_fields
+
+    b.results.update(measure_fields(b.loaded, b.work, batch=b.args.batch))
 
 
-# --- the run ----------------------------------------------------------------------------------------------
+# The run, in order (later steps use what earlier ones left in the Bench). The numbers are the steps' names in
+# bench/README.md's history of runs.
+STEPS: list[tuple[str, Callable[[Bench], None]]] = [
+    ("0. the bench model (seed architecture) trained on synthetic cells, and the cells", step_model),
+    ("1. raw model, float32 and bfloat16", step_raw),
+    ("1b. runtimes side by side (bench/runtimes.py), each in a process of its own", step_runtimes),
+    ("3. naive path: model.predict one image at a time", step_naive),
+    ("8. where the CPU goes: fetch + decode alone, CPU ms per cell", step_loads),
+    ("2. engine end to end: local store / S3 server x SQLite / PostgreSQL", step_engine),
+    ("2b. end to end over raw, measured in pairs (raw, then engine) so that drift of the VM cancels", step_pairs),
+    ("5. database writes into PostgreSQL", step_pg_rows),
+    ("4. scaling through Redis with real worker processes", step_scaling),
+    ("6. memory soak through the engine", step_soak),
+    ("9. microscope fields: segmentation per field, end to end from fields over from crops", step_fields),
+]
 
 
 def main() -> None:
-    """Run every measurement and write the results."""
+    """Run every step and write the results."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cells", type=int, default=2000, help="real-size BMP cells for the end-to-end runs")
     parser.add_argument("--soak", type=int, default=10000, help="cells for the memory soak")
@@ -424,182 +304,14 @@ def main() -> None:
     from core.inference import configure_tensorflow
 
     configure_tensorflow(available_cores())
-    results: dict[str, Any] = {"machine": machine(), "args": vars(args)}
-    log(f"work folder {work}; machine {results['machine']['cpu']}, {results['machine']['cores']} cores")
-
-    from core.artifact import Registry, load_model
-    from core.inference import ServingModel, cpu_has_bf16
-    from core.storage import S3Store
-    from trainer.synth import synthesize, write_sample
-
-    log("training the bench model (seed architecture) on synthetic cells")
-    store = train_bench_model(work, args.size, args.epochs)
-    loaded = load_model("bench:v1", store=store)
-    keras_model = loaded.model
-    # The model as the worker runs it: batch norm folded, one traced graph (core.inference.ServingModel).
-    model = ServingModel(keras_model, "float32")
-    loaded.model = model
-    gflop = model_gflop(keras_model)
-    results["model"] = {
-        "architecture": "seed",
-        "input_size": args.size,
-        "gflop_per_cell": round(gflop, 3),
-        "parameters": int(keras_model.count_params()),
-    }
-
-    log(f"writing {args.cells} synthetic 450x450 BMP cells")
-    cells_dir = work / "cells"
-    paths = write_sample(cells_dir, args.cells, 0.3, seed=11)
-    uris = [str(p) for p in paths]
-
-    log("1. raw model, float32 and bfloat16")
-    raw32, cpu32 = bench_raw(model, args.size, args.batch, 10)
-    results["raw_fp32_cells_per_s"] = round(raw32, 1)
-    cpu_ms: dict[str, float] = {"model_fp32": round(cpu32, 2)}
-    results["cpu_ms_per_cell"] = cpu_ms
-    results["gflops_achieved_fp32"] = round(raw32 * gflop, 1)
-    if cpu_has_bf16():
-        bf16_model = ServingModel(keras_model, "bfloat16")
-        raw16, cpu16 = bench_raw(bf16_model, args.size, args.batch, 10)
-        cpu_ms["model_bf16"] = round(cpu16, 2)
-        results["raw_bf16_cells_per_s"] = round(raw16, 1)
-        results["bf16_over_fp32"] = round(raw16 / raw32, 2)
-        results["gflops_achieved_bf16"] = round(raw16 * gflop, 1)
-        from trainer.evaluate import evaluate
-
-        set_env(ALLSCORE_PRECISION="float32")
-        held_out = work / "held-out"
-        synthesize(held_out, subjects=6, cells=60, seed=99)  # subjects the model never saw
-        wf32 = evaluate("bench:v1", held_out, store=store)["weighted_f1"]
-        set_env(ALLSCORE_PRECISION="bfloat16")
-        wf16 = evaluate("bench:v1", held_out, store=store)["weighted_f1"]
-        set_env(ALLSCORE_PRECISION="float32")
-        results["bf16_wf1_delta"] = round(wf16 - wf32, 4)
-        results["wf1_fp32_held_out_synthetic"] = round(wf32, 4)
-    else:
-        results["bf16_over_fp32"] = None
-        log("no AVX512_BF16/AMX on this CPU: bfloat16 not measured")
-
-    log("1b. runtimes side by side (bench/runtimes.py), each in a process of its own")
-    from bench.runtimes import DEFAULT_SIZE, measure_runtimes, train_models
-
-    runtime_models = {args.size: (store, "bench:v1")}
-    if args.size != DEFAULT_SIZE:
-        runtime_models.update(train_models(work, (DEFAULT_SIZE,), args.epochs))
-    results.update(measure_runtimes(work, runtime_models, batch=args.batch, seconds=3.0 if args.quick else 10.0))
-
-    log("3. naive path: model.predict one image at a time")
-    naive = bench_naive(keras_model, paths, args.size, min(120, len(paths)))
-    results["naive_cells_per_s"] = round(naive, 1)
-
-    log("2. engine end to end: local store / S3 server x SQLite / PostgreSQL")
-    e2e: dict[str, Any] = {}
-    from core.settings import get_settings
-    from core.storage import Fetcher
-
-    # The worker's own reader: one store (and S3 client) per bucket.
-    fetch = Fetcher(get_settings())
-    log("8. where the CPU goes: fetch + decode alone, CPU ms per cell")
-    # Three passes over the cells, the median: a single pass just after writing them has read 0.46 and 1.1 where
-    # focused runs read 0.25 and 0.77 (runs 9 and 7).
-    passes = [round(bench_loads(uris, fetch, args.size), 3) for _ in range(3)]
-    results["fetch_decode_passes_ms"] = passes
-    cpu_ms["fetch_decode_local"] = statistics.median(passes)
-    # Fetch and decode share the cores with the model: with nothing else per cell, end to end can reach at most
-    # model / (model + fetch_decode) of the raw model's cells/s.
-    for dtype in ("fp32", "bf16"):
-        if f"model_{dtype}" in cpu_ms:
-            model_ms = cpu_ms[f"model_{dtype}"]
-            results[f"e2e_ceiling_{dtype}"] = round(model_ms / (model_ms + cpu_ms["fetch_decode_local"]), 3)
-    e2e["local_sqlite"] = bench_engine(loaded, uris, fetch, f"sqlite:///{work / 'e2e.db'}", args.batch)
-    with pg_database() as pg_url, moto_server_process() as endpoint:
-        os.environ.update(
-            {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
-        )
-        set_env(ALLSCORE_S3_ENDPOINT_URL=endpoint)
-        s3 = S3Store()
-        s3.ensure_bucket("s3://bench")
-
-        def put(path: Path) -> str:
-            uri = f"s3://bench/cells/{path.name}"
-            s3.upload(path, uri)
-            return uri
-
-        with ThreadPoolExecutor(8) as pool:
-            s3_uris = list(pool.map(put, paths))
-        fetch = Fetcher(get_settings())  # now with the S3 endpoint
-        e2e["local_postgres"] = bench_engine(loaded, uris, fetch, pg_url, args.batch)
-        e2e["s3_sqlite"] = bench_engine(loaded, s3_uris, fetch, f"sqlite:///{work / 'e2e-s3.db'}", args.batch)
-        e2e["s3_postgres"] = bench_engine(loaded, s3_uris, fetch, pg_url, args.batch)
-        if cpu_has_bf16():
-            from core.artifact import LoadedModel
-
-            bf16_loaded = LoadedModel(
-                model=ServingModel(keras_model, "bfloat16"), manifest=loaded.manifest, path=loaded.path
-            )
-            e2e["local_postgres_bf16"] = bench_engine(bf16_loaded, uris, fetch, pg_url, args.batch)
-        results["engine"] = e2e
-        best_e2e = max(v["cells_per_s"] for k, v in e2e.items() if not k.endswith("bf16"))
-        results["e2e_cells_per_s"] = e2e["local_postgres"]["cells_per_s"]
-        results["e2e_over_raw_best"] = round(best_e2e / raw32, 3)
-        results["e2e_over_naive"] = round(e2e["local_postgres"]["cells_per_s"] / naive, 1)
-
-        log("2b. end to end over raw, measured in pairs (raw, then engine) so that drift of the VM cancels")
-        pairs = {"fp32": (model, loaded)}
-        if cpu_has_bf16():
-            pairs["bf16"] = (bf16_loaded.model, bf16_loaded)
-            results["e2e_bf16_over_naive"] = round(e2e["local_postgres_bf16"]["cells_per_s"] / naive, 1)
-        for dtype, (raw_model, engine_model) in pairs.items():
-            ratios = paired_ratios(raw_model, engine_model, uris, fetch, pg_url, args)
-            results[f"e2e_over_raw_pairs_{dtype}"] = ratios
-            key = "e2e_over_raw" if dtype == "fp32" else "e2e_bf16_over_raw_bf16"
-            results[key] = round(statistics.median(ratios), 3)
-
-        log("5. database writes into PostgreSQL")
-        results["pg_rows_per_s"] = round(bench_pg_rows(pg_url), 0)
-
-        log("4. scaling through Redis with real worker processes")
-        Registry(store).fetch("bench:v1")
-        env = {
-            "ALLSCORE_HOME": str(work / "home"),
-            "ALLSCORE_DATABASE_URL": pg_url,
-            "ALLSCORE_BROKER_URL": REDIS,
-            "ALLSCORE_MODEL_STORE": store,
-            "ALLSCORE_BATCH_SIZE": str(args.batch),
-            "ALLSCORE_S3_ENDPOINT_URL": endpoint,
-        }
-        n = 8
-        scaling = {
-            "one_process_one_core": run_workers([("0", 1, 1)], env, uris, "bench:v1", work, n),
-            "two_processes_two_cores": run_workers([("0", 1, 1), ("1", 1, 1)], env, uris, "bench:v1", work, n),
-            "one_process_both_cores": run_workers([(None, 1, 2)], env, uris, "bench:v1", work, n),
-            "prefork_two_children_one_thread_each": run_workers([(None, 2, 1)], env, uris, "bench:v1", work, n),
-        }
-        results["scaling"] = scaling
-        results["scale_2_over_1"] = round(
-            scaling["two_processes_two_cores"]["cells_per_s"] / scaling["one_process_one_core"]["cells_per_s"], 2
-        )
-        results["split_over_single"] = round(
-            scaling["prefork_two_children_one_thread_each"]["cells_per_s"]
-            / scaling["one_process_both_cores"]["cells_per_s"],
-            2,
-        )
-        loads = [s["model_loads"] / s["processes"] for s in scaling.values()]
-        results["loads_per_process"] = max(loads)
-        results["model_load_seconds"] = sorted(t for s in scaling.values() for t in s["load_seconds"])
-        results["peak_rss_mb_per_worker_process"] = max(
-            r for s in scaling.values() for r in s["peak_rss_mb_per_process"]
-        )
-
-    log(f"6. memory soak: {args.soak} cells through the engine")
-    results["soak"] = soak_memory(loaded, uris, fetch, args.batch, args.soak)
-
-    log("9. microscope fields: segmentation per field, end to end from fields over from crops")
-    from bench.fields import measure_fields
-
-    results.update(measure_fields(loaded, work, batch=args.batch))
-
-    write_results(results)
+    with ExitStack() as services:
+        bench = Bench(args=args, work=work, services=services, results={"machine": machine(), "args": vars(args)})
+        m = bench.results["machine"]
+        log(f"work folder {work}; machine {m['cpu']}, {m['cores']} cores")
+        for title, step in STEPS:
+            log(title)
+            step(bench)
+    write_results(bench.results)
     shutil.rmtree(work, ignore_errors=True)
 
 

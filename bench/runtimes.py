@@ -109,7 +109,7 @@ def measure_runtimes(
     default size `ort_over_tf_fp32`, `best_over_tf_best`, `best_over_tf_fp32`, `best_wf1_delta`, `best_runtime`;
     at 128x128 the same with the suffix `_128`.
     """
-    from bench.run import model_gflop
+    from bench.common import model_gflop
     from core.artifact import Registry, load_keras
     from core.inference import cpu_has_bf16
     from core.runtimes import onnxruntime_available

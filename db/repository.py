@@ -11,6 +11,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from core.contract import CellResult, FieldRecord, SampleSummary
 from db.coltypes import utcnow
 from db.errors import (
     DatabaseUrlError,
@@ -33,7 +34,6 @@ from db.models import (
     SampleFieldRow,
     SampleStatus,
 )
-from db.records import CellResult, FieldRecord, SampleSummary
 from db.rows import NO_SUMMARY, cell_row, check_identifier, check_result, field_row, summary_columns
 from db.views import cell_results, field_results, sample_results
 

@@ -1,6 +1,6 @@
 """The rows the repository writes and the checks made before writing them: the identifier rule, the cleared
 summary columns, the consistency of a summary with its cell results, and the cell and field row values built from
-the records the worker hands in (db.records). Nothing here touches a session."""
+the records the worker hands in (core.contract). Nothing here touches a session."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from dataclasses import fields
 from typing import Any
 
 from core import contract
+from core.contract import FLAG_SEPARATOR, CellResult, FieldRecord, SampleSummary
 from db.errors import InvalidIdentifierError, ResultMismatchError
-from db.records import FLAG_SEPARATOR, CellResult, FieldRecord, SampleSummary
 
 
 def check_identifier(kind: str, value: str, max_length: int) -> str:

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.artifact import LoadedModel
 from core.calibration import apply_temperature
-from core.contract import ScoreMessage
+from core.contract import LYMPHOID, CellResult, FieldRecord, SampleSummary, ScoreMessage
 from core.errors import AllscoreError
 from core.inference import predict_batch
 from core.manifest import ModelError
@@ -24,7 +24,6 @@ from core.segment import CNMC_UM_PER_PX
 from core.tta import averaged
 from db import repository
 from db.engine import transaction
-from db.records import LYMPHOID, CellResult, FieldRecord, SampleSummary
 from db.repository import Delivery
 from worker.fields import Decoded, Fetch, Item, Unit, read_cell, read_field, sample_scale
 from worker.summary import summarize_sample

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from core.contract import FieldCell
 from core.cut import cut_for_model
 from core.imaging import DecodeError, decode_field, decode_image
 from core.segment import FoundCell, SegmentationError, estimate_um_per_px, segment_field
 from core.storage import ObjectNotFound, StorageError, StorageUnavailable, StoreDenied
-from db.records import FieldCell
 
 Fetch = Callable[[str], bytes]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from statistics import median
 
+from core.contract import CellResult, FieldRecord, SampleSummary
 from core.stats import rogan_gladen, wilson_interval
-from db.records import CellResult, FieldRecord, SampleSummary
 
 LOW_COUNT_FLAG = "low_count"
 

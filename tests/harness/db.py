@@ -15,11 +15,11 @@ from sqlalchemy import Engine, create_engine, func, inspect, select, text
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.contract import CellResult, SampleSummary
 from db import repository as repo
 from db.engine import parse_url, transaction
 from db.migrate import current_revision, head_revision
 from db.models import Base, Cell, Job, Model, Sample
-from db.records import CellResult, SampleSummary
 
 Factory = sessionmaker[Session]
 

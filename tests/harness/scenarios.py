@@ -11,11 +11,11 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
+from core.contract import CellResult, SampleSummary
 from db import errors, reviews
 from db import repository as repo
 from db.engine import transaction
 from db.models import Sample
-from db.records import CellResult, SampleSummary
 from tests.harness.db import (
     Factory,
     as_rows,

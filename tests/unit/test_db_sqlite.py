@@ -15,13 +15,13 @@ from alembic import command
 from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError, StatementError
 
+from core.contract import CellResult, SampleSummary
 from core.settings import get_settings
 from db import repository as repo
 from db.engine import SQLITE_BUSY_TIMEOUT_MS, make_engine, parse_url, transaction
 from db.errors import DatabaseUrlError
 from db.migrate import alembic_config, current_revision, head_revision, upgrade
 from db.models import Cell, Job
-from db.records import CellResult, SampleSummary
 from tests.harness.db import (
     TABLES,
     Factory,
@@ -169,8 +169,8 @@ def test_every_summary_field_is_a_column_of_the_sample_row_and_the_view() -> Non
     """SampleSummary is the one list of the summary columns: the table and the analysts' view hold each of them."""
     from dataclasses import fields
 
+    from core.contract import SampleSummary
     from db.models import Sample
-    from db.records import SampleSummary
     from db.rows import NO_SUMMARY
     from db.views import sample_results
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from core.contract import CellResult
 from db import reviews
 from db.engine import make_engine, session_factory, transaction
 from db.migrate import upgrade
-from db.records import CellResult
 from tests.harness.cli import run_allscore
 from tests.harness.db import score, submit
 from trainer.discovery import discover
@@ -133,8 +133,8 @@ def test_a_field_cell_is_exported_as_the_worker_cut_it_for_its_model(tmp_path: P
     from PIL import Image
 
     from allscore.export_reviewed import export_reviewed
+    from core.contract import FieldCell
     from core.segment import CNMC_UM_PER_PX, segment_field
-    from db.records import FieldCell
     from worker.fields import outline_json
 
     field = Path(__file__).resolve().parents[1] / "data" / "bccd" / "JPEGImages" / "BloodImage_00200.jpg"
