@@ -17,6 +17,30 @@ def save_tiny_model(folder: Path, seed: int = 0) -> tuple[Path, object]:
     return path, model
 
 
+def seed_model_with_batch_norm(size: int = 32, seed: int = 1) -> object:
+    """An untrained `seed` network whose batch-norm layers hold non-trivial statistics (random gains, offsets, means
+    and variances), so that folding them into the convolutions is a real change and outputs differ between cells."""
+    import numpy as np
+    from keras import layers
+
+    from trainer.arch import build_model
+
+    model = build_model("seed", size, seed=seed)
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            g, b, mu, v = layer.get_weights()
+            layer.set_weights(
+                [
+                    rng.uniform(1.0, 3.0, g.shape),
+                    rng.normal(0.5, 0.2, b.shape),
+                    rng.normal(0, 0.1, mu.shape),
+                    rng.uniform(0.2, 2.0, v.shape),
+                ]
+            )
+    return model
+
+
 def tiny_manifest(path: Path, version: str = "v1") -> ModelManifest:
     """A manifest for the model file at `path` (its real sha256; fixed subjects and metrics)."""
     return ModelManifest(

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from keras import layers
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -32,6 +31,7 @@ from core.manifest import (
 )
 from core.runtimes import OnnxServingModel, choose_runtime, load_runtime_model, onnxruntime_available
 from tests.fixtures import PublishedModel
+from tests.harness.artifacts import seed_model_with_batch_norm
 from tests.helpers import REPO_ROOT, cnmc_cells
 from trainer.arch import build_model
 from trainer.export import (
@@ -50,19 +50,7 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def seed_model():
     """A seed network with non-trivial batch-norm statistics (outputs that vary between cells)."""
-    model = build_model("seed", SIZE, seed=1)
-    rng = np.random.default_rng(0)
-    for layer in model.layers:
-        if isinstance(layer, layers.BatchNormalization):
-            g, b, mu, v = layer.get_weights()
-            layer.set_weights(
-                [
-                    rng.uniform(1.0, 3.0, g.shape),
-                    rng.normal(0.5, 0.2, b.shape),
-                    rng.normal(0, 0.1, mu.shape),
-                    rng.uniform(0.2, 2.0, v.shape),
-                ]
-            )
+    model = seed_model_with_batch_norm(SIZE)
     # Centre and widen the output's logits, so that p(all) spreads over (0, 1) instead of sitting near 0.
     cells = np.concatenate([synthetic_check_cells(SIZE, n=16, seed=11), _real_cells()])
     p = np.clip(predict_proba(model, cells, 8), 1e-6, 1 - 1e-6)

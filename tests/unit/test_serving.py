@@ -4,29 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from keras import layers
 
 from core.inference import ServingModel, cpu_has_bf16, predict_proba, prepare_for_serving
-from trainer.arch import build_model
+from tests.harness.artifacts import seed_model_with_batch_norm
 
 
 @pytest.fixture(scope="module")
 def seed_model():
     """A seed network with non-trivial batch-norm statistics and small weights (outputs not saturated)."""
-    model = build_model("seed", 32, seed=1)
-    rng = np.random.default_rng(0)
-    for layer in model.layers:
-        if isinstance(layer, layers.BatchNormalization):
-            g, b, mu, v = layer.get_weights()
-            layer.set_weights(
-                [
-                    rng.uniform(1.0, 3.0, g.shape),
-                    rng.normal(0.5, 0.2, b.shape),
-                    rng.normal(0, 0.1, mu.shape),
-                    rng.uniform(0.2, 2.0, v.shape),
-                ]
-            )
-    return model
+    return seed_model_with_batch_norm(32)
 
 
 def _images(n: int, seed: int) -> np.ndarray:
