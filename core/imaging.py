@@ -161,9 +161,8 @@ def _decode_plain_bmp(data: bytes, bmp: _BmpField, size: int) -> np.ndarray:
 
     It computes what ``_resized`` computes with Pillow for the same field (box-reduce by the whole factor
     Pillow's ``reducing_gap=1.0`` picks, then one bilinear pass), bit for bit, straight from the BGR bytes and
-    without the GIL: with the file read, 0.15-0.26 instead of 0.75-0.86 ms of CPU per 450x450 cell on the
-    worker's two I/O threads, depending on the machine (bench/README.md, runs 7-11), which matters when the
-    model itself needs 2 ms (bfloat16 on AMX) to 20 ms.
+    without the GIL, at about a third of Pillow's CPU per cell (bench/README.md, runs 7-11): it matters when the
+    model itself is fast (bfloat16 on AMX).
     """
     out = np.empty((size, size, 3), dtype=np.uint8)
     # The reduced field's width goes on as a float, as Image.resize passes it to the resample.
@@ -280,8 +279,8 @@ def _resized(rgb: Image.Image, size: int, source: str) -> np.ndarray:
     out_image = rgb
     if rgb.size != (size, size):
         # Pillow first box-reduces by the largest whole factor (450 -> 150 for 128), then resamples
-        # bilinearly: 0.7 ms instead of 1.5 ms per 450x450 cell here, within 0.2 grey levels of a full
-        # bilinear pass. Decoding runs on the cores the model needs, so its cost shows in cells/s.
+        # bilinearly: about half the CPU of a full bilinear pass, within 0.2 grey levels of it (bench/README.md,
+        # "Before and after"). Decoding runs on the cores the model needs, so its cost shows in cells/s.
         out_image = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
     out = np.array(out_image, dtype=np.uint8)
     expected = (size, size, 3)

@@ -1,8 +1,8 @@
 """Binary morphology and distance maps for core.segment: OpenCV where it is installed, scipy.ndimage otherwise.
 
-The two give the same pixels (tests/unit/test_morph.py holds them to it). OpenCV's are 10-50 times faster on the
-masks segmentation works on (a 512x384 opening: 0.2 ms against 7 ms; a distance map: 0.5 ms against 5 ms; Intel
-Xeon, one thread), which is most of what a field costs (bench/README.md, "Microscope fields"). OpenCV runs each
+The two give the same pixels (tests/unit/test_morph.py holds them to it). OpenCV's are an order of magnitude faster
+on the masks segmentation works on, which is most of what a field costs (bench/README.md, "Microscope fields",
+has the figures). OpenCV runs each
 call on one thread here: the worker already runs one field per I/O thread, beside the model's threads.
 ``ALLSCORE_MORPH=scipy`` (read when this module is imported) or ``use("scipy")`` forces the fallback.
 """
@@ -34,7 +34,7 @@ def _default_backend() -> str:
     return "opencv" if cv2 is not None and os.environ.get("ALLSCORE_MORPH", "").lower() != "scipy" else "scipy"
 
 
-# Read once: a field makes about 150 calls here, and reading the environment each time cost 1-2 ms a field.
+# Read once: a field makes about 150 calls here, and reading the environment for each showed in a field's time.
 _backend = _default_backend()
 
 

@@ -46,7 +46,7 @@ class LocalStore:
                 if max_bytes is None:
                     return fh.read()
                 # read(n) allocates n bytes up front: ask for what the file holds (one more byte shows growth),
-                # never the cap itself (a 256 MiB buffer per cell cost 0.3 ms a read).
+                # never the cap itself (allocating a 256 MiB buffer for every cell showed in the bench's reads).
                 data = fh.read(min(max_bytes, info.st_size) + 1)
                 if len(data) > info.st_size:  # it grew while being read: read on, still capped (rare)
                     data += fh.read(max_bytes + 1 - len(data))
