@@ -135,7 +135,8 @@ def main() -> None:
     train, held = make_sets(work / f"tint{args.tint:g}", args.tint)
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
-        runs.append(run_seed(train, held, work / "store", seed=seed, folds=args.folds, epochs=args.epochs))
+        store = work / f"tint{args.tint:g}" / "store"  # one per tint: the versions are named by seed and folds
+        runs.append(run_seed(train, held, store, seed=seed, folds=args.folds, epochs=args.epochs))
         out = write_summary(runs, args.tint, args.folds)  # after every seed: a long run cut short keeps its seeds
     for r in runs:
         h = r["held_out"]
