@@ -113,10 +113,9 @@ def choose_serving(
     if runtime not in (*RUNTIMES, "auto"):
         raise ValueError(f"unknown runtime {runtime!r}; choose tensorflow, onnxruntime or auto")
     ort_ok = runtime in ("auto", "onnxruntime") and have_ort
-    tf_ok = runtime in ("auto", "tensorflow") and (have_tf or runtime == "tensorflow")
     if ort_ok and "onnx-int8" in exports:
         return Serving("onnxruntime", "int8", "onnx-int8", "the version's gated int8 export")
-    if tf_ok and bf16 and have_tf:
+    if runtime in ("auto", "tensorflow") and have_tf and bf16:
         return Serving("tensorflow", "bfloat16", None, "this CPU computes bfloat16 (AVX512_BF16/AMX)")
     if ort_ok and "onnx" in exports:
         return Serving("onnxruntime", "float32", "onnx", "the version's ONNX export")

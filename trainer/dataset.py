@@ -44,6 +44,24 @@ class CellRecord:
     fold: str | None
 
 
+def group_by_subject(cells: Iterable[CellRecord]) -> dict[str, list[CellRecord]]:
+    """Cells grouped by subject id, subjects in subject order (cells without a subject are left out)."""
+    groups: dict[str, list[CellRecord]] = defaultdict(list)
+    for cell in cells:
+        if cell.subject is not None:
+            groups[cell.subject].append(cell)
+    return {s: groups[s] for s in sorted(groups, key=subject_sort_key)}
+
+
+def subject_classes(groups: dict[str, list[CellRecord]]) -> dict[str, int]:
+    """Each subject's class: the majority label of its labelled cells (C-NMC subjects are ALL patients or healthy)."""
+    return {
+        s: int(np.mean(labels) >= 0.5)
+        for s, cells in groups.items()
+        if (labels := [c.label for c in cells if c.label is not None])
+    }
+
+
 @dataclass
 class Dataset:
     """The cells of a data set, the files that were skipped (with why) and notes for the user."""
@@ -80,11 +98,7 @@ class Dataset:
 
     def by_subject(self) -> dict[str, list[CellRecord]]:
         """Cells grouped by subject id (cells without a subject are left out)."""
-        groups: dict[str, list[CellRecord]] = defaultdict(list)
-        for cell in self.cells:
-            if cell.subject is not None:
-                groups[cell.subject].append(cell)
-        return {s: groups[s] for s in sorted(groups, key=subject_sort_key)}
+        return group_by_subject(self.cells)
 
     def class_counts(self) -> dict[str, int]:
         """Number of cells per class name ("all", "hem"; unlabelled cells are not counted)."""

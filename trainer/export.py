@@ -28,7 +28,7 @@ from core.inference import configure_tensorflow, predict_proba, prepare_for_serv
 from core.manifest import INT8_FILE, ONNX_FILE, ModelManifest, ServingExport, parse_ref, sha256_file
 from core.runtimes import OnnxServingModel
 from core.settings import Settings, get_settings
-from trainer.dataset import CellRecord
+from trainer.dataset import CellRecord, group_by_subject, subject_classes
 from trainer.discovery import discover
 from trainer.loading import decode_cells
 from trainer.metrics import weighted_f1
@@ -254,19 +254,14 @@ def split_validation(
     """The validation cells split in two: (calibration cells, held-out cells, their subjects, the subjects both
     hold). Each class's subjects alternate in sorted order, so that both halves hold ALL and hem cells: activation
     ranges calibrated on one class only saturate on the other (README, "Serving runtimes"). The gate never sees a
-    calibration subject, except where a class has one
-    validation subject only (a small fold): that subject's cells alternate instead, and the gate never sees a
-    calibration cell."""
-    by_subject: dict[str, list[CellRecord]] = {}
-    for c in cells:
-        if c.subject is not None:
-            by_subject.setdefault(c.subject, []).append(c)
+    calibration subject, except where a class has one validation subject only (a small fold): that subject's cells
+    alternate instead, and the gate never sees a calibration cell."""
+    by_subject = group_by_subject(cells)
     if len(by_subject) < 2:
         raise ExportMismatch("int8 needs validation cells of at least two subjects (one to calibrate, one to gate)")
     classes: dict[int, list[str]] = {}
-    for subject in sorted(by_subject):
-        labels = [c.label for c in by_subject[subject] if c.label is not None]
-        classes.setdefault(round(sum(labels) / len(labels)) if labels else -1, []).append(subject)
+    for subject, label in subject_classes(by_subject).items():
+        classes.setdefault(label, []).append(subject)
     first: list[CellRecord] = []
     second: list[CellRecord] = []
     calibrate: list[str] = []

@@ -31,7 +31,7 @@ from core.inference import configure_tensorflow, predict_proba
 from core.manifest import ModelManifest, ValidationMetrics, new_version
 from core.settings import get_settings
 from trainer.calibration import apply_temperature, expected_calibration_error, fit_temperature
-from trainer.dataset import Dataset, DatasetError
+from trainer.dataset import Dataset, DatasetError, subject_classes
 from trainer.discovery import discover
 from trainer.export import CHECK_CELLS, evenly_spaced
 from trainer.metrics import choose_threshold, summarize
@@ -49,18 +49,13 @@ from trainer.train import (
 )
 
 
-def subject_class(ds: Dataset) -> dict[str, int]:
-    """Each subject's class: the majority label of its cells (C-NMC subjects are ALL patients or healthy)."""
-    return {s: int(np.mean([c.label for c in cells]) >= 0.5) for s, cells in ds.by_subject().items()}
-
-
 def subject_groups(ds: Dataset, k: int, seed: int = 0) -> tuple[list[list[str]], str]:
     """K groups of subjects, each holding both classes, and how they were made."""
     if k < 2:
         raise DatasetError(f"--folds {k}: K-fold training needs at least 2 folds")
     if any(c.subject is None for c in ds.cells):
         raise DatasetError(f"{ds.root}: some cells have no subject id; K-fold training splits by subject")
-    classes = subject_class(ds)
+    classes = subject_classes(ds.by_subject())
     if ds.folds and len(ds.folds) == k:
         groups = [sorted({c.subject for c in ds.cells if c.fold == f and c.subject}) for f in ds.folds]
         shared = set.intersection(*(set(g) for g in groups)) if groups else set()
