@@ -18,6 +18,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,11 @@ def make_sets(work: Path, tint: float) -> tuple[Path, Path]:
     return train, held
 
 
-def mixed_samples(labels: np.ndarray, calls: np.ndarray, sens: float, spec: float, seed: int) -> dict[str, Any]:
-    """The fraction called ALL and its Rogan-Gladen correction on mixed samples drawn from the held-out cells."""
+def mixed_samples(
+    labels: np.ndarray, calls: Callable[[np.ndarray], np.ndarray], sens: float, spec: float, seed: int
+) -> dict[str, Any]:
+    """The fraction called ALL and its Rogan-Gladen correction on mixed samples drawn from the held-out cells;
+    `calls(rows)` scores one sample (the rows of its cells) and returns each cell's call."""
     from core.stats import rogan_gladen
 
     rng = np.random.default_rng(seed)
@@ -53,7 +57,7 @@ def mixed_samples(labels: np.ndarray, calls: np.ndarray, sens: float, spec: floa
         raw, corrected = [], []
         for _ in range(DRAWS):
             cells = np.r_[rng.choice(pos, n_pos, replace=False), rng.choice(neg, SAMPLE_CELLS - n_pos, replace=False)]
-            fraction = float(calls[cells].mean())
+            fraction = float(calls(cells).mean())
             raw.append(fraction)
             corrected.append(rogan_gladen(fraction, sens, spec))
         errors = [abs(c - truth) for c in corrected if c is not None]
@@ -65,13 +69,20 @@ def mixed_samples(labels: np.ndarray, calls: np.ndarray, sens: float, spec: floa
     return out
 
 
-def run_seed(train: Path, held: Path, store: Path, *, seed: int, folds: int, epochs: int) -> dict[str, Any]:
-    """Train one version with the defaults at this seed, evaluate it on the held-out subjects, score mixtures."""
+def run_seed(
+    train: Path, held: Path, store: Path, *, seed: int, folds: int, epochs: int, stain_norm: str = "none"
+) -> dict[str, Any]:
+    """Train one version with the defaults at this seed, evaluate it on the held-out subjects, score mixtures.
+
+    With --stain-norm sample, a held-out subject is normalised with its own statistics (a slide is one subject),
+    and each mixed sample with its own: the figures that say whether normalisation holds on mixed slides."""
     from rich.console import Console
 
     from core.artifact import load_model
     from core.calibration import apply_temperature
     from core.inference import ServingModel, predict_proba
+    from core.stainnorm import fit as fit_stain
+    from core.stainnorm import normalise, normalise_groups
     from core.tta import averaged
     from trainer.discovery import discover
     from trainer.folds import train_folds
@@ -79,7 +90,10 @@ def run_seed(train: Path, held: Path, store: Path, *, seed: int, folds: int, epo
     from trainer.metrics import summarize
     from trainer.train import TrainConfig, publish, train_model
 
-    config = TrainConfig(name="quality", seed=seed, epochs=epochs, version=f"s{seed}-k{folds}")
+    tag = "" if stain_norm == "none" else f"-{stain_norm}"
+    config = TrainConfig(
+        name="quality", seed=seed, epochs=epochs, version=f"s{seed}-k{folds}{tag}", stain_norm=stain_norm
+    )
     console = Console(stderr=True)
     started, cpu_started = time.perf_counter(), time.process_time()
     outcome = train_folds(train, config, folds, console) if folds > 1 else train_model(train, config, console)
@@ -88,6 +102,10 @@ def run_seed(train: Path, held: Path, store: Path, *, seed: int, folds: int, epo
     loaded = load_model(manifest.ref, store=str(store))
     cells = [c for c in discover(held).cells if c.label is not None]
     arrays = decode_cells(cells, manifest.input_size)
+    raw_images = arrays.images
+    stain = manifest.stain_norm.target() if manifest.stain_norm is not None else None
+    if stain is not None:
+        arrays.images = normalise_groups(arrays.images, arrays.subjects, stain)
     served = ServingModel(loaded.model)
     scored = time.perf_counter()
     p = apply_temperature(predict_proba(served, arrays.images), manifest.temperature)
@@ -99,7 +117,14 @@ def run_seed(train: Path, held: Path, store: Path, *, seed: int, folds: int, epo
     tta_s = time.perf_counter() - scored
     tta = summarize(arrays.labels, p8, manifest.threshold, arrays.subjects)
     sens, spec = manifest.validation.sensitivity, manifest.validation.specificity
-    calls = (p >= manifest.threshold).astype(int)
+
+    def sample_calls(rows: np.ndarray) -> np.ndarray:
+        if stain is None:
+            return (p[rows] >= manifest.threshold).astype(int)
+        images = raw_images[rows]
+        x = normalise(images, fit_stain(images), stain)
+        return (apply_temperature(predict_proba(served, x), manifest.temperature) >= manifest.threshold).astype(int)
+
     return {
         "seed": seed,
         "ref": manifest.ref,
@@ -116,7 +141,8 @@ def run_seed(train: Path, held: Path, store: Path, *, seed: int, folds: int, epo
         "held_out": {
             k: metrics[k] for k in ("weighted_f1", "auc", "sensitivity", "specificity", "n_cells", "n_subjects")
         },
-        "mixed_samples": mixed_samples(arrays.labels, calls, sens or 0.0, spec or 0.0, seed),
+        "stain_norm": stain_norm,
+        "mixed_samples": mixed_samples(arrays.labels, sample_calls, sens or 0.0, spec or 0.0, seed),
         "tta8_held_out": {k: tta[k] for k in ("weighted_f1", "auc", "sensitivity", "specificity")},
         "tta8_cost": round(tta_s / plain_s, 2),
     }
@@ -128,6 +154,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--stain-norm", choices=("none", "sample"), default="none")
     parser.add_argument("--work", type=Path, help="keep the data sets here (default: a temporary folder)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="allscore-quality-"))
@@ -136,8 +163,11 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
         store = work / f"tint{args.tint:g}" / "store"  # one per tint: the versions are named by seed and folds
-        runs.append(run_seed(train, held, store, seed=seed, folds=args.folds, epochs=args.epochs))
-        out = write_summary(runs, args.tint, args.folds)  # after every seed: a long run cut short keeps its seeds
+        runs.append(
+            run_seed(train, held, store, seed=seed, folds=args.folds, epochs=args.epochs, stain_norm=args.stain_norm)
+        )
+        # After every seed: a long run cut short keeps its seeds.
+        out = write_summary(runs, args.tint, args.folds, args.stain_norm)
     for r in runs:
         h = r["held_out"]
         print(
@@ -152,7 +182,7 @@ def main() -> None:
     )
 
 
-def write_summary(runs: list[dict[str, Any]], tint: float, folds: int) -> Path:
+def write_summary(runs: list[dict[str, Any]], tint: float, folds: int, stain_norm: str = "none") -> Path:
     """bench/results/quality_tint<T>_k<K>.json from the runs so far."""
     from bench.common import machine
 
@@ -163,6 +193,7 @@ def write_summary(runs: list[dict[str, Any]], tint: float, folds: int) -> Path:
         "data": f"allscore data synth (12 subjects, 120 cells, seed 0, tint {tint}); held out: 6 other "
         "subjects (101-103, H101-H103), 400 cells each",
         "folds": folds,
+        "stain_norm": stain_norm,
         "runs": runs,
         "held_out_weighted_f1": f1,
         "held_out_weighted_f1_min": min(f1),
@@ -172,7 +203,7 @@ def write_summary(runs: list[dict[str, Any]], tint: float, folds: int) -> Path:
         "train_minutes": [r["train_minutes"] for r in runs],
     }
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"quality_tint{tint:g}_k{folds}.json"
+    out = RESULTS / f"quality_tint{tint:g}_k{folds}{'' if stain_norm == 'none' else '_' + stain_norm}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     return out
 

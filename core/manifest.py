@@ -15,6 +15,8 @@ from typing import Any
 from pydantic import BaseModel, Field, field_validator
 
 from core.errors import AllscoreError
+from core.stainnorm import FIT_CELLS, StainStats
+from core.stainnorm import METHOD as STAIN_METHOD
 
 MODEL_FILE = "model.keras"
 MANIFEST_FILE = "manifest.json"
@@ -104,6 +106,38 @@ class ServingExport(BaseModel):
         return value
 
 
+class StainNormRecord(BaseModel):
+    """Per-sample stain normalisation (core/stainnorm.py): the model was trained on cells normalised subject by
+    subject onto `target`, and is served each sample's cells normalised onto it with the sample's own statistics
+    (fitted on its first `fit_cells` cells)."""
+
+    method: str = STAIN_METHOD
+    target_mean: list[float]
+    target_std: list[float]
+    target_cells: int = 0
+    fit_cells: int = FIT_CELLS
+    fitted_on: str = ""
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value != STAIN_METHOD:
+            raise ValueError(f"stain normalisation {value!r}: this allscore knows only {STAIN_METHOD!r}; upgrade it")
+        return value
+
+    def target(self) -> StainStats:
+        return StainStats.from_dict({"mean": self.target_mean, "std": self.target_std, "n_cells": self.target_cells})
+
+    @classmethod
+    def from_target(cls, target: StainStats, fitted_on: str) -> StainNormRecord:
+        return cls(
+            target_mean=[round(v, 6) for v in target.mean],
+            target_std=[round(v, 6) for v in target.std],
+            target_cells=target.n_cells,
+            fitted_on=fitted_on,
+        )
+
+
 class ModelManifest(BaseModel):
     """What a published version is, how it was made and how well it did on held-out subjects."""
 
@@ -143,6 +177,8 @@ class ModelManifest(BaseModel):
     # Serving exports by key ("onnx"), each a file beside model.keras with its sha256; empty in versions published
     # before exports existed (`allscore models export REF` adds one beside such a version: export.onnx.json).
     exports: dict[str, ServingExport] = Field(default_factory=dict)
+    # Per-sample stain normalisation the version was trained with and must be served with; None: served as read.
+    stain_norm: StainNormRecord | None = None
 
     @field_validator("name")
     @classmethod

@@ -96,6 +96,13 @@ def train_cmd(
             "validation figures out of fold (1: one model, one validation fold)"
         ),
     ] = 1,
+    stain_norm: Annotated[
+        str,
+        typer.Option(
+            help="'sample': normalise each subject's cells onto the training set's colour statistics (Reinhard), "
+            "and serve each sample so; 'none': as read"
+        ),
+    ] = "none",
 ) -> None:
     """Train a CNN on held-out-subject validation and publish it; the last stdout line is `name:version`."""
     from trainer.train import TrainConfig, publish, train_model
@@ -106,6 +113,8 @@ def train_cmd(
         raise typer.BadParameter(f"--folds {folds}: give 1 (one model) or K >= 2 folds")
     if folds > 1 and (val_fold is not None or val_fraction is not None):
         raise typer.BadParameter("--folds K holds out every subject once: leave out --val-fold and --val-fraction")
+    if stain_norm not in ("none", "sample"):
+        raise typer.BadParameter(f"--stain-norm {stain_norm!r}: choose 'none' or 'sample'")
     config = TrainConfig(
         name=name,
         arch=arch,
@@ -118,6 +127,7 @@ def train_cmd(
         patience=patience,
         version=version,
         augment=not no_augment,
+        stain_norm=stain_norm,
     )
     if folds > 1:
         from trainer.folds import train_folds

@@ -11,6 +11,7 @@ from core.errors import AllscoreError
 from core.inference import ServingModel, configure_tensorflow, predict_proba
 from core.runtimes import tensorflow_precision
 from core.settings import get_settings
+from core.stainnorm import normalise_groups
 from core.tta import averaged
 from trainer.discovery import discover
 from trainer.loading import decode_cells
@@ -35,6 +36,9 @@ def evaluate(ref: str, data: Path, *, store: str | None = None) -> dict[str, Any
             "the preliminary test set's CSV"
         )
     arrays = decode_cells(labelled, manifest.input_size)
+    if manifest.stain_norm is not None:
+        # A subject is one slide: its cells are normalised with their own statistics, as a worker does a sample's.
+        arrays.images = normalise_groups(arrays.images, arrays.subjects, manifest.stain_norm.target())
     # What TensorFlow workers run (an int8 export is ONNX Runtime's: evaluate it with `allscore models export`'s gate).
     model = ServingModel(loaded.model, tensorflow_precision(settings.precision))
     raw = averaged(lambda x: predict_proba(model, x, batch_size=settings.batch_size), arrays.images, settings.tta)
@@ -48,5 +52,6 @@ def evaluate(ref: str, data: Path, *, store: str | None = None) -> dict[str, Any
         "n_failed": len(arrays.failed),
         "precision": model.precision,
         "tta": settings.tta,
+        "stain_norm": "per subject" if manifest.stain_norm is not None else "none",
         "subjects_seen_in_training": overlap,
     }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from core.inference import configure_tensorflow, predict_proba, prepare_for_serv
 from core.manifest import INT8_FILE, ONNX_FILE, ModelManifest, ServingExport, parse_ref, sha256_file
 from core.runtimes import OnnxServingModel
 from core.settings import Settings, get_settings
+from core.stainnorm import normalise_groups
 from trainer.dataset import CellRecord, group_by_subject, subject_classes
 from trainer.discovery import discover
 from trainer.loading import decode_cells
@@ -130,6 +132,13 @@ def synthetic_check_cells(size: int, n: int = 64, seed: int = 0) -> np.ndarray:
     return np.stack([model_input(render_cell(rng, i % 2 == 0), size) for i in range(n)])
 
 
+def as_served(manifest: ModelManifest, images: np.ndarray, subjects: Sequence[str | None]) -> np.ndarray:
+    """Cells as a worker feeds them to this version: normalised per subject (a slide) when it was trained so."""
+    if manifest.stain_norm is None:
+        return images
+    return normalise_groups(images, subjects, manifest.stain_norm.target())
+
+
 def check_cells(manifest: ModelManifest, data: Path | None = None, n: int = CHECK_CELLS) -> tuple[np.ndarray, str]:
     """The cells an export of a published version is checked on: its validation cells (the held-out subjects of
     `data`, else of the data set it was trained on, when that is on this machine), else synthetic cells."""
@@ -141,11 +150,13 @@ def check_cells(manifest: ModelManifest, data: Path | None = None, n: int = CHEC
             chosen = [cells[i] for i in evenly_spaced(len(cells), n)]
             arrays = decode_cells(chosen, manifest.input_size)
             if len(arrays.images):
-                return arrays.images, f"{len(arrays.images)} validation cells of {source}"
+                return as_served(manifest, arrays.images, arrays.subjects), (
+                    f"{len(arrays.images)} validation cells of {source}"
+                )
         if data is not None:
             log.warning("%s holds none of %s's validation subjects: checking on synthetic cells", data, manifest.ref)
     images = synthetic_check_cells(manifest.input_size)
-    return images, f"{len(images)} synthetic cells (seed 0)"
+    return as_served(manifest, images, [None] * len(images)), f"{len(images)} synthetic cells (seed 0)"
 
 
 def export_published(
@@ -302,6 +313,8 @@ def int8_cells(manifest: ModelManifest, data: Path | None = None) -> tuple[Any, 
     calibrate, gate, calibrate_subjects, gate_subjects, shared = split_validation(cells)
     calibration = decode_cells(calibrate, manifest.input_size)
     held_out = decode_cells(gate, manifest.input_size)
+    calibration.images = as_served(manifest, calibration.images, calibration.subjects)
+    held_out.images = as_served(manifest, held_out.images, held_out.subjects)
     halves = f" (alternate cells of {', '.join(shared)}; the other half is gated)" if shared else ""
     return (
         calibration.images,

@@ -45,6 +45,8 @@ from trainer.train import (
     kept_epoch,
     provenance,
     seed_everything,
+    stain_normalised,
+    stain_record,
     training_record,
 )
 
@@ -108,6 +110,7 @@ def train_folds(data: Path, config: TrainConfig, k: int, console: Console | None
     labels_all, p_all, subjects_all = [], [], []
     held_images: list[np.ndarray] = []
     histories: list[dict[str, list[float]]] = []
+    target = None
     with _progress(console) as progress:
         for index, held in enumerate(groups):
             fold_started = time.perf_counter()
@@ -116,6 +119,8 @@ def train_folds(data: Path, config: TrainConfig, k: int, console: Console | None
             val_ds = dataset.subset(c for c in dataset.cells if c.subject in held_set)
             train = _decode_with_progress(progress, train_ds, config.size, f"fold {index + 1}/{k} training cells")
             val = _decode_with_progress(progress, val_ds, config.size, f"fold {index + 1}/{k} held-out cells")
+            # One target for every fold (the ensemble serves one): the statistics of all the data set's cells.
+            target = stain_normalised(config, target, train, val, all_images=np.concatenate([train.images, val.images]))
             # Each fold starts from its own seed: the ensemble's members differ by data and by initialisation.
             model, history = fit_one(train, val, config, progress, seed=config.seed + 1000 * index)
             model.name = f"fold_{index + 1}"  # names must be unique inside the ensemble's graph
@@ -196,6 +201,7 @@ def train_folds(data: Path, config: TrainConfig, k: int, console: Console | None
             fold_threshold_spread=round(max(thresholds) - min(thresholds), 4),
             calibration=calibration,
         ),
+        stain_norm=stain_record(target, data),
         **provenance(data, pictures),
     )
     return TrainOutcome(

@@ -16,8 +16,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from core.artifact import Registry
 from core.inference import configure_tensorflow, predict_proba
-from core.manifest import ModelManifest, ValidationMetrics, new_version, sha256_file
+from core.manifest import ModelManifest, StainNormRecord, ValidationMetrics, new_version, sha256_file
 from core.settings import Settings, get_settings
+from core.stainnorm import StainStats, normalise_groups
+from core.stainnorm import fit as fit_stain
 from trainer.arch import DEFAULT_SIZES, build_model, check_architecture
 from trainer.dataset import Dataset, data_scale, split_by_subject
 from trainer.discovery import discover
@@ -48,6 +50,9 @@ class TrainConfig:
     patience: int = 6
     learning_rate: float = 1e-3
     augment: bool = True
+    # Per-sample stain normalisation (core/stainnorm.py): "none", or "sample" (each subject's cells normalised onto
+    # the training set's statistics with the subject's own; the worker does the same per sample).
+    stain_norm: str = "none"
     version: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -127,6 +132,28 @@ def _progress(console: Console) -> Progress:
         TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"),
         console=console,
+    )
+
+
+def stain_normalised(
+    config: TrainConfig, target: StainStats | None, *arrays: CellArrays, all_images: np.ndarray | None = None
+) -> StainStats | None:
+    """With --stain-norm sample: each subject's cells in `arrays` normalised in place onto `target` (fitted on
+    `all_images`, the training set's cells, when None). Returns the target (None without normalisation)."""
+    if config.stain_norm == "none":
+        return None
+    if target is None:
+        target = fit_stain(all_images if all_images is not None else np.concatenate([a.images for a in arrays]))
+    for a in arrays:
+        a.images = normalise_groups(a.images, a.subjects, target)
+    return target
+
+
+def stain_record(target: StainStats | None, data: Path) -> StainNormRecord | None:
+    if target is None:
+        return None
+    return StainNormRecord.from_target(
+        target, f"target: the cell pixels of {target.n_cells} cells of {data}; each subject fitted on its own cells"
     )
 
 
@@ -212,6 +239,8 @@ def train_model(data: Path, config: TrainConfig, console: Console | None = None)
     with _progress(console) as progress:
         train = _decode_with_progress(progress, train_ds, config.size, "training cells")
         val = _decode_with_progress(progress, val_ds, config.size, "validation cells")
+        # The target is the training cells' statistics; validation subjects are normalised onto it like samples.
+        target = stain_normalised(config, None, train, val, all_images=train.images)
 
         model, history = fit_one(train, val, config, progress)
 
@@ -249,6 +278,7 @@ def train_model(data: Path, config: TrainConfig, console: Console | None = None)
             best_epoch=best_epoch,
             class_weights=_class_weights(train.labels),
         ),
+        stain_norm=stain_record(target, data),
         **provenance(data, pictures),
     )
     check = evenly_spaced(len(val.images), CHECK_CELLS)

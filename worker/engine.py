@@ -21,6 +21,8 @@ from core.errors import AllscoreError
 from core.inference import predict_batch
 from core.manifest import ModelError
 from core.segment import CNMC_UM_PER_PX
+from core.stainnorm import FIT_CELLS, StainStats, normalise
+from core.stainnorm import fit as fit_stain
 from core.tta import averaged
 from db import repository
 from db.engine import transaction
@@ -76,17 +78,25 @@ def score_units(
     batch_size: int = 64,
     max_cells: int | None = None,
     hooks: Hooks | None = None,
+    stain: StainStats | None = None,
+    fit_cells: int = FIT_CELLS,
 ) -> tuple[list[CellResult], list[Unit]]:
     """Read every image on the I/O pool (a window of reads ahead) and score what they hold in fixed-size batches.
 
     Results come in the order of `uris`, and within a field in the order of its cells. A read keeps running
     while the model scores the batch before it. Returns the cell results and the units (for field counts).
+
+    With `stain` (the version's per-sample stain normalisation target), the first `fit_cells` cells read are held
+    back until the sample's own statistics are fitted on them (all its cells when it has fewer); every batch,
+    those cells' included, is then normalised onto `stain` before the forward pass.
     """
     window = max(1, batch_size)
     results: list[CellResult | None] = []
     units: list[Unit] = []
     buffer = np.zeros((batch_size, size, size, 3), dtype=np.uint8)
     waiting: list[tuple[int, Item]] = []  # (row, item) whose pixels are in the buffer
+    held: list[tuple[int, Item]] = []  # (row, item) read before the sample's stain statistics were fitted
+    source: StainStats | None = None  # the sample's own stain statistics (with `stain`)
     n_found = 0
     hooks = hooks or Hooks()
     if hooks.read is not None:
@@ -100,13 +110,32 @@ def score_units(
         # Always a full batch (zero-padded), so the traced graph is reused.
         buffer[len(waiting) :] = 0
         started = time.perf_counter()
-        p = apply_temperature(averaged(partial(predict_batch, model), buffer, tta), temperature)
+        x = buffer if stain is None or source is None else normalise(buffer, source, stain)
+        p = apply_temperature(averaged(partial(predict_batch, model), x, tta), temperature)
         if hooks.batch is not None:
             hooks.batch(len(waiting), time.perf_counter() - started)
         for slot, (row, item) in enumerate(waiting):
             prob = float(p[slot])
             results[row] = CellResult(item.image_uri, prob, prob >= threshold, None, item.field)
         waiting.clear()
+
+    def enqueue(row: int, item: Item) -> None:
+        assert item.image is not None
+        buffer[len(waiting)] = item.image
+        item.image = None
+        waiting.append((row, item))
+        if len(waiting) == batch_size:
+            run_batch()
+
+    def release_held() -> None:
+        # The sample's statistics from the cells held back, then those cells scored as any other.
+        nonlocal source
+        if stain is None or source is not None or not held:
+            return
+        source = fit_stain(np.stack([item.image for _, item in held if item.image is not None]))
+        for row, item in held:
+            enqueue(row, item)
+        held.clear()
 
     pending: deque[Future[Unit]] = deque(pool.submit(read, uri) for uri in uris[:window])
     next_uri = len(pending)
@@ -129,11 +158,13 @@ def score_units(
                 results.append(CellResult(item.image_uri, None, None, item.error, item.field))
                 continue
             results.append(None)
-            buffer[len(waiting)] = item.image
-            item.image = None
-            waiting.append((len(results) - 1, item))
-            if len(waiting) == batch_size:
-                run_batch()
+            if stain is not None and source is None:
+                held.append((len(results) - 1, item))
+                if len(held) >= fit_cells:
+                    release_held()
+            else:
+                enqueue(len(results) - 1, item)
+    release_held()
     run_batch()
     assert all(r is not None for r in results)
     return [r for r in results if r is not None], units
@@ -259,6 +290,8 @@ def score_sample(
         batch_size=batch_size,
         max_cells=max_cells if request.kind == "fields" else None,
         hooks=hooks,
+        stain=manifest.stain_norm.target() if manifest.stain_norm is not None else None,
+        fit_cells=manifest.stain_norm.fit_cells if manifest.stain_norm is not None else FIT_CELLS,
     )
     fields = field_records(units) if request.kind == "fields" else None
     summary = summarize_sample(
