@@ -42,3 +42,17 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, synth_data: Path) -> It
     outcome = train_model(synth_data, config, Console(stderr=True, quiet=True))
     manifest = publish(outcome, store)
     yield PublishedModel(store=store, ref=manifest.ref, manifest=manifest, data=synth_data)
+
+
+@pytest.fixture(scope="session")
+def stain_model(tmp_path_factory: pytest.TempPathFactory, synth_data: Path) -> PublishedModel:
+    """The tiny model trained with per-sample stain normalisation (`--stain-norm sample`), in its own local store."""
+    from trainer.train import TrainConfig, publish, train_model
+
+    store = str(tmp_path_factory.mktemp("stain-store") / "models")
+    config = TrainConfig(
+        name="stain", arch="tiny", image_size=32, epochs=8, patience=8, seed=0, version="v1", stain_norm="sample"
+    )
+    outcome = train_model(synth_data, config, Console(stderr=True, quiet=True))
+    manifest = publish(outcome, store)
+    return PublishedModel(store=store, ref=manifest.ref, manifest=manifest, data=synth_data)

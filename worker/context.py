@@ -137,7 +137,7 @@ class WorkerContext:
         metrics.MODEL_LOAD_SECONDS.observe(seconds)
         log.info(
             "model loaded: %s in pid %d (%.2fs) from store %s; runtime %s, %s (tensorflow %s in this process); "
-            "chosen for %s",
+            "chosen for %s; stain normalisation %s",
             key[1],
             os.getpid(),
             seconds,
@@ -146,6 +146,7 @@ class WorkerContext:
             model.precision,
             "imported" if tensorflow_imported() else "not imported",
             serving.why,
+            "none" if manifest.stain_norm is None else f"per sample ({manifest.stain_norm.method})",
         )
         return loaded
 
