@@ -44,6 +44,26 @@ def bench_loads(uris: list[str], fetch: Fetch, size: int) -> float:
         return (cpu_seconds() - cpu) / len(uris) * 1e3
 
 
+def bench_stain_norm(uris: list[str], fetch: Fetch, size: int, batch: int) -> tuple[float, float]:
+    """Per-sample stain normalisation (core/stainnorm.py) at the model's size: CPU ms per cell to move a batch onto
+    a target, and CPU ms to fit a sample's statistics on its first FIT_CELLS cells (once per sample)."""
+    from core.stainnorm import FIT_CELLS, fit, normalise
+    from worker.fields import read_cell
+
+    read = [read_cell(uri, fetch, size=size, max_pixels=40_000_000).items[0].image for uri in uris[:FIT_CELLS]]
+    cells = np.stack([image for image in read if image is not None])
+    target = fit(cells[::2])
+    cpu = cpu_seconds()
+    source = fit(cells)
+    fit_ms = (cpu_seconds() - cpu) * 1e3
+    batches = [cells[i : i + batch] for i in range(0, len(cells) - batch + 1, batch)] * 4
+    normalise(batches[0], source, target)
+    cpu = cpu_seconds()
+    for x in batches:
+        normalise(x, source, target)
+    return (cpu_seconds() - cpu) / sum(len(x) for x in batches) * 1e3, fit_ms
+
+
 def bench_naive(model: Any, images: list[Path], size: int, n: int) -> float:
     """model.predict on one image at a time, decoding each: what a notebook loop does."""
     from core.imaging import load_image

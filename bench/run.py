@@ -30,6 +30,7 @@ from bench.measure import (
     bench_naive,
     bench_pg_rows,
     bench_raw,
+    bench_stain_norm,
     paired_ratios,
     run_workers,
     soak_memory,
@@ -181,6 +182,14 @@ def step_loads(b: Bench) -> None:
         if f"model_{dtype}" in b.cpu_ms:
             model_ms = b.cpu_ms[f"model_{dtype}"]
             b.results[f"e2e_ceiling_{dtype}"] = round(model_ms / (model_ms + b.cpu_ms["fetch_decode_local"]), 3)
+    # A version trained with --stain-norm sample costs this much more per cell in the engine (and one fit per sample).
+    norm_ms, fit_ms = bench_stain_norm(b.uris, b.fetch, b.args.size, b.args.batch)
+    b.cpu_ms["stain_norm"] = round(norm_ms, 3)
+    b.results["stain_norm_fit_ms_per_sample"] = round(fit_ms, 1)
+    model_ms = b.cpu_ms["model_fp32"]
+    b.results["e2e_ceiling_fp32_stain_norm"] = round(
+        model_ms / (model_ms + b.cpu_ms["fetch_decode_local"] + norm_ms), 3
+    )
 
 
 def step_engine(b: Bench) -> None:

@@ -53,6 +53,14 @@ def test_each_group_is_fitted_on_its_own_cells_only() -> None:
     assert np.abs(mean(together[:10]) - mean(together[10:])).max() < np.abs(mean(a) - mean(b)).max() / 3
 
 
+def test_the_opencv_path_and_the_plain_numpy_fallback_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    sample, target = cells(16, subject_tint(np.random.default_rng(4), 0.10), seed=40, size=64), cells(16, None)
+    fast = normalise(sample, fit(sample), fit(target))
+    monkeypatch.setenv("ALLSCORE_STAIN_NORM_IMPL", "numpy")
+    plain = normalise(sample, fit(sample), fit(target))
+    assert np.abs(fast.astype(int) - plain).max() <= 1
+
+
 def test_statistics_that_cannot_be_fitted_are_refused() -> None:
     with pytest.raises(StainError, match="too few to fit the sample's stain statistics"):
         fit(np.zeros((3, 16, 16, 3), np.uint8))
