@@ -176,7 +176,7 @@ def bench_pg_rows(db_url: str, n: int = 20000) -> float:
 
 def soak_memory(loaded: Any, uris: list[str], fetch: Fetch, batch: int, total: int) -> dict[str, Any]:
     """Score `total` cells through the engine's batching path; RSS sampled every 1,000 cells."""
-    from worker.engine import score_cells
+    from worker.engine import score_cells, stain_target
 
     samples: list[tuple[int, float]] = []
     done = 0
@@ -191,6 +191,7 @@ def soak_memory(loaded: Any, uris: list[str], fetch: Fetch, batch: int, total: i
                 fetch=fetch,
                 pool=pool,
                 batch_size=batch,
+                stain=stain_target(loaded.manifest),
             )
             done += len(chunk)
             samples.append((done, rss_mb()[0]))

@@ -28,7 +28,7 @@ def _child(store: str, ref: str, cells: Path, n: int, batch: int, out: Path) -> 
     from core.runtimes import tensorflow_imported
     from core.settings import get_settings
     from worker.context import WorkerContext, io_threads_for
-    from worker.engine import score_cells
+    from worker.engine import score_cells, stain_target
 
     settings = get_settings()
     ctx = WorkerContext(settings)
@@ -48,6 +48,7 @@ def _child(store: str, ref: str, cells: Path, n: int, batch: int, out: Path) -> 
                 fetch=ctx.fetch,
                 pool=pool,
                 batch_size=batch,
+                stain=stain_target(loaded.manifest),
             )
 
         run(uris[:batch])  # warm: the first batch traces the graph or builds the session's arena

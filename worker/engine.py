@@ -19,7 +19,7 @@ from core.calibration import apply_temperature
 from core.contract import LYMPHOID, CellResult, FieldRecord, SampleSummary, ScoreMessage
 from core.errors import AllscoreError
 from core.inference import predict_batch
-from core.manifest import ModelError
+from core.manifest import ModelError, ModelManifest
 from core.segment import CNMC_UM_PER_PX
 from core.stainnorm import FIT_CELLS, StainStats, normalise
 from core.stainnorm import fit as fit_stain
@@ -203,8 +203,10 @@ def score_cells(
     pool: ThreadPoolExecutor,
     batch_size: int = 64,
     max_pixels: int = 40_000_000,
+    stain: StainStats | None = None,
 ) -> list[CellResult]:
-    """Score single-cell images in fixed-size batches; the next ones are fetched and decoded while one runs."""
+    """Score single-cell images in fixed-size batches; the next ones are fetched and decoded while one runs.
+    `stain`: the version's stain normalisation target (`stain_target(manifest)`), the images being one sample."""
     cells, _ = score_units(
         uris,
         partial(read_cell, fetch=fetch, size=size, max_pixels=max_pixels),
@@ -215,8 +217,14 @@ def score_cells(
         tta=tta,
         pool=pool,
         batch_size=batch_size,
+        stain=stain,
     )
     return cells
+
+
+def stain_target(manifest: ModelManifest) -> StainStats | None:
+    """The version's per-sample stain normalisation target, None when it was trained without one."""
+    return manifest.stain_norm.target() if manifest.stain_norm is not None else None
 
 
 def score_sample(
@@ -290,7 +298,7 @@ def score_sample(
         batch_size=batch_size,
         max_cells=max_cells if request.kind == "fields" else None,
         hooks=hooks,
-        stain=manifest.stain_norm.target() if manifest.stain_norm is not None else None,
+        stain=stain_target(manifest),
         fit_cells=manifest.stain_norm.fit_cells if manifest.stain_norm is not None else FIT_CELLS,
     )
     fields = field_records(units) if request.kind == "fields" else None
