@@ -16,12 +16,16 @@ from core.calibration import apply_temperature
 from core.inference import ServingModel, predict_proba
 from trainer.dataset import DatasetError
 from trainer.discovery import discover
+from trainer.export import as_served
 from trainer.folds import subject_groups, train_folds
 from trainer.loading import decode_cells
 from trainer.metrics import choose_threshold
 from trainer.train import TrainConfig, TrainOutcome, publish
 
-CONFIG = TrainConfig(name="folds", arch="tiny", image_size=32, epochs=3, patience=3, seed=0, version="v1")
+# With per-sample stain normalisation: every fold is normalised onto one target, the one the ensemble serves.
+CONFIG = TrainConfig(
+    name="folds", arch="tiny", image_size=32, epochs=3, patience=3, seed=0, version="v1", stain_norm="sample"
+)
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +80,21 @@ def test_the_threshold_is_the_one_the_oof_predictions_choose(outcome: TrainOutco
         cells = [c for c in ds.cells if c.subject in set(fold["held_out_subjects"])]
         arrays = decode_cells(cells, 32)
         labels.append(arrays.labels)
-        probs.append(predict_proba(member, arrays.images))
+        # as a worker serves them: each subject (a slide) normalised with its own statistics
+        probs.append(predict_proba(member, as_served(outcome.manifest, arrays.images, arrays.subjects)))
     # on the calibrated scale the workers serve (the version's temperature, fitted on the same OOF predictions)
     calibrated = apply_temperature(np.concatenate(probs), outcome.manifest.temperature)
     assert outcome.manifest.threshold == pytest.approx(choose_threshold(np.concatenate(labels), calibrated))
+
+
+def test_every_fold_is_normalised_onto_the_whole_data_sets_statistics(outcome: TrainOutcome, synth_data: Path) -> None:
+    from core.stainnorm import fit
+
+    record = outcome.manifest.stain_norm
+    assert record is not None
+    everything = decode_cells(discover(synth_data).cells, 32).images
+    assert record.target().mean == pytest.approx(fit(everything).mean, abs=1e-5)
+    assert record.target_cells == len(everything)
 
 
 def test_the_published_version_serves_the_mean_of_the_fold_models(
