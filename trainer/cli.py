@@ -99,10 +99,10 @@ def train_cmd(
     stain_norm: Annotated[
         str,
         typer.Option(
-            help="'sample' (default): normalise each subject's cells onto the training set's colour statistics "
-            "(Reinhard), and serve each sample so; 'none': as read"
+            help="'sample': normalise each subject's cells onto the training set's colour statistics (Reinhard), "
+            "and serve each sample so; 'none' (default): as read"
         ),
-    ] = "sample",
+    ] = "none",
 ) -> None:
     """Train a CNN on held-out-subject validation and publish it; the last stdout line is `name:version`."""
     from trainer.train import TrainConfig, publish, train_model

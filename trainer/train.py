@@ -50,10 +50,11 @@ class TrainConfig:
     patience: int = 6
     learning_rate: float = 1e-3
     augment: bool = True
-    # Per-sample stain normalisation (core/stainnorm.py): "sample" (each subject's cells normalised onto the training
-    # set's statistics with the subject's own; the worker does the same per sample), or "none". "sample" won on
-    # held-out subjects and mixed samples at both subject tints (README, "Stain normalisation").
-    stain_norm: str = "sample"
+    # Per-sample stain normalisation (core/stainnorm.py): "none", or "sample" (each subject's cells normalised onto
+    # the training set's statistics with the subject's own; the worker does the same per sample). "sample" won on
+    # crops of other stains but over-called ALL on the cells cut from field slides, so it is an option, not the
+    # default (README, "Stain normalisation, per sample").
+    stain_norm: str = "none"
     version: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -68,9 +68,8 @@ def test_train_prints_the_reference_last_and_records_the_split_and_its_metrics(
     validation_cells = [c for c in synth_data.rglob("*.bmp") if subject_of(c) in manifest["val_subjects"]]
     assert_metrics_hold_together(manifest["validation"], validation_cells)
     assert manifest["sha256"] and manifest["tensorflow_version"] and manifest["keras_version"]
-    # By default the version normalises each sample's stain onto its training cells' statistics.
-    assert manifest["training"]["stain_norm"] == "sample"
-    assert manifest["stain_norm"]["method"] == "reinhard-lab" and len(manifest["stain_norm"]["target_mean"]) == 3
+    # By default cells are scored as read (per-sample stain normalisation is `--stain-norm sample`).
+    assert manifest["training"]["stain_norm"] == "none" and manifest["stain_norm"] is None
 
 
 def test_evaluate_json_on_a_fold_and_on_the_real_cells(trained: tuple[Path, str], synth_data: Path) -> None:
@@ -78,7 +77,7 @@ def test_evaluate_json_on_a_fold_and_on_the_real_cells(trained: tuple[Path, str]
     manifest = json.loads(allscore("models", "show", ref, home=home).stdout)
     out = json.loads(allscore("evaluate", ref, str(synth_data / "fold_2"), "--json", home=home).stdout)
     assert (out["model"], out["threshold"], out["n_failed"]) == (ref, manifest["threshold"], 0)
-    assert out["stain_norm"] == "per subject"
+    assert out["stain_norm"] == "none"
     assert_metrics_hold_together(out, sorted((synth_data / "fold_2").rglob("*.bmp")))
     cnmc_cells()
     real = json.loads(allscore("evaluate", ref, str(CNMC_SAMPLE), "--json", home=home).stdout)

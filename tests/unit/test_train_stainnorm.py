@@ -53,3 +53,12 @@ def test_evaluate_normalises_each_subject_as_a_slide(stain_model: PublishedModel
     calls = p >= manifest.threshold
     assert result["confusion"]["tp"] == int(np.sum(calls & (arrays.labels == 1)))
     assert result["confusion"]["fp"] == int(np.sum(calls & (arrays.labels == 0)))
+
+
+def test_the_cli_refuses_an_unknown_normalisation_before_training(synth_data: object, tmp_path: object) -> None:
+    from typer.testing import CliRunner
+
+    from allscore.cli import app
+
+    result = CliRunner().invoke(app, ["train", str(synth_data), "--out", str(tmp_path), "--stain-norm", "macenko"])
+    assert result.exit_code == 2 and "--stain-norm 'macenko': choose 'none' or 'sample'" in result.output
