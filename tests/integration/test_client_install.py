@@ -14,13 +14,16 @@ import pytest
 
 from db.engine import parse_url
 from tests.harness.install import venv_with
+from tests.harness.services import upgrade_with_new_passwords
 from tests.integration.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.mark.timeout(900)
-def test_the_client_extra_installs_without_tensorflow_or_a_compiler_and_submits(stack: Stack, tmp_path: Path) -> None:
+def test_the_client_extra_installs_without_tensorflow_or_a_compiler_and_submits(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     bin_dir, names = venv_with("client", tmp_path, compiler=False)
     assert {"allscore", "celery", "sqlalchemy", "psycopg", "boto3"} <= names
     assert not names & {"tensorflow", "tensorflow-cpu", "keras", "scipy", "scikit-image", "opencv-python-headless"}
@@ -37,9 +40,12 @@ def test_the_client_extra_installs_without_tensorflow_or_a_compiler_and_submits(
     slide.mkdir()
     for path in sorted((stack.model.data / "fold_0").rglob("*.bmp"))[:5]:
         shutil.copy(path, slide / path.name)
-    # The pipeline's environment: the broker, the database as allscore_submitter (this server trusts local logins),
-    # the workers' model store to resolve the model in. Nothing of the test's own venv.
-    submitter_url = parse_url(stack.pg_url).set(username="allscore_submitter", password=None)
+    # The pipeline's environment: the broker, the database as allscore_submitter with the password the operator's
+    # `allscore db upgrade` gave it (a role is NOLOGIN until then; roles are the whole server's, so the test sets it
+    # rather than finding it set by an earlier test), the workers' model store to resolve the model in. Nothing of
+    # the test's own venv.
+    (password,) = upgrade_with_new_passwords(stack.pg_url, monkeypatch, "ALLSCORE_SUBMITTER_DB_PASSWORD").values()
+    submitter_url = parse_url(stack.pg_url).set(username="allscore_submitter", password=password)
     env = {
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "HOME": str(tmp_path),
