@@ -32,31 +32,26 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory, synth_data: Path) -> Iterator[PublishedModel]:
-    """A `tiny` 32x32 model trained for a few seconds on synth_data and published to a local store."""
+def publish_tiny(factory: pytest.TempPathFactory, data: Path, name: str, stain_norm: str) -> PublishedModel:
+    """A `tiny` 32x32 model trained for a few seconds on `data` and published to a local store of its own."""
     from trainer.train import TrainConfig, publish, train_model
 
-    store = str(tmp_path_factory.mktemp("store") / "models")
-    # Without stain normalisation: the scoring tests' oracles run model.keras on the pixels as read. The
-    # normalising path has its own model (stain_model) and tests.
+    store = str(factory.mktemp(f"{name}-store") / "models")
     config = TrainConfig(
-        name="tiny", arch="tiny", image_size=32, epochs=8, patience=8, seed=0, version="v1", stain_norm="none"
+        name=name, arch="tiny", image_size=32, epochs=8, patience=8, seed=0, version="v1", stain_norm=stain_norm
     )
-    outcome = train_model(synth_data, config, Console(stderr=True, quiet=True))
-    manifest = publish(outcome, store)
-    yield PublishedModel(store=store, ref=manifest.ref, manifest=manifest, data=synth_data)
+    manifest = publish(train_model(data, config, Console(stderr=True, quiet=True)), store)
+    return PublishedModel(store=store, ref=manifest.ref, manifest=manifest, data=data)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, synth_data: Path) -> Iterator[PublishedModel]:
+    """The tiny model, without stain normalisation: the scoring tests' oracles run model.keras on the pixels as
+    read. The normalising path has its own model (stain_model) and tests."""
+    yield publish_tiny(tmp_path_factory, synth_data, "tiny", "none")
 
 
 @pytest.fixture(scope="session")
 def stain_model(tmp_path_factory: pytest.TempPathFactory, synth_data: Path) -> PublishedModel:
-    """The tiny model trained with per-sample stain normalisation (`--stain-norm sample`), in its own local store."""
-    from trainer.train import TrainConfig, publish, train_model
-
-    store = str(tmp_path_factory.mktemp("stain-store") / "models")
-    config = TrainConfig(
-        name="stain", arch="tiny", image_size=32, epochs=8, patience=8, seed=0, version="v1", stain_norm="sample"
-    )
-    outcome = train_model(synth_data, config, Console(stderr=True, quiet=True))
-    manifest = publish(outcome, store)
-    return PublishedModel(store=store, ref=manifest.ref, manifest=manifest, data=synth_data)
+    """The tiny model trained with per-sample stain normalisation (`--stain-norm sample`)."""
+    return publish_tiny(tmp_path_factory, synth_data, "stain", "sample")
