@@ -233,20 +233,21 @@ def evaluate_version(store: Path, ref: str, held: Path, seed: int, tint: float) 
     from core.calibration import apply_temperature
     from core.inference import ServingModel, predict_proba
     from core.stainnorm import fit as fit_stain
-    from core.stainnorm import normalise, normalise_groups
+    from core.stainnorm import normalise
     from core.tta import averaged
     from trainer.discovery import discover
+    from trainer.export import as_served
     from trainer.loading import decode_cells
     from trainer.metrics import summarize
+    from worker.engine import stain_target
 
     loaded = load_model(ref, store=str(store))
     manifest = loaded.manifest
     cells = [c for c in discover(held).cells if c.label is not None]
     arrays = decode_cells(cells, manifest.input_size)
     raw_images = arrays.images
-    stain = manifest.stain_norm.target() if manifest.stain_norm is not None else None
-    if stain is not None:
-        arrays.images = normalise_groups(arrays.images, arrays.subjects, stain)
+    stain = stain_target(manifest)
+    arrays.images = as_served(manifest, arrays.images, arrays.subjects)  # each held-out subject as one slide
     served = ServingModel(loaded.model)
     scored = time.perf_counter()
     p = apply_temperature(predict_proba(served, arrays.images), manifest.temperature)

@@ -126,7 +126,7 @@ class StainNormRecord(BaseModel):
         return value
 
     def target(self) -> StainStats:
-        return StainStats.from_dict({"mean": self.target_mean, "std": self.target_std, "n_cells": self.target_cells})
+        return StainStats.of(self.target_mean, self.target_std, n_cells=self.target_cells)
 
     @classmethod
     def from_target(cls, target: StainStats, fitted_on: str) -> StainNormRecord:

@@ -55,21 +55,15 @@ class StainStats:
     n_pixels: int
     n_cells: int
 
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "mean": [round(v, 6) for v in self.mean],
-            "std": [round(v, 6) for v in self.std],
-            "n_pixels": self.n_pixels,
-            "n_cells": self.n_cells,
-        }
-
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> StainStats:
-        mean = tuple(float(v) for v in data["mean"])  # type: ignore[attr-defined]
-        std = tuple(float(v) for v in data["std"])  # type: ignore[attr-defined]
+    def of(cls, mean: Sequence[float], std: Sequence[float], n_cells: int = 0, n_pixels: int = 0) -> StainStats:
+        """Statistics as recorded (a manifest's target), checked: three means and three positive deviations."""
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise StainError(f"stain statistics {data!r}: need three means and three positive deviations")
-        return cls(mean, std, int(data.get("n_pixels", 0)), int(data.get("n_cells", 0)))  # type: ignore[call-overload]
+            raise StainError(
+                f"stain statistics mean={list(mean)} std={list(std)}: need three means and three positive deviations"
+            )
+        m, d = (float(v) for v in mean), (float(v) for v in std)
+        return cls((next(m), next(m), next(m)), (next(d), next(d), next(d)), n_pixels, n_cells)
 
 
 # The colour maps are 3x3 (or 3x4, with an offset) matrices applied to every pixel: OpenCV's cv2.transform does that

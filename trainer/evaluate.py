@@ -11,9 +11,9 @@ from core.errors import AllscoreError
 from core.inference import ServingModel, configure_tensorflow, predict_proba
 from core.runtimes import tensorflow_precision
 from core.settings import get_settings
-from core.stainnorm import normalise_groups
 from core.tta import averaged
 from trainer.discovery import discover
+from trainer.export import as_served
 from trainer.loading import decode_cells
 from trainer.metrics import summarize
 
@@ -36,9 +36,8 @@ def evaluate(ref: str, data: Path, *, store: str | None = None) -> dict[str, Any
             "the preliminary test set's CSV"
         )
     arrays = decode_cells(labelled, manifest.input_size)
-    if manifest.stain_norm is not None:
-        # A subject is one slide: its cells are normalised with their own statistics, as a worker does a sample's.
-        arrays.images = normalise_groups(arrays.images, arrays.subjects, manifest.stain_norm.target())
+    # A subject is one slide: with stain normalisation its cells are normalised as a worker does a sample's.
+    arrays.images = as_served(manifest, arrays.images, arrays.subjects)
     # What TensorFlow workers run (an int8 export is ONNX Runtime's: evaluate it with `allscore models export`'s gate).
     model = ServingModel(loaded.model, tensorflow_precision(settings.precision))
     raw = averaged(lambda x: predict_proba(model, x, batch_size=settings.batch_size), arrays.images, settings.tta)

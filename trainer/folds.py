@@ -120,7 +120,7 @@ def train_folds(data: Path, config: TrainConfig, k: int, console: Console | None
             train = _decode_with_progress(progress, train_ds, config.size, f"fold {index + 1}/{k} training cells")
             val = _decode_with_progress(progress, val_ds, config.size, f"fold {index + 1}/{k} held-out cells")
             # One target for every fold (the ensemble serves one): the statistics of all the data set's cells.
-            target = stain_normalised(config, target, train, val, all_images=np.concatenate([train.images, val.images]))
+            target = stain_normalised(config, target, train, val)
             # Each fold starts from its own seed: the ensemble's members differ by data and by initialisation.
             model, history = fit_one(train, val, config, progress, seed=config.seed + 1000 * index)
             model.name = f"fold_{index + 1}"  # names must be unique inside the ensemble's graph

@@ -140,8 +140,8 @@ def _progress(console: Console) -> Progress:
 def stain_normalised(
     config: TrainConfig, target: StainStats | None, *arrays: CellArrays, all_images: np.ndarray | None = None
 ) -> StainStats | None:
-    """With --stain-norm sample: each subject's cells in `arrays` normalised in place onto `target` (fitted on
-    `all_images`, the training set's cells, when None). Returns the target (None without normalisation)."""
+    """With --stain-norm sample: each subject's cells in `arrays` normalised in place onto `target` (when None,
+    fitted on `all_images`, else on every image of `arrays`). Returns the target (None without normalisation)."""
     if config.stain_norm == "none":
         return None
     if target is None:

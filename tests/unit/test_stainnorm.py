@@ -65,9 +65,9 @@ def test_statistics_that_cannot_be_fitted_are_refused() -> None:
     with pytest.raises(StainError, match="too few to fit the sample's stain statistics"):
         fit(np.zeros((3, 16, 16, 3), np.uint8))
     with pytest.raises(StainError, match="positive deviations"):
-        StainStats.from_dict({"mean": [0, 0, 0], "std": [1, 0, 1]})
-    stats = fit(cells(4, None))
-    assert StainStats.from_dict(stats.to_dict()).mean == pytest.approx(stats.mean, abs=1e-6)
+        StainStats.of([0, 0, 0], [1, 0, 1])
+    with pytest.raises(StainError, match="three means"):
+        StainStats.of([0, 0], [1, 1])
 
 
 def test_the_manifest_records_the_target_and_refuses_an_unknown_method() -> None:
