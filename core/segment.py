@@ -34,6 +34,12 @@ magnification give the same result.
    resolution smoothly (bilinear), without near-black pixels.
 4. Rejected: nuclei under ``_MIN_NUC_UM2`` (platelets, debris), cells under ``_MIN_CELL_UM2``. A cell touching the
    field's border is kept and marked ``edge``.
+5. Outline: each cell's outline is redrawn at full resolution within ``_EDGE_BAND_UM`` of the detected one, where
+   the mean optical density crosses ``_EDGE_LEVEL`` of the way from the density just outside it (``_EDGE_OUTER_UM``,
+   median) to just inside it (``_EDGE_INNER_UM``, median); other cells' regions and near-black pixels are never
+   taken. The working-scale outline alone lost the faint rim of wide pale cytoplasm and overgrew cells with scant
+   cytoplasm, and the model reads a cell's size: bench/README.md ("Microscope fields") has what that did to a
+   slide's ALL fraction and how the level was chosen.
 
 The kind of each cell found, lymphoid or other, is core.cellkind's rule.
 
@@ -82,6 +88,10 @@ _EST_SIDE = 256  # the scale estimate looks at a copy about this many pixels on 
 _RBC_MIN_COUNT = 3  # cells' worth of red pixels needed for an estimate
 _RBC_THICK = 1.6  # masses thicker than this times the typical clump are left out of the estimate
 _RBC_DIAM_READ = 0.965  # what the distance map reads of the red cells' diameter (synthetic slides of known scale)
+_EDGE_BAND_UM = 0.3  # the outline is redrawn at full resolution within this of the detected one, either side...
+_EDGE_INNER_UM, _EDGE_OUTER_UM = (0.15, 0.45), (0.3, 0.6)  # ... between the density just inside it and outside it
+_EDGE_LEVEL = 0.7  # ... where the density crosses this fraction of the way from outside to inside
+_EDGE_MIN_CONTRAST = 0.03  # ... when inside is at least this denser than outside (mean OD); else it stays
 
 
 class SegmentationError(AllscoreError):
@@ -213,7 +223,8 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
     img = shrink(rgb, k)
     wum = scale * k  # um per working pixel
     px_area = wum * wum
-    score, dens, specimen, _ = stain(img)
+    score, dens, specimen, bg = stain(img)
+    bg_log = np.log(np.asarray(bg or [255.0, 255.0, 255.0], np.float32) + np.float32(1.0))
     raw_score = score
     score = morph.mean3(score) if wum < 0.45 else score
 
@@ -251,6 +262,7 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
             full &= sub.max(axis=2) > NEAR_BLACK
         if not full.any():
             continue
+        full, fy0, fx0 = _refine_outline(rgb, full, fy0, fx0, labels, lab_id, k, bg_log, scale)
         ys, xs = np.nonzero(full)
         y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
         mask = full[y0:y1, x0:x1].copy()
@@ -377,6 +389,56 @@ def _smooth_region(reg: NDArray[np.bool_], nreg: NDArray[np.bool_], wum: float) 
         sizes[0] = 0
         opened = comps == int(np.argmax(sizes)) if sizes.any() else opened
     return opened
+
+
+def _refine_outline(
+    rgb: NDArray[np.uint8],
+    full: NDArray[np.bool_],
+    fy0: int,
+    fx0: int,
+    labels: NDArray[np.int32],
+    lab_id: int,
+    k: int,
+    bg_log: NDArray[np.float32],
+    scale: float,
+) -> tuple[NDArray[np.bool_], int, int]:
+    """The cell's outline redrawn at full resolution (module docstring, step 5): the mask in a window padded around
+    it, and the window's top-left (y, x) in the field. Other cells' regions are never taken."""
+    height, width = rgb.shape[:2]
+    pad = math.ceil(_EDGE_OUTER_UM[1] / scale) + 1
+    y0, x0 = max(0, fy0 - pad), max(0, fx0 - pad)
+    y1, x1 = min(height, fy0 + full.shape[0] + pad), min(width, fx0 + full.shape[1] + pad)
+    m = np.zeros((y1 - y0, x1 - x0), bool)
+    m[fy0 - y0 : fy0 - y0 + full.shape[0], fx0 - x0 : fx0 - x0 + full.shape[1]] = full
+    win = rgb[y0:y1, x0:x1]
+    rows = np.minimum(np.arange(y0, y1) // k, labels.shape[0] - 1)
+    cols = np.minimum(np.arange(x0, x1) // k, labels.shape[1] - 1)
+    near = labels[np.ix_(rows, cols)]
+    specimen = win.max(axis=2) > NEAR_BLACK
+    free = ((near == 0) | (near == lab_id)) & specimen  # not another cell's, not black
+    inside, outside = morph.distance(m), morph.distance(~m)
+    lo, hi = max(1.0, _EDGE_INNER_UM[0] / scale), max(2.0, _EDGE_INNER_UM[1] / scale)
+    ring_in = m & (inside >= lo) & (inside <= hi)
+    lo, hi = max(1.0, _EDGE_OUTER_UM[0] / scale), max(2.0, _EDGE_OUTER_UM[1] / scale)
+    around = ~m & (outside >= lo) & (outside <= hi)
+    ring_out = around & free
+    black = int((around & ~specimen).sum())
+    if int(ring_in.sum()) < 8 or int(ring_out.sum()) < 8 or black > 0.25 * int(around.sum()):
+        return m, y0, x0  # too small to read, or a cell on black (a crop given as a field): its outline is its own
+    od = (bg_log - np.log(win.astype(np.float32) + np.float32(1.0))).mean(axis=2)
+    d_in, d_out = float(np.median(od[ring_in])), float(np.median(od[ring_out]))
+    if d_in - d_out < _EDGE_MIN_CONTRAST:
+        return m, y0, x0
+    band_px = max(1.0, _EDGE_BAND_UM / scale)
+    band = (m & (inside <= band_px)) | (~m & free & (outside <= band_px))
+    kept = m & ~band
+    new = morph.fill_holes(kept | (band & (od > d_out + _EDGE_LEVEL * (d_in - d_out))))
+    comps, n = morph.label(new)
+    if n > 1:
+        sizes = np.bincount(comps[kept], minlength=n + 1)
+        sizes[0] = 0
+        new = comps == int(np.argmax(sizes))
+    return (new, y0, x0) if new.any() else (m, y0, x0)
 
 
 def _upsample(reg: NDArray[np.bool_], k: int, h: int, w: int) -> NDArray[np.bool_]:
