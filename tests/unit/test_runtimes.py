@@ -405,6 +405,44 @@ def test_an_int8_model_that_fails_the_gate_is_refused(tiny_model: PublishedModel
         )
 
 
+@pytest.mark.parametrize(("agreement", "kept"), [(1.0, 0), (-1.0, 3)])
+def test_int8_keeps_its_first_convolutions_in_float32_until_it_agrees(
+    tiny_model: PublishedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, agreement: float, kept: int
+) -> None:
+    # Accuracy-aware quantization: where the int8 model's p(all) on the calibration cells moves by more than
+    # INT8_AGREEMENT from float32's, the stem stays float32, one more convolution at a time (up to 3); the manifest's
+    # converter says how many. An agreement no model meets (-1) keeps 3 (or all there are); one every model meets (1.0)
+    # keeps none.
+    import onnx
+
+    import trainer.export
+    from trainer.discovery import discover
+    from trainer.export import make_int8_export
+    from trainer.loading import decode_cells
+
+    monkeypatch.setattr(trainer.export, "INT8_AGREEMENT", agreement)
+    float_path, manifest = Registry(tiny_model.store).fetch_export(tiny_model.ref)
+    cells = decode_cells([c for c in discover(tiny_model.data).cells if c.subject in set(manifest.val_subjects)], SIZE)
+    path, record = make_int8_export(
+        float_path,
+        tmp_path,
+        calibration=cells.images[0::2],
+        calibrated_on="even validation cells",
+        held_out=cells.images[1::2],
+        labels=cells.labels[1::2],
+        held_out_on="odd validation cells",
+        threshold=manifest.threshold,
+        gate=1.0,
+    )
+    graph = onnx.load(str(path)).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    kept = min(kept, len(convs))  # the tiny model has two
+    int8_weights = [n.input[1] in dequantized for n in convs]
+    assert int8_weights == [False] * kept + [True] * (len(convs) - kept)
+    assert (f"first {kept} convolution(s) float32" in record.converter) == bool(kept)
+
+
 def test_int8_is_served_by_onnx_runtime_only(monkeypatch: pytest.MonkeyPatch) -> None:
     from core.settings import Settings
 
