@@ -160,6 +160,9 @@ class OnnxServingModel:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        # No memory pattern: ONNX Runtime otherwise keeps one block planned for a whole run's activations. Off, the
+        # same speed at 0.55-0.75 of the memory (bench/README.md, "Runtimes", worker memory).
+        options.enable_mem_pattern = False
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.session = ort.InferenceSession(str(path), options, providers=providers)
