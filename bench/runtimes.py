@@ -3,7 +3,8 @@ float32 on held-out synthetic subjects, and the RSS of a process that does nothi
 precision this machine has (int8: the version's gated export), at the default model (seed at 64x64) and at 128x128.
 
 Each measurement runs in a process of its own (`python -m bench.runtimes --child ...`), so that its RSS is that
-runtime's alone and the ONNX Runtime process never imports TensorFlow. Called by bench/run.py
+runtime's alone and the ONNX Runtime and OpenVINO processes never import TensorFlow. OpenVINO (allscore[openvino])
+reads the same ONNX files as ONNX Runtime. Called by bench/run.py
 (`measure_runtimes`); run alone: `python -m bench.runtimes [--quick]` (trains its own two models).
 """
 
@@ -24,6 +25,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SIZE = 64  # the seed architecture's default input size
+RUNTIME_KEYS = {"tensorflow": "tf", "onnxruntime": "ort", "openvino": "ov"}  # the keys' prefixes
 
 
 def _log(msg: str) -> None:
@@ -112,7 +114,7 @@ def measure_runtimes(
     from bench.common import model_gflop
     from core.artifact import Registry, load_keras
     from core.inference import cpu_has_bf16
-    from core.runtimes import onnxruntime_available
+    from core.runtimes import onnxruntime_available, openvino_available
     from trainer.discovery import discover
     from trainer.loading import decode_cells
     from trainer.metrics import weighted_f1
@@ -134,10 +136,17 @@ def measure_runtimes(
         if cpu_has_bf16():
             runs.append(("tensorflow", "bfloat16", keras_path))
         if onnxruntime_available() and "onnx" in manifest.exports:
-            runs.append(("onnxruntime", "float32", registry.fetch_export(ref)[0]))
+            onnx_path = registry.fetch_export(ref)[0]
+            runs.append(("onnxruntime", "float32", onnx_path))
             int8_path = _with_int8(store, ref, work, results)
             if int8_path is not None:
                 runs.append(("onnxruntime", "int8", int8_path))
+            if openvino_available():  # the same ONNX files, read by OpenVINO
+                runs.append(("openvino", "float32", onnx_path))
+                if cpu_has_bf16():
+                    runs.append(("openvino", "bfloat16", onnx_path))
+                if int8_path is not None:
+                    runs.append(("openvino", "int8", int8_path))
         measured: dict[str, dict[str, Any]] = {}
         reference_wf1 = None
         for runtime, precision, path in runs:
@@ -153,15 +162,16 @@ def measure_runtimes(
                 }
             )
             short = {"float32": "fp32", "bfloat16": "bf16", "int8": "int8"}[precision]
-            measured[f"{'tf' if runtime == 'tensorflow' else 'ort'}_{short}"] = figures
+            measured[f"{RUNTIME_KEYS[runtime]}_{short}"] = figures
         results["runtimes"][str(size)] = {"gflop_per_cell": round(gflop, 4), "model": ref, **measured}
         suffix = "" if size == DEFAULT_SIZE else f"_{size}"
         tf_fp32 = measured["tf_fp32"]["cells_per_s"]
         tf_best = max(measured[k]["cells_per_s"] for k in measured if k.startswith("tf_"))
         if "ort_fp32" in measured:
             results[f"ort_over_tf_fp32{suffix}"] = round(measured["ort_fp32"]["cells_per_s"] / tf_fp32, 2)
-        if "ort_int8" in measured:
-            measured["ort_int8"]["refused_by_gate"] = ref in results.get("int8_refused", {})
+        for key in ("ort_int8", "ov_int8"):
+            if key in measured:
+                measured[key]["refused_by_gate"] = ref in results.get("int8_refused", {})
         accurate = {k: v for k, v in measured.items() if abs(v["wf1_delta"]) <= 0.01 and not v.get("refused_by_gate")}
         best = max(accurate, key=lambda k: accurate[k]["cells_per_s"])
         results[f"best_runtime{suffix}"] = best

@@ -38,16 +38,16 @@ class Settings(BaseSettings):
     model: str = Field(default="allscore@production", description="model reference `submit` uses by default")
     queue: str = "allscore"
     batch_size: int = Field(default=64, ge=1, le=4096)
-    # int8: the version's static int8 quantization (model-int8.onnx), served by ONNX Runtime only. auto: the
+    # int8: the version's static int8 quantization (model-int8.onnx), served by ONNX Runtime or OpenVINO. auto: the
     # fastest measured that holds accuracy for this CPU and version (core.runtimes.choose_serving).
     precision: Literal["auto", "float32", "bfloat16", "int8"] = Field(
         default="auto", description="auto | float32 | bfloat16 | int8"
     )
-    # Which runtime runs the model's forward pass (core/runtimes.py): TensorFlow on model.keras, or ONNX Runtime on
-    # the version's model.onnx (a worker on it never imports TensorFlow, and refuses a version without the export);
-    # auto: chosen with the precision (core.runtimes.choose_serving).
-    runtime: Literal["tensorflow", "onnxruntime", "auto"] = Field(
-        default="auto", description="tensorflow | onnxruntime | auto"
+    # Which runtime runs the model's forward pass (core/runtimes.py): TensorFlow on model.keras, or ONNX Runtime or
+    # OpenVINO on the version's ONNX export (a worker on either never imports TensorFlow, and refuses a version
+    # without the export); auto: chosen with the precision (core.runtimes.choose_serving).
+    runtime: Literal["tensorflow", "onnxruntime", "openvino", "auto"] = Field(
+        default="auto", description="tensorflow | onnxruntime | openvino | auto"
     )
     # Test-time augmentation (core/tta.py): 8 averages each cell's p(all) over its flips and rotations, at 8 times
     # the model's cost; 1 scores each cell once.
@@ -120,7 +120,8 @@ class Settings(BaseSettings):
             )
         if self.precision == "int8" and self.runtime == "tensorflow":
             raise ValueError(
-                "ALLSCORE_PRECISION=int8 is served by ONNX Runtime only: set ALLSCORE_RUNTIME=onnxruntime (or auto)"
+                "ALLSCORE_PRECISION=int8 is served by ONNX Runtime or OpenVINO only: set ALLSCORE_RUNTIME=onnxruntime, "
+                "openvino or auto"
             )
         self.home = self.home.expanduser()
         if not self.database_url:
