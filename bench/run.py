@@ -52,6 +52,7 @@ class Bench:
     cpu_ms: dict[str, float] = field(default_factory=dict)
     engine: dict[str, Any] = field(default_factory=dict)
     store: str = ""
+    runtime_models: dict[int, tuple[str, str]] = field(default_factory=dict)  # {input size: (store, ref)}, step 1b
     keras_model: Any = None
     model: Any = None
     loaded: Any = None
@@ -149,6 +150,7 @@ def step_runtimes(b: Bench) -> None:
     models = {b.args.size: (b.store, "bench:v1")}
     if b.args.size != DEFAULT_SIZE:
         models.update(train_models(b.work, (DEFAULT_SIZE,), b.args.epochs))
+    b.runtime_models = models  # step 1c serves the same versions (with the int8 exports made here)
     b.results.update(measure_runtimes(b.work, models, batch=b.args.batch, seconds=3.0 if b.args.quick else 10.0))
 
 
@@ -156,9 +158,8 @@ def step_served(b: Bench) -> None:
     from bench.served import measure_served
 
     cells = b.work / "cells"
-    b.results.update(
-        measure_served(b.work, {b.args.size: (b.store, "bench:v1")}, cells, n=b.args.soak, batch=b.args.batch)
-    )
+    models = b.runtime_models or {b.args.size: (b.store, "bench:v1")}
+    b.results.update(measure_served(b.work, models, cells, n=b.args.soak, batch=b.args.batch))
 
 
 def step_naive(b: Bench) -> None:
@@ -428,7 +429,16 @@ def write_results(results: dict[str, Any]) -> None:
         f"{results.get('ort_over_tf_fp32_128')} (128x128); best at 128x128: {results.get('best_runtime_128')}, "
         f"{results.get('best_over_tf_best_128')} x TensorFlow's best.",
         "",
+        "| served default (auto) in a worker process (bench/served.py) | size | raw cells/s | end to end over raw | "
+        "ceiling | RSS MiB after the cells |",
+        "|---|---|---|---|---|---|",
     ]
+    for size, run in results.get("served", {}).items():
+        lines.append(
+            f"| {run['runtime']} {run['precision']} | {size} | {run['raw_cells_per_s']} | {run['e2e_over_raw']} | "
+            f"{run.get('e2e_ceiling')} | {run['rss_mib']} ({run['cells']} cells) |"
+        )
+    lines.append("")
     (RESULTS / "latest.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
