@@ -65,7 +65,7 @@ from skimage.segmentation import watershed
 from core import morph
 from core.cellkind import cell_kind
 from core.errors import AllscoreError
-from core.stain import NEAR_BLACK, NUC_SCORE, shrink, stain
+from core.stain import NEAR_BLACK, NUC_SCORE, percentile, shrink, stain
 
 RBC_DIAMETER_UM = 7.5
 CNMC_UM_PER_PX = 0.046
@@ -431,7 +431,7 @@ def _refine_outline(
     od += _LOG1P[win[..., 2]]
     od *= np.float32(-1.0 / 3.0)
     od += np.float32(bg_log.mean())
-    d_in, d_out = float(np.median(od[ring_in])), float(np.median(od[ring_out]))
+    d_in, d_out = percentile(od[ring_in], 50), percentile(od[ring_out], 50)  # medians, by one partial sort
     if d_in - d_out < _EDGE_MIN_CONTRAST:
         return m, y0, x0
     band_px = max(1.0, _EDGE_BAND_UM / scale)
