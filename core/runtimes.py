@@ -21,11 +21,13 @@ the others where it is installed, ONNX Runtime for float32).
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import logging
 import sys
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -201,6 +203,35 @@ class OnnxServingModel:
         return np.asarray(self.session.run(None, {self.input_name: batch})[0])
 
 
+class _StackT(ctypes.Structure):
+    """struct stack_t (sigaltstack(2))."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextmanager
+def _keeping_sigaltstack() -> Iterator[None]:
+    """Give the calling thread back its own alternate signal stack after the block.
+
+    OpenVINO's compile_model (2026.4) leaves the thread's alternate signal stack pointing into memory that belongs to
+    what it compiled; once that is freed, the next signal handled on it crashes the process. Python installs its
+    handlers to run on that stack (SA_ONSTACK), and Celery's soft time limit is SIGUSR1: a worker would die on its
+    first soft limit after a model was replaced (tests/unit/test_runtimes.py has the crash).
+    """
+    libc, saved = None, _StackT()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.sigaltstack(None, ctypes.byref(saved)) != 0:
+            libc = None
+    except (OSError, AttributeError):  # not Linux or no sigaltstack: nothing to keep
+        libc = None
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.sigaltstack(ctypes.byref(saved), None)
+
+
 class OpenVinoServingModel:
     """A model.onnx (or model-int8.onnx) run by OpenVINO's CPU plugin, called like the TensorFlow ServingModel.
 
@@ -249,7 +280,8 @@ class OpenVinoServingModel:
         if request is None:
             model = self.model.clone()
             model.reshape({self.input_name: [n, *self.input_shape[1:]]})
-            request = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+            with _keeping_sigaltstack():
+                request = self.core.compile_model(model, "CPU", self.config).create_infer_request()
             self._compiled[n] = request
         return request
 

@@ -116,6 +116,29 @@ def test_openvino_matches_tensorflow_on_real_and_synthetic_cells(seed_model, tmp
     assert 0 < openvino <= 1.5 * tensorflow + 0.005, (openvino, tensorflow)
 
 
+def test_openvino_leaves_the_threads_signal_stack_as_it_was(seed_model, tmp_path: Path) -> None:
+    # OpenVINO's compile points the calling thread's alternate signal stack into memory its compiled model owns.
+    # Python runs signal handlers on that stack (SA_ONSTACK), so once the model was freed the next signal (Celery's
+    # soft time limit is SIGUSR1) crashed the process with SIGSEGV: seen in this suite, and in a script that freed
+    # two 64x64 models. core.runtimes gives the thread its own stack back after each compile.
+    import ctypes
+
+    class Stack(ctypes.Structure):
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+    def current() -> tuple:
+        stack = Stack()
+        assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) == 0
+        return stack.ss_sp, stack.ss_flags, stack.ss_size
+
+    path, _ = make_onnx_export(seed_model, tmp_path, synthetic_check_cells(SIZE, n=8), "8 synthetic cells")
+    before = current()
+    model = OpenVinoServingModel(path)
+    for n in (8, 5):  # a compile per batch size
+        model(np.zeros((n, SIZE, SIZE, 3), np.uint8))
+        assert current() == before
+
+
 def test_an_export_of_another_model_is_refused(seed_model, tmp_path: Path) -> None:
     cells = synthetic_check_cells(SIZE, n=16)
     other = build_model("seed", SIZE, seed=2)
