@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from core.runtimes import openvino_available
 from core.storage import store_for
 from tests.harness.faults import free_port, wait_until
 from tests.integration.stack import Stack
@@ -63,11 +64,12 @@ def test_metrics_scraped_from_a_worker_count_what_it_scored(stack: Stack, tmp_pa
     assert m[("allscore_read_seconds_count", ())] == 21  # every image read, the broken one too
     assert m[("allscore_read_seconds_sum", ())] > 0
     # Each of the two processes that took a sample loaded the model once; both may have taken one. The version has
-    # an ONNX export and no int8 one: auto serves bfloat16 with TensorFlow on a CPU that computes it, else the
-    # export in float32 with ONNX Runtime. The loads say which.
+    # an ONNX export and no int8 one: auto serves bfloat16 on a CPU that computes it (with OpenVINO where it is
+    # installed, else TensorFlow), else the export in float32 with ONNX Runtime. The loads say which.
     flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
+    bf16_runtime = "openvino" if openvino_available() else "tensorflow"
     precision, runtime = (
-        ("bfloat16", "tensorflow") if {"avx512_bf16", "amx_bf16"} & set(flags) else ("float32", "onnxruntime")
+        ("bfloat16", bf16_runtime) if {"avx512_bf16", "amx_bf16"} & set(flags) else ("float32", "onnxruntime")
     )
     labels = (("precision", precision), ("runtime", runtime))
     assert [k for k in m if k[0] == "allscore_model_loads_total"] == [("allscore_model_loads_total", labels)]
