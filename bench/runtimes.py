@@ -186,7 +186,7 @@ def _with_int8(store: str, ref: str, work: Path, results: dict[str, Any]) -> Pat
     When the gate refuses it, the same quantization is still measured (from work/, never published): the refusal
     is recorded in results["int8_refused"] and that run is never the best."""
     from core.artifact import Registry
-    from trainer.export import ExportMismatch, export_int8_published, int8_cells, quantize_int8
+    from trainer.export import ExportMismatch, agreement, export_int8_published, int8_cells, quantize_int8
 
     registry = Registry(store)
     try:
@@ -201,7 +201,8 @@ def _with_int8(store: str, ref: str, work: Path, results: dict[str, Any]) -> Pat
         except ExportMismatch:
             return None
         out = work / f"refused-int8-{manifest.name}.onnx"
-        quantize_int8(registry.fetch_export(ref)[0], out, calibration)
+        float_path = registry.fetch_export(ref)[0]
+        quantize_int8(float_path, out, calibration, agrees=agreement(float_path, calibration))
         return out
 
 

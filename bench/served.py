@@ -20,6 +20,7 @@ from typing import Any
 
 from bench.common import REPO, log, rss_mb
 from bench.measure import bench_raw
+from bench.runtimes import DEFAULT_SIZE
 
 
 def _child(store: str, ref: str, cells: Path, n: int, batch: int, out: Path) -> None:
@@ -88,7 +89,7 @@ def measure_served(
     work: Path, models: dict[int, tuple[str, str]], cells: Path, *, n: int, batch: int
 ) -> dict[str, Any]:
     """The served default for each model {input size: (store, ref)}: keys `served` (per size), for the largest size
-    `served_default`, `e2e_over_raw_served` and `worker_rss_mib`, and for the default input size (64), where it was
+    `served_default`, `e2e_over_raw_served` and `worker_rss_mib`, and for the default input size, where it was
     measured, `e2e_over_raw_default`, its ceiling `e2e_ceiling_default` and `worker_rss_mib_default`."""
     served: dict[str, Any] = {}
     for size, (store, ref) in sorted(models.items()):
@@ -106,7 +107,7 @@ def measure_served(
         "e2e_over_raw_served": largest["e2e_over_raw"],
         "worker_rss_mib": largest["rss_mib"],
     }
-    default = served.get("64")
+    default = served.get(str(DEFAULT_SIZE))
     if default is not None:
         results["e2e_over_raw_default"] = default["e2e_over_raw"]
         results["e2e_ceiling_default"] = default["e2e_ceiling"]

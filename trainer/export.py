@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -188,10 +188,18 @@ def export_published(
 # --- int8 -------------------------------------------------------------------------------------------------------
 
 
-def quantize_int8(float_path: Path, out: Path, calibration: np.ndarray, batch: int = 16, float_convs: int = 0) -> str:
+def quantize_int8(
+    float_path: Path,
+    out: Path,
+    calibration: np.ndarray,
+    batch: int = 16,
+    agrees: Callable[[Path, int], bool] | None = None,
+) -> str:
     """Static int8 quantization of a float32 ONNX model with ONNX Runtime: QDQ format, per-channel int8 weights,
-    uint8 activations whose ranges come from running `calibration` (uint8 cells) through the model; the first
-    `float_convs` convolutions (in graph order) are left in float32."""
+    uint8 activations whose ranges come from running `calibration` (uint8 cells) through the model. With `agrees`
+    (`agreement`), the first convolutions (in graph order) stay float32, one more at a time up to
+    INT8_MAX_FLOAT_CONVS, until `agrees(out, n)` says the model written to `out` is close enough; the model is
+    prepared (shape inference, graph clean-up) once for every try."""
     import onnx
     import onnxruntime
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -207,20 +215,37 @@ def quantize_int8(float_path: Path, out: Path, calibration: np.ndarray, batch: i
     prepared = out.with_name(out.stem + "-prepared.onnx")
     quant_pre_process(str(float_path), str(prepared))
     convs = [node.name for node in onnx.load(str(prepared)).graph.node if node.op_type == "Conv"]
-    quantize_static(
-        str(prepared),
-        str(out),
-        Cells(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=convs[:float_convs],
-    )
+    for float_convs in range(min(INT8_MAX_FLOAT_CONVS, len(convs)) + 1):
+        quantize_static(
+            str(prepared),
+            str(out),
+            Cells(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=convs[:float_convs],
+        )
+        if agrees is None or agrees(out, float_convs):
+            break
     prepared.unlink(missing_ok=True)
-    n = min(float_convs, len(convs))
-    kept = f"; first {n} convolution(s) float32" if n else ""
+    kept = f"; first {float_convs} convolution(s) float32" if float_convs else ""
     return f"onnxruntime.quantization {onnxruntime.__version__} (static, QDQ, per-channel int8 weights{kept})"
+
+
+def agreement(float_path: Path, calibration: np.ndarray) -> Callable[[Path, int], bool]:
+    """Whether an int8 model agrees with the float32 export on the calibration cells: mean |p(all) int8 - p(all)
+    float32| at most INT8_AGREEMENT (no labels used), for quantize_int8."""
+    reference = predict_proba(OnnxServingModel(float_path), calibration, batch_size=64)
+
+    def agrees(path: Path, float_convs: int) -> bool:
+        moved = float(np.mean(np.abs(predict_proba(OnnxServingModel(path, precision="int8"), calibration) - reference)))
+        log.info(
+            "int8, first %d convolution(s) float32: mean |p| change %.4f on the calibration cells", float_convs, moved
+        )
+        return moved <= INT8_AGREEMENT
+
+    return agrees
 
 
 def make_int8_export(
@@ -240,17 +265,7 @@ def make_int8_export(
     weighted F1 at `threshold` may move by at most `gate` from the float32 export's, else ExportMismatch (not
     published)."""
     path = out_dir / INT8_FILE
-    reference = predict_proba(OnnxServingModel(float_path), calibration, batch_size=64)
-    for float_convs in range(INT8_MAX_FLOAT_CONVS + 1):
-        converter = quantize_int8(float_path, path, calibration, float_convs=float_convs)
-        moved = float(np.mean(np.abs(predict_proba(OnnxServingModel(path, precision="int8"), calibration) - reference)))
-        log.info(
-            "int8 export, first %d convolution(s) float32: mean |p| change %.4f on the calibration cells",
-            float_convs,
-            moved,
-        )
-        if moved <= INT8_AGREEMENT:
-            break
+    converter = quantize_int8(float_path, path, calibration, agrees=agreement(float_path, calibration))
     p32 = predict_proba(OnnxServingModel(float_path), held_out, batch_size=64)
     p8 = predict_proba(OnnxServingModel(path, precision="int8"), held_out, batch_size=64)
     wf32 = weighted_f1(labels, (p32 >= threshold).astype(int))
