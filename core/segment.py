@@ -259,8 +259,9 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
         fx1 = width if sl[1].stop == ww else min(width, sl[1].stop * k)
         full = _upsample(reg, k, fy1 - fy0, fx1 - fx0)
         sub = rgb[fy0:fy1, fx0:fx1]
-        if int(sub.min()) <= NEAR_BLACK:  # some near-black pixel (a black-backed crop given as a field): not specimen
-            full &= sub.max(axis=2) > NEAR_BLACK
+        brightest = np.maximum(np.maximum(sub[..., 0], sub[..., 1]), sub[..., 2])  # (max over axis 2: 20x slower)
+        if int(brightest.min()) <= NEAR_BLACK:  # a near-black pixel (a black-backed crop given as a field): no specimen
+            full &= brightest > NEAR_BLACK
         if not full.any():
             continue
         full, fy0, fx0 = _refine_outline(rgb, full, fy0, fx0, labels, lab_id, k, bg_log, scale)

@@ -352,3 +352,24 @@ def test_without_the_kernel_bmps_decode_with_pillow_to_the_same_pixels_and_say_s
         np.testing.assert_array_equal(a, b)
     notes = [r.getMessage() for r in caplog.records if "decode kernel" in r.getMessage()]
     assert len(notes) == 1 and "no compiler" in notes[0] and "Pillow" in notes[0]
+
+
+
+BCCD_FIELDS = Path(__file__).resolve().parents[1] / "data" / "bccd" / "JPEGImages"
+
+
+def test_a_field_cut_short_is_refused_and_one_with_bytes_after_its_end_reads(tmp_path: Path) -> None:
+    from core.imaging import decode_field
+
+    png = tmp_path / "field.png"
+    with Image.open(sorted(BCCD_FIELDS.glob("*.jpg"))[0]) as im:
+        rgb = np.asarray(im.convert("RGB"))
+        jpeg = encode(im.convert("RGB"), "JPEG", quality=92)
+    Image.fromarray(rgb).save(png)
+    for name, data in {"field.jpg": jpeg, "field.png": png.read_bytes()}.items():
+        with pytest.raises(DecodeError, match="truncated") as info:
+            decode_field(data[: len(data) // 2], source=name)
+        assert info.value.source == name
+        with Image.open(io.BytesIO(data)) as im:
+            whole = np.asarray(im.convert("RGB"))
+        assert np.array_equal(decode_field(data + b"\0" * 64, source=name), whole), name

@@ -221,7 +221,7 @@ def test_cut_cell_keeps_the_scale_and_clips_a_cell_larger_than_the_frame() -> No
     assert (same.max(axis=2) > 0).sum() == pytest.approx(cell.mask.sum(), rel=0.02)
 
 
-@pytest.mark.parametrize("size", [64, 128, 224, 450])
+@pytest.mark.parametrize("size", [64, 96, 128, 200, 224, 450])
 def test_the_model_sees_a_field_cell_exactly_as_it_would_see_its_crop(size: int) -> None:
     # The model was trained on 450x450 crops taken down to its input by decode_image: a cell cut from a field must
     # reach the model through the same resampling, pixel for pixel (cutting straight at the input's scale moved a
