@@ -302,7 +302,7 @@ def _cyto_density(score: NDArray[np.float32], dens: NDArray[np.float32], far: ND
     n = int(pop.sum())
     if n < 0.02 * max(1, int(far.sum())) or n < 16:
         return _CYTO_DENS
-    return max(_CYTO_DENS, float(np.percentile(dens[pop], _RBC_DENS_PCT)) + _RBC_DENS_MARGIN)
+    return max(_CYTO_DENS, percentile(dens[pop], _RBC_DENS_PCT) + _RBC_DENS_MARGIN)
 
 
 def _nucleus_markers(nuc: NDArray[np.bool_], wum: float) -> NDArray[np.int32]:
@@ -311,8 +311,12 @@ def _nucleus_markers(nuc: NDArray[np.bool_], wum: float) -> NDArray[np.int32]:
     comps, nc = morph.label(nuc)
     groups, ng = morph.label(morph.dilation(nuc, morph.disk(max(1.0, _LOBE_GAP_UM / 2 / wum))))
     idx = np.arange(1, nc + 1)
-    comp_group = _label_max(groups, comps, nc).astype(np.int64)
-    comp_area = np.bincount(comps.ravel(), minlength=nc + 1)[1:] * (wum * wum)
+    at = np.flatnonzero(comps)  # nucleus pixels (a few per cent of the field)
+    of = comps.ravel()[at]
+    comp_group = np.zeros(nc + 1, np.int64)
+    comp_group[of] = groups.ravel()[at]  # a nucleus lies within one group: any of its pixels names it
+    comp_group = comp_group[1:]
+    comp_area = np.bincount(of, minlength=nc + 1)[1:] * (wum * wum)
     group_area = np.bincount(comp_group, weights=comp_area, minlength=ng + 1)
     big = group_area[comp_group] > _MAX_NUC_UM2
     lut = np.zeros(nc + 1, np.int32)

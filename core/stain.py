@@ -32,7 +32,8 @@ def stain(
     img: NDArray[np.float32], bg: list[float] | None = None
 ) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.bool_], list[float] | None]:
     """Stain score OD(G) - OD(B), mean optical density, the specimen mask (not near-black), and the field's bright
-    background colour (None where it has none: densities are then taken against white)."""
+    background colour (None where it has none: densities are then taken against white). ``img`` (shrink's copy) is
+    used up: its planes are overwritten (a new whole-field temporary cost more than the logarithms)."""
     r, g, b = img
     specimen = np.maximum(r, g)
     np.maximum(specimen, b, out=specimen)
@@ -45,12 +46,13 @@ def stain(
         bright *= 1.0 / 3.0
         hi = percentile(bright[specimen], 97)
         if hi > 120:
-            sel = specimen & (bright >= hi)
-            bg = [float(np.median(c[sel])) for c in img]
+            sel = np.flatnonzero(specimen & (bright >= hi))
+            bg = [percentile(c.ravel()[sel], 50) for c in img]  # medians, by one partial sort each
             has_bg = True
     # In place, with as few whole-field temporaries as possible (each costs its page faults):
     # od_c = log(bg_c + 1) - log(c + 1); score = od_g - od_b; dens = mean of the three.
-    lg = img + np.float32(1.0)
+    lg = img
+    lg += np.float32(1.0)
     np.log(lg, out=lg)
     c = [math.log(v + 1.0) for v in bg]
     score = lg[2] - lg[1]
