@@ -343,7 +343,7 @@ def _nucleus_markers(nuc: NDArray[np.bool_], wum: float) -> NDArray[np.int32]:
     comps, nc = morph.label(nuc)
     groups, ng = morph.label(morph.dilation(nuc, morph.disk(max(1.0, _LOBE_GAP_UM / 2 / wum))))
     idx = np.arange(1, nc + 1)
-    at = np.flatnonzero(comps)  # nucleus pixels (a few per cent of the field)
+    at = np.flatnonzero(nuc)  # nucleus pixels (a few per cent of the field)
     of = comps.ravel()[at]
     comp_group = np.zeros(nc + 1, np.int64)
     comp_group[of] = groups.ravel()[at]  # a nucleus lies within one group: any of its pixels names it
@@ -451,7 +451,8 @@ def _refine_outline(
     win = rgb[y0:y1, x0:x1]
     rows = np.minimum(np.arange(y0, y1) // k, labels.shape[0] - 1)
     cols = np.minimum(np.arange(x0, x1) // k, labels.shape[1] - 1)
-    near = labels[np.ix_(rows, cols)]
+    near = labels[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]  # each working pixel repeated over its field pixels
+    near = near.repeat(np.bincount(rows - rows[0]), axis=0).repeat(np.bincount(cols - cols[0]), axis=1)
     specimen = np.maximum(np.maximum(win[..., 0], win[..., 1]), win[..., 2]) > NEAR_BLACK  # (max over axis 2: slower)
     free = ((near == 0) | (near == lab_id)) & specimen  # not another cell's, not black
     inside, outside = morph.distance(m), morph.distance(~m)
@@ -488,8 +489,7 @@ def _upsample(reg: NDArray[np.bool_], k: int, h: int, w: int) -> NDArray[np.bool
     bilinearly and cut at one half (a blocky outline reads as an irregular cell, which the model takes for ALL)."""
     if k == 1:
         return reg[:h, :w].copy()
-    soft = ndi.gaussian_filter(reg.astype(np.float32), 0.7, mode="constant")
-    big = morph.resize_linear(np.round(soft * 255).astype(np.uint8), reg.shape[1] * k, reg.shape[0] * k)
+    big = morph.resize_linear(morph.soften(reg, 0.7), reg.shape[1] * k, reg.shape[0] * k)
     out = np.zeros((h, w), bool)
     arr = big[:h, :w] >= 128
     out[: arr.shape[0], : arr.shape[1]] = arr

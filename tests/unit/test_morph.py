@@ -42,6 +42,7 @@ def _run(backend: str, monkeypatch: pytest.MonkeyPatch) -> list[list[np.ndarray]
                 np.sort(morph.component_areas(mask)),
                 morph.fill_holes(mask),
                 morph.black_outside(field[2:-2, 3:-3], mask),  # a view into a larger image, as a cell's bbox is
+                np.array([morph.corner_hull_area(mask)]),
             ]
         )
     return results
@@ -77,6 +78,13 @@ def test_what_the_operations_do() -> None:
     cut = morph.black_outside(image, mask)
     assert cut.shape == image.shape and cut.dtype == np.uint8 and (image == 200).all()  # a new image
     assert (cut[mask] == 200).all() and (cut[~mask] == 0).all()
+
+
+def test_soften_is_scipys_gaussian_filter_rounded() -> None:
+    for mask in _masks():
+        for sigma in (0.7, 1.3):
+            expected = np.round(ndi.gaussian_filter(mask.astype(np.float32), sigma, mode="constant") * 255)
+            assert np.array_equal(morph.soften(mask, sigma), expected.astype(np.uint8))
 
 
 def test_allscore_morph_scipy_forces_the_fallback_in_a_new_process() -> None:
