@@ -235,7 +235,7 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
         return FieldSegmentation((), scale, source, height, width)
     markers = _nucleus_markers(nuc, wum)
 
-    near = morph.distance(~_hulls(markers)) * wum <= _CYTO_REACH_UM
+    near = morph.distance(~morph.hulls(markers)) * wum <= _CYTO_REACH_UM  # cytoplasm's reach
     cand = (((score > _CYTO_SCORE) | (dens > _cyto_density(score, dens, specimen & ~near))) & specimen & near) | nuc
     cand = morph.fill_holes(morph.opening(cand, morph.disk(max(1.0, 0.8 / wum))) | nuc)
     elev = -morph.distance(cand)
@@ -316,15 +316,6 @@ def _flood(
         flooded = watershed(elev[sl], np.where(inside, markers[sl], 0), mask=inside)
         labels[sl][inside] = flooded[inside]
     return labels
-
-
-def _hulls(markers: NDArray[np.int32]) -> NDArray[np.bool_]:
-    """The convex hull of each nucleus (its lobes together): the cytoplasm lies around it, not around each lobe."""
-    out = np.zeros(markers.shape, bool)
-    for lab_id, sl in enumerate(ndi.find_objects(markers), start=1):
-        if sl is not None:
-            out[sl] |= morph.hull(markers[sl] == lab_id)
-    return out
 
 
 def _cyto_density(score: NDArray[np.float32], dens: NDArray[np.float32], far: NDArray[np.bool_]) -> float:

@@ -80,6 +80,29 @@ def test_what_the_operations_do() -> None:
     assert (cut[mask] == 200).all() and (cut[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("backend", ["opencv", "scipy"])
+def test_hulls_are_each_labels_hull_together(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # labels of several parts each (a nucleus's lobes), and two labels touching corner to corner
+    monkeypatch.setattr(morph, "_backend", morph.backend())
+    morph.use(backend)
+    rng = np.random.default_rng(11)
+    cases = []
+    for mask in _masks():
+        parts, n = morph.label(mask)
+        lut = np.concatenate([[0], rng.integers(1, max(2, n // 2 + 1), n)]).astype(np.int32)
+        cases.append(lut[parts])
+    corner = np.zeros((12, 12), np.int32)
+    corner[2:6, 2:6], corner[6:10, 6:10], corner[1, 9] = 1, 2, 1
+    cases.append(corner)
+    for labels in cases:
+        expected = labels > 0
+        for lab_id in range(1, int(labels.max()) + 1):
+            if (labels == lab_id).any():
+                expected = expected | morph.hull(labels == lab_id)
+        assert np.array_equal(morph.hulls(labels), expected)
+    assert morph.hulls(corner)[2, 7] and not morph.hulls(corner)[2, 9]  # label 1's own hull, not one of both labels
+
+
 def test_soften_is_scipys_gaussian_filter_rounded() -> None:
     for mask in _masks():
         for sigma in (0.7, 1.3):
