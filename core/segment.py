@@ -240,11 +240,10 @@ def segment_field(rgb: np.ndarray, *, um_per_px: float | None = None) -> FieldSe
     cand = morph.fill_holes(morph.opening(cand, morph.disk(max(1.0, 0.8 / wum))) | nuc)
     elev = -morph.distance(cand)
     labels = _flood(elev, markers, nuc, cand)
-    labels = _split_pairs(labels, -elev, nuc, wum)
+    objs = _split_pairs(labels, -elev, nuc, wum)
 
     hw, ww = labels.shape
     found: list[tuple[float, float, dict[str, object]]] = []
-    objs = ndi.find_objects(labels)
     for lab_id, sl in enumerate(objs, start=1):
         if sl is None:
             continue
@@ -307,12 +306,16 @@ def _flood(
     lut = np.zeros(n + 1, np.int32)
     one = nuclei[part] == 1
     lut[part[one]] = mark[one]
-    labels = lut[parts]
+    shared = []  # (bbox, pixels) of each part with several nuclei
     for q in np.flatnonzero(nuclei > 1).tolist():
         inside = parts == q
         rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
         sl = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
-        inside = inside[sl]
+        shared.append((sl, inside[sl]))
+    masked = np.flatnonzero(cand)
+    np.put(parts, masked, lut[parts.ravel()[masked]])  # relabelled in place: outside the mask stays 0
+    labels = parts
+    for sl, inside in shared:
         flooded = watershed(elev[sl], np.where(inside, markers[sl], 0), mask=inside)
         labels[sl][inside] = flooded[inside]
     return labels
@@ -344,20 +347,24 @@ def _nucleus_markers(nuc: NDArray[np.bool_], wum: float) -> NDArray[np.int32]:
     big = group_area[comp_group] > _MAX_NUC_UM2
     lut = np.zeros(nc + 1, np.int32)
     lut[1:] = np.where(big, ng + idx, comp_group)
-    return lut[comps]
+    np.put(comps, at, lut[of])  # relabelled in place: the background (most of the field) stays 0
+    return comps
 
 
 def _split_pairs(
     labels: NDArray[np.int32], dist: NDArray[np.float32], nuc: NDArray[np.bool_], wum: float
-) -> NDArray[np.int32]:
-    """Two touching white cells left as one region (their nuclei one marker) cut apart: module docstring, step 3."""
+) -> list[tuple[slice, slice] | None]:
+    """Two touching white cells left as one region (their nuclei one marker) cut apart, in ``labels``: module
+    docstring, step 3. Returns ``ndi.find_objects(labels)`` of the labels as they are then (the cut parts under new
+    labels after the others), without a second pass over the field."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
     from skimage.morphology import convex_hull_image, h_maxima
 
-    objs = ndi.find_objects(labels)
+    objs: list[tuple[slice, slice] | None] = list(ndi.find_objects(labels))
     nxt = len(objs) + 1
-    for lab_id, sl in enumerate(objs, start=1):
+    for lab_id in range(1, nxt):  # the regions as they came (not the parts cut from them)
+        sl = objs[lab_id - 1]
         if sl is None or min(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start) * wum < 2 * _PAIR_MIN_R_UM:
             continue
         reg, nreg = labels[sl] == lab_id, nuc[sl]
@@ -378,10 +385,21 @@ def _split_pairs(
             continue
         sub = labels[sl]
         sub[parts > 0] = 0  # parts with little nucleus (a red cell beside, cytoplasm) go
+        objs[lab_id - 1] = _box(sub == lab_id, sl)  # what is left of it (a part with no peak), if anything
         for g in big:
             sub[merged == g] = nxt
+            objs.append(_box(merged == g, sl))
             nxt += 1
-    return labels
+    return objs
+
+
+def _box(mask: NDArray[np.bool_], sl: tuple[slice, slice]) -> tuple[slice, slice] | None:
+    """The bounding box of ``mask`` (a window at ``sl``) in the field, as find_objects gives it; None if empty."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    y0, x0 = sl[0].start, sl[1].start
+    return (slice(y0 + int(rows[0]), y0 + int(rows[-1]) + 1), slice(x0 + int(cols[0]), x0 + int(cols[-1]) + 1))
 
 
 def _joins(
