@@ -354,7 +354,6 @@ def test_without_the_kernel_bmps_decode_with_pillow_to_the_same_pixels_and_say_s
     assert len(notes) == 1 and "no compiler" in notes[0] and "Pillow" in notes[0]
 
 
-
 BCCD_FIELDS = Path(__file__).resolve().parents[1] / "data" / "bccd" / "JPEGImages"
 
 
