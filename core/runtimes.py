@@ -67,9 +67,10 @@ def tensorflow_imported() -> bool:
 
 
 def choose_runtime(setting: str, has_export: bool, precision: str = "float32") -> str:
-    """The runtime that serves a version at an explicit precision: the one named, or for `auto` ONNX Runtime when
-    it is installed and the version has an ONNX export (and bfloat16 was not asked for on a CPU that computes it),
-    else TensorFlow."""
+    """The runtime that serves a version at an explicit precision: the one named, or for `auto` the one auto's order
+    (choose_serving) gives that precision: int8 by OpenVINO where installed, else ONNX Runtime; bfloat16 on a CPU
+    that computes it by OpenVINO on the ONNX export where both are there, else TensorFlow; otherwise ONNX Runtime
+    when it is installed and the version has an ONNX export, else TensorFlow."""
     if setting in RUNTIMES:
         return setting
     if setting != "auto":
@@ -77,7 +78,7 @@ def choose_runtime(setting: str, has_export: bool, precision: str = "float32") -
     if precision == "int8":  # TensorFlow does not serve int8; a version without the export is refused with advice
         return "openvino" if openvino_available() else "onnxruntime"
     if precision == "bfloat16" and cpu_has_bf16():
-        return "tensorflow"
+        return "openvino" if has_export and openvino_available() else "tensorflow"
     return "onnxruntime" if has_export and onnxruntime_available() else "tensorflow"
 
 

@@ -286,6 +286,25 @@ def test_choose_runtime() -> None:
         choose_runtime("tensorrt", True)
 
 
+@pytest.mark.parametrize("openvino", [True, False])
+def test_bfloat16_asked_for_by_name_is_served_where_auto_would_serve_it(
+    monkeypatch: pytest.MonkeyPatch, openvino: bool
+) -> None:
+    # On a CPU that computes bfloat16, auto serves it with OpenVINO on the ONNX export where OpenVINO is installed;
+    # ALLSCORE_PRECISION=bfloat16 with the runtime left to auto goes the same way (it went to TensorFlow, which a
+    # worker-onnx image does not carry), and to TensorFlow for a version without the export.
+    import core.runtimes as runtimes
+
+    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(runtimes, "openvino_available", lambda: openvino)
+    assert choose_runtime("auto", True, "bfloat16") == ("openvino" if openvino else "tensorflow")
+    assert choose_runtime("auto", False, "bfloat16") == "tensorflow"
+    served = runtimes.choose_serving("auto", "bfloat16", {"onnx"})
+    assert (served.runtime, served.export) == (("openvino", "onnx") if openvino else ("tensorflow", None))
+    auto = runtimes.choose_serving("auto", "auto", {"onnx"}, bf16=True, have_openvino=openvino)
+    assert (served.runtime, served.precision) == (auto.runtime, auto.precision)
+
+
 _SERVE_WITHOUT_TENSORFLOW = """
 import sys
 import numpy as np
