@@ -17,6 +17,8 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The 24 real C-NMC cells live in the repository (CC BY 3.0, credit in its README), so a fresh clone tests them.
 CNMC_SAMPLE = REPO_ROOT / "tests" / "data" / "cnmc"
+# Real smear fields from BCCD (MIT licence, LICENSE beside them), copied from ../shared for the same reason.
+BCCD_FIELDS = REPO_ROOT / "tests" / "data" / "bccd" / "JPEGImages"
 
 
 def under_ci() -> bool:

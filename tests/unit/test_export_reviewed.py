@@ -21,6 +21,7 @@ from db.engine import make_engine, session_factory, transaction
 from db.migrate import upgrade
 from tests.harness.cli import run_allscore
 from tests.harness.db import score, submit
+from tests.helpers import BCCD_FIELDS
 from trainer.discovery import discover
 
 pytestmark = pytest.mark.slow
@@ -137,7 +138,7 @@ def test_a_field_cell_is_exported_as_the_worker_cut_it_for_its_model(tmp_path: P
     from core.segment import CNMC_UM_PER_PX, segment_field
     from worker.fields import outline_json
 
-    field = Path(__file__).resolve().parents[1] / "data" / "bccd" / "JPEGImages" / "BloodImage_00200.jpg"
+    field = BCCD_FIELDS / "BloodImage_00200.jpg"
     with Image.open(field) as im:
         rgb = np.asarray(im.convert("RGB"))
     seg = segment_field(rgb, um_per_px=0.1)

@@ -12,7 +12,7 @@ from PIL import Image
 from core.errors import AllscoreError
 from core.imaging import DecodeError, decode_image, load_image
 from core.settings import reset_settings_cache
-from tests.helpers import bmp_header_only, cnmc_cells, encode, png_header_only, solid_rgb
+from tests.helpers import BCCD_FIELDS, bmp_header_only, cnmc_cells, encode, png_header_only, solid_rgb
 
 SIZE = 128
 
@@ -352,9 +352,6 @@ def test_without_the_kernel_bmps_decode_with_pillow_to_the_same_pixels_and_say_s
         np.testing.assert_array_equal(a, b)
     notes = [r.getMessage() for r in caplog.records if "decode kernel" in r.getMessage()]
     assert len(notes) == 1 and "no compiler" in notes[0] and "Pillow" in notes[0]
-
-
-BCCD_FIELDS = Path(__file__).resolve().parents[1] / "data" / "bccd" / "JPEGImages"
 
 
 def test_a_field_cut_short_is_refused_and_one_with_bytes_after_its_end_reads(tmp_path: Path) -> None:

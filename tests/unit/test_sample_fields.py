@@ -23,10 +23,10 @@ from db import repository, reviews
 from db.engine import make_engine, session_factory, transaction
 from db.migrate import upgrade
 from tests.harness.artifacts import brightness_model, stand_in_manifest
+from tests.helpers import BCCD_FIELDS
 from worker.engine import score_sample
 from worker.report import render_overlays
 
-BCCD = Path(__file__).resolve().parents[1] / "data" / "bccd" / "JPEGImages"
 SIZE = 16
 
 
@@ -37,13 +37,13 @@ def scored(tmp_path: Path) -> tuple[str, dict[str, Path]]:
     folder = tmp_path / "slide"
     folder.mkdir()
     files = {
-        "a.jpg": BCCD / "BloodImage_00000.jpg",
-        "b.jpg": BCCD / "BloodImage_00004.jpg",
+        "a.jpg": BCCD_FIELDS / "BloodImage_00000.jpg",
+        "b.jpg": BCCD_FIELDS / "BloodImage_00004.jpg",
     }
     for name, source in files.items():
         (folder / name).write_bytes(source.read_bytes())
     # BloodImage_00000's one white cell lies right of x=260 (wbc.csv): its left part holds red cells only
-    with Image.open(BCCD / "BloodImage_00000.jpg") as im:
+    with Image.open(BCCD_FIELDS / "BloodImage_00000.jpg") as im:
         im.crop((0, 0, 256, 480)).save(folder / "empty.jpg", quality=95)
     (folder / "report.jpg").write_bytes(b"%PDF-1.4 a report, not a field")
     paths = {name: folder / name for name in ("a.jpg", "empty.jpg", "b.jpg", "report.jpg")}
